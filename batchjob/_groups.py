@@ -126,9 +126,7 @@ class KeyIsolator(Generic[F]):
             + self._bad
             + sum(len(p) for p, _ in self._suspects)
             + sum(
-                len(f.tested) + len(f.rest)
-                for f in self._in_flight.values()
-                if f.rest is not None
+                len(f.tested) + len(f.rest) for f in self._in_flight.values() if f.rest is not None
             )
         )
         return bad / max(seen, 1)

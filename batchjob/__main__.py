@@ -1,0 +1,5 @@
+import sys
+
+from batchjob._cli import main
+
+sys.exit(main())

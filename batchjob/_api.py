@@ -1,0 +1,339 @@
+"""Talking to the API: one request, its retries, and what its answer means.
+
+The transport is a seam: :class:`AiohttpTransport` is the real one; tests may pass any object
+with the same ``request`` coroutine. Classification of answers is a pure function, so the rules
+("never resend a 400 unchanged", "quota_exceeded stops the run") are tested without a network.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import random
+import time
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Protocol
+
+import aiohttp
+import backoff
+
+from batchjob._pacing import AdaptivePacer
+
+
+class Verdict(Enum):
+    """What an answer means for the keys in the request and for the run."""
+
+    OK = "ok"  # 2xx: every key in the request is undone
+    KEY_FAULT = "key_fault"  # 400/404/409/422: some key in the request is at fault
+    TOO_LARGE = "too_large"  # 413: send fewer keys per request
+    RETRY = "retry"  # transient: network, timeout, 5xx, 429 throttled
+    QUOTA = "quota"  # 429 quota_exceeded: nothing more today
+    AUTH = "auth"  # 401: token invalid or expired
+    FORBIDDEN = "forbidden"  # 403: scope, privilege or app deactivated
+    REFUSED = "refused"  # any other answer: not retried, keys failed
+
+
+RETRY_STATUSES = frozenset({500, 502, 503, 504})
+KEY_FAULT_STATUSES = frozenset({400, 404, 409, 422})
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An answer, or the lack of one (status 0) after a network fault or timeout."""
+
+    status: int
+    error_key: str = ""
+    error_message: str = ""
+    retry_after: float | None = None
+    body: bytes = b""
+
+    @property
+    def verdict(self) -> Verdict:
+        return classify(self.status, self.error_key)
+
+
+def classify(status: int, error_key: str = "") -> Verdict:
+    if 200 <= status < 300:
+        return Verdict.OK
+    if status == 0 or status in RETRY_STATUSES:
+        return Verdict.RETRY
+    if status == 429:
+        return Verdict.QUOTA if error_key == "quota_exceeded" else Verdict.RETRY
+    if status == 401:
+        return Verdict.AUTH
+    if status == 403:
+        return Verdict.FORBIDDEN
+    if status == 413:
+        return Verdict.TOO_LARGE
+    if status in KEY_FAULT_STATUSES:
+        return Verdict.KEY_FAULT
+    return Verdict.REFUSED
+
+
+def parse_error_body(body: bytes) -> tuple[str, str]:
+    """``(error_key, error_message)`` from any error body the platform sends.
+
+    Usually ``[{"error_key", "error_message"}]``; sometimes one such object; the OAuth server
+    uses ``{"error", "error_description"}``; proxies send HTML or nothing.
+    """
+    if not body:
+        return "", ""
+    try:
+        data: Any = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        text = body[:200].decode("utf-8", "replace").strip()
+        return "", " ".join(text.split())
+    if isinstance(data, list) and data and isinstance(data[0], dict):
+        keys = [str(d.get("error_key", "")) for d in data if isinstance(d, dict)]
+        messages = [str(d.get("error_message", "")) for d in data if isinstance(d, dict)]
+        return keys[0], "; ".join(m for m in messages if m)
+    if isinstance(data, dict):
+        key = data.get("error_key", data.get("error", ""))
+        message = data.get("error_message", data.get("error_description", ""))
+        return str(key), str(message)
+    return "", ""
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), if usable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    return max(0.0, seconds)
+
+
+# --- transport ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RawResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class TransportError(Exception):
+    """No answer: connection refused or dropped, timeout. Never carries request headers."""
+
+
+class Transport(Protocol):
+    async def request(
+        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse: ...
+
+
+class AiohttpTransport:
+    """The real transport: one aiohttp session for the run."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self._session = session
+
+    async def request(
+        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        try:
+            async with self._session.request(method, url, headers=headers, data=body) as resp:
+                payload = await resp.read()
+                return RawResponse(resp.status, dict(resp.headers), payload)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # aiohttp's messages name the URL at most; the type is what a reader needs.
+            raise TransportError(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
+
+
+def make_session(
+    *, connect_timeout: float, request_timeout: float, concurrency: int
+) -> aiohttp.ClientSession:
+    timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
+    # A few spare connections: a dropped one should not make the next request wait.
+    connector = aiohttp.TCPConnector(limit=concurrency + 2, enable_cleanup_closed=True)
+    return aiohttp.ClientSession(
+        timeout=timeout,
+        connector=connector,
+        headers={"User-Agent": "batchjob/1.0", "Accept": "application/json"},
+        raise_for_status=False,
+    )
+
+
+# --- one request with retries ---------------------------------------------------------------
+
+
+class TokenSource(Protocol):
+    """Where bearer tokens come from. ``refresh`` gets a new one after a 401, if it can."""
+
+    async def token(self) -> str: ...
+
+    async def refresh(self, rejected: str) -> str | None: ...
+
+
+class BudgetSpent(Exception):
+    """The run's request budget (--max-requests) allows no more requests."""
+
+
+class RequestBudget:
+    """Counts requests sent; refuses past ``limit`` so a run cannot overspend the day's quota."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.spent = 0
+
+    def spend(self) -> None:
+        if self.limit is not None and self.spent >= self.limit:
+            raise BudgetSpent
+        self.spent += 1
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit is not None and self.spent >= self.limit
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_tries: int = 6
+    max_time: float = 120.0
+    base: float = 0.5
+    cap: float = 30.0
+    max_retry_after: float = 300.0  # a larger Retry-After is not waited for within a run
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final answer to a request after retries, and how many attempts it took."""
+
+    reply: Reply
+    attempts: int
+    budget_spent: bool = False  # stopped because --max-requests allows no more requests
+
+
+class _Retryable(Exception):
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+        self.retry_after = reply.retry_after
+
+
+def retry_waits(
+    policy: RetryPolicy, rng: random.Random
+) -> Callable[[], Generator[float, BaseException | None, None]]:
+    """A backoff wait generator: full-jitter exponential, or the server's Retry-After."""
+
+    def waits() -> Generator[float, BaseException | None, None]:
+        attempt = 0
+        exc = yield 0.0  # backoff primes the generator; this value is discarded
+        while True:
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after is not None:
+                wait = min(float(retry_after), policy.max_retry_after)
+            else:
+                wait = rng.uniform(0.0, min(policy.cap, policy.base * 2.0**attempt))
+            attempt += 1
+            exc = yield wait
+
+    return waits
+
+
+AttemptListener = Callable[[Reply, int], None]
+
+
+class ApiClient:
+    """Sends the two requests batchjob needs, paced, budgeted and retried."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        base_url: str,
+        tokens: TokenSource,
+        pacer: AdaptivePacer,
+        budget: RequestBudget,
+        policy: RetryPolicy,
+        *,
+        on_attempt: AttemptListener | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._transport = transport
+        self._base = base_url.rstrip("/")
+        self._tokens = tokens
+        self._pacer = pacer
+        self._budget = budget
+        self._policy = policy
+        self._on_attempt = on_attempt
+        self._rng = rng or random.Random()
+
+    async def get_event(self, event_id: str) -> Outcome:
+        return await self._send("GET", f"{self._base}/events/{event_id}", None)
+
+    async def undo_check_in(self, event_id: str, keys: list[str]) -> Outcome:
+        body = json.dumps({"order_ticket_keys": keys}, separators=(",", ":")).encode()
+        url = f"{self._base}/events/{event_id}/undo_check_in/tickets"
+        return await self._send("POST", url, body)
+
+    async def _send(self, method: str, url: str, body: bytes | None) -> Outcome:
+        attempts = 0
+        refreshed = False
+
+        async def attempt() -> Reply:
+            nonlocal attempts, refreshed
+            while True:
+                self._budget.spend()
+                sent_at = await self._pacer.acquire()
+                attempts += 1
+                token = await self._tokens.token()
+                reply = await self._once(method, url, body, token)
+                self._pacer.on_answer(
+                    sent_at, throttled=reply.status == 429 and reply.verdict is Verdict.RETRY
+                )
+                if self._on_attempt is not None:
+                    self._on_attempt(reply, attempts)
+                if reply.verdict is Verdict.AUTH and not refreshed:
+                    # One refresh per request: the token may simply have expired mid-run.
+                    refreshed = True
+                    if await self._tokens.refresh(token) is not None:
+                        continue
+                if reply.verdict is Verdict.RETRY:
+                    raise _Retryable(reply)
+                return reply
+
+        policy = self._policy
+        retrying = backoff.on_exception(
+            retry_waits(policy, self._rng),
+            _Retryable,
+            max_tries=policy.max_tries,
+            max_time=policy.max_time,
+            jitter=None,
+        )(attempt)
+        try:
+            reply = await retrying()
+        except _Retryable as exc:
+            reply = exc.reply
+        except BudgetSpent:
+            spent = Reply(0, "budget", "request budget (max_requests) spent")
+            return Outcome(spent, attempts, budget_spent=True)
+        return Outcome(reply, attempts)
+
+    async def _once(self, method: str, url: str, body: bytes | None, token: str) -> Reply:
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            raw = await self._transport.request(method, url, headers=headers, body=body)
+        except TransportError as exc:
+            return Reply(0, "network", str(exc))
+        except asyncio.CancelledError:
+            raise
+        if 200 <= raw.status < 300:
+            return Reply(raw.status, body=raw.body)
+        error_key, message = parse_error_body(raw.body)
+        retry_after = parse_retry_after(
+            next((v for k, v in raw.headers.items() if k.lower() == "retry-after"), None)
+        )
+        return Reply(raw.status, error_key, message, retry_after, raw.body)

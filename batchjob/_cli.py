@@ -1,0 +1,182 @@
+"""The command line: a thin shell over :func:`batchjob.run_job`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from batchjob._config import ConfigError, JobConfig, load_config
+from batchjob._inputs import InputError
+from batchjob._logging import Redactor, make_logger
+from batchjob._progress import ProgressBar
+from batchjob._report import ReportError
+from batchjob._runner import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    RunResult,
+    StopRequest,
+    install_signal_handlers,
+    run_job,
+)
+from batchjob._sandbox import add_sandbox_arguments, run_sandbox_command
+from batchjob._tokens import Secret, StaticToken
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batchjob",
+        description="Reverse Constant Contact event ticket check-ins in bulk.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="undo check-ins for the ticket keys in CSV/Excel files",
+        description="Undo check-ins for every ticket key in the input files and write a "
+        "per-key report. The access token comes from CC_ACCESS_TOKEN (never an argument).",
+    )
+    run.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".csv or .xlsx")
+    run.add_argument(
+        "--report", type=Path, help="outcome CSV (default reports/undo-check-in-<UTC>.csv)"
+    )
+    run.add_argument("--failed-rows", type=Path, help="rows to retry (default <report>.failed.csv)")
+    run.add_argument("--config", type=Path, help="TOML settings file (see configs/default.toml)")
+    run.add_argument("--base-url", help="API base URL (env CC_BASE_URL)")
+    run.add_argument("--rate", type=_positive_float, help="requests per second, at most (4)")
+    run.add_argument("--batch-size", type=_positive_int, help="keys per request, at most (100)")
+    run.add_argument("--concurrency", type=_positive_int, help="requests in flight, at most (4)")
+    run.add_argument("--event-id", help="event for input files that have no event column")
+    run.add_argument("--max-requests", type=int, help="spend at most this many requests")
+    run.add_argument("--dry-run", action="store_true", default=None, help="plan only, send nothing")
+    run.add_argument("--resume", action="store_true", default=None, help="continue --report's run")
+    run.add_argument(
+        "--log-format", choices=("console", "json"), help="default: console on a terminal"
+    )
+    run.add_argument("--log-level", choices=("debug", "info", "warning"))
+    run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+
+    sandbox = commands.add_parser("sandbox", help="serve the local sandbox API")
+    add_sandbox_arguments(sandbox)
+
+    demo = commands.add_parser("demo", help="run the job on sample_data/ against the sandbox")
+    demo.add_argument("--sample-dir", type=Path, default=REPO_ROOT / "sample_data")
+    demo.add_argument("--report", type=Path)
+    return parser
+
+
+def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
+    cli = {
+        "inputs": tuple(args.inputs),
+        "report": args.report,
+        "failed_rows": args.failed_rows,
+        "base_url": args.base_url,
+        "rate": args.rate,
+        "batch_size": args.batch_size,
+        "concurrency": args.concurrency,
+        "event_id": args.event_id,
+        "max_requests": args.max_requests,
+        "dry_run": args.dry_run,
+        "resume": args.resume,
+        "log_format": args.log_format,
+        "log_level": args.log_level,
+        "progress": args.progress,
+    } | overrides
+    return load_config(cli=cli, config_file=args.config)
+
+
+def _tokens_from_env() -> StaticToken | None:
+    token = os.environ.get("CC_ACCESS_TOKEN", "").strip()
+    return StaticToken(Secret(token)) if token else None
+
+
+async def _run(config: JobConfig, tokens: StaticToken | None) -> RunResult:
+    redactor = Redactor(tokens.secrets() if tokens else ())
+    log = make_logger(log_format=config.log_format, level=config.log_level, redactor=redactor)
+    show_progress = config.progress if config.progress is not None else sys.stderr.isatty()
+    stop = StopRequest()
+    remove = install_signal_handlers(stop)
+    try:
+        return await run_job(
+            config,
+            tokens=tokens,
+            log=log,
+            progress=ProgressBar() if show_progress else None,
+            stop=stop,
+        )
+    finally:
+        remove()
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = _config_from(args)
+    result = asyncio.run(_run(config, _tokens_from_env()))
+    print(result.summary())
+    return result.exit_code
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from batchjob._sandbox import Sandbox, World
+
+    sample = args.sample_dir
+    inputs = sorted(p for p in sample.iterdir() if p.suffix in {".csv", ".xlsx"})
+
+    async def demo() -> RunResult:
+        world = World.from_json(sample / "sandbox_world.json")
+        async with Sandbox(world) as sandbox:
+            print(f"sandbox API at {sandbox.base_url} (4 requests/s, like the real one)")
+            config = JobConfig(inputs=tuple(inputs), report=args.report, base_url=sandbox.base_url)
+            return await _run(config, StaticToken(Secret(sandbox.access_token)))
+
+    print(
+        "inputs: "
+        + ", ".join(
+            str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p) for p in inputs
+        )
+    )
+    result = asyncio.run(demo())
+    print(result.summary())
+    # The sample data holds bad rows on purpose, so "finished, some keys not undone" is success.
+    return EXIT_OK if result.exit_code in (EXIT_OK, EXIT_INCOMPLETE) else result.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        return run_sandbox_command(args)
+    except (InputError, ConfigError, ReportError) as exc:
+        print(f"batchjob: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""A progress bar for people at a terminal: keys done of total, current rate, ETA.
+
+rich draws it on stderr and redraws in place; it is left out when stderr is not a terminal
+(cron, systemd, CI), where JSON logs say the same.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+
+class ProgressBar:
+    def __init__(self, console: Console | None = None) -> None:
+        self._progress = Progress(
+            TextColumn("undoing check-ins"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("keys · {task.fields[rate]:.2f} req/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self._task: TaskID | None = None
+
+    def start(self, total: int) -> None:
+        self._progress.start()
+        self._task = self._progress.add_task("undo", total=total, rate=0.0)
+
+    def advance(self, keys: int, rate: float) -> None:
+        if self._task is not None:
+            self._progress.update(self._task, advance=keys, rate=rate)
+
+    def close(self) -> None:
+        self._progress.stop()

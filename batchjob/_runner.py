@@ -1,0 +1,678 @@
+"""The run: inputs → plan → requests → report. The one function an orchestrator calls.
+
+Data flows one way: :mod:`._inputs` reads, :mod:`._plan` groups, :mod:`._groups` decides each
+request, :mod:`._api` sends it (paced by :mod:`._pacing`), :mod:`._report` records it.
+
+Invariant: every row of the plan ends in the report exactly once. Every path that takes keys
+out of the planner (an answer, a give-up, a stop, a cancellation) writes them to the ledger;
+before the report is written, any row still without an outcome (a bug) is reported as
+``not_attempted`` rather than dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import signal
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from batchjob._api import (
+    AiohttpTransport,
+    ApiClient,
+    Reply,
+    RequestBudget,
+    RetryPolicy,
+    TokenSource,
+    Transport,
+    Verdict,
+    make_session,
+)
+from batchjob._api import (
+    Outcome as Answer,
+)
+from batchjob._config import JobConfig
+from batchjob._groups import Group, KeyIsolator, Positions
+from batchjob._inputs import read_inputs
+from batchjob._logging import null_logger
+from batchjob._model import Outcome
+from batchjob._pacing import AdaptivePacer
+from batchjob._plan import Plan, build_plan
+from batchjob._report import (
+    Journal,
+    Ledger,
+    ReportError,
+    ReportLock,
+    ReportPaths,
+    read_previous,
+    write_final,
+)
+
+ACTIVE_STATUSES = frozenset({"ACTIVE", "COMPLETE"})
+
+EXIT_OK = 0
+EXIT_INCOMPLETE = 1
+EXIT_USAGE = 2
+EXIT_STOPPED = 3
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class Progress(Protocol):
+    """What the run tells a progress display. All calls are cheap and synchronous."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, keys: int, rate: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _NoProgress:
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, keys: int, rate: float) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class StopRequest:
+    """Set from a signal handler (or by an orchestrator) to stop the run gracefully."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.reason = ""
+        self.exit_code = EXIT_SIGINT
+
+    def request(self, reason: str, exit_code: int) -> None:
+        if not self.event.is_set():
+            self.reason, self.exit_code = reason, exit_code
+            self.event.set()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    report: Path
+    failed_rows: Path
+    exit_code: int
+    counts: dict[str, int]  # report rows by outcome
+    per_event: dict[str, dict[str, int]]
+    requests: int  # HTTP requests sent (every attempt, including event checks and retries)
+    retries: int
+    throttled: int
+    elapsed: float
+    rate: float  # the pacer's rate at the end
+    stopped: str = ""  # why the run stopped early, if it did
+    duplicates: int = 0
+    blank_rows: int = 0
+    failed_rows_count: int = 0
+
+    def summary(self) -> str:
+        lines = [f"report:      {self.report}"]
+        lines.append(f"failed rows: {self.failed_rows} ({self.failed_rows_count} rows)")
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
+        lines.append(f"outcomes:    {counts or 'no rows'}")
+        for event_id, c in self.per_event.items():
+            lines.append(f"  {event_id}: " + ", ".join(f"{k} {v}" for k, v in c.items() if v))
+        lines.append(
+            f"requests:    {self.requests} sent, {self.retries} retries, "
+            f"{self.throttled} throttled (429); rate now {self.rate:.2f}/s"
+        )
+        if self.duplicates or self.blank_rows:
+            lines.append(
+                f"input:       {self.duplicates} duplicate rows merged, "
+                f"{self.blank_rows} blank rows skipped"
+            )
+        lines.append(f"elapsed:     {self.elapsed:.1f}s")
+        if self.stopped:
+            lines.append(f"stopped:     {self.stopped}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _Event:
+    event_id: str
+    positions: Positions
+    state: str = "unchecked"  # unchecked → checking → ready | closed
+    isolator: KeyIsolator[Reply] | None = None
+    in_flight: dict[int, Positions] = field(default_factory=dict)
+
+
+def _now() -> float:
+    return time.time()
+
+
+def _reply_fields(reply: Reply) -> dict[str, Any]:
+    return {
+        "http_status": max(reply.status, 0),
+        "error_key": reply.error_key,
+        "error_message": reply.error_message,
+    }
+
+
+class _Run:
+    def __init__(
+        self,
+        config: JobConfig,
+        plan: Plan,
+        ledger: Ledger,
+        journal: Journal | None,
+        client: ApiClient,
+        pacer: AdaptivePacer,
+        budget: RequestBudget,
+        stop: StopRequest,
+        log: Any,
+        progress: Progress,
+    ) -> None:
+        self.config = config
+        self.plan = plan
+        self.keys = plan.rows["order_ticket_key"]
+        self.ledger = ledger
+        self.journal = journal
+        self.client = client
+        self.pacer = pacer
+        self.budget = budget
+        self.stop = stop
+        self.log = log
+        self.progress = progress
+        self.events: list[_Event] = []
+        self.stopped = ""
+        self.exit_code = EXIT_OK
+        self.retries = 0
+
+    # --- bookkeeping -----------------------------------------------------------------------
+
+    def record(self, positions: Positions, outcome: Outcome, **fields: Any) -> None:
+        if len(positions) == 0:
+            return
+        self.ledger.set(positions, outcome, finished_at=_now(), **fields)
+        if self.journal is not None:
+            self.journal.append(self.ledger, self.plan.rows, positions)
+        self.progress.advance(len(positions), self.pacer.rate)
+
+    def halt(self, reason: str, exit_code: int) -> None:
+        if not self.stopped:
+            self.stopped, self.exit_code = reason, exit_code
+            self.log.warning("run.stopping", reason=reason)
+
+    def on_attempt(self, reply: Reply, attempt: int) -> None:
+        if attempt > 1:
+            self.retries += 1
+        self.log.debug(
+            "request.answer", status=reply.status, error_key=reply.error_key, attempt=attempt
+        )
+
+    # --- dispatching -----------------------------------------------------------------------
+
+    def next_job(self) -> Coroutine[Any, Any, None] | None:
+        for event in self.events:
+            if event.state == "unchecked":
+                event.state = "checking"
+                return self.check_event(event)
+            if event.state == "ready" and event.isolator is not None:
+                group = event.isolator.next_group()
+                if group is not None:
+                    event.in_flight[group.id] = group.positions
+                    return self.send(event, group)
+        return None
+
+    async def dispatch(self) -> None:
+        tasks: set[asyncio.Task[None]] = set()
+        stop_wait = asyncio.ensure_future(self.stop.event.wait())
+        try:
+            while True:
+                while not self.stopped and len(tasks) < self.config.concurrency:
+                    job = self.next_job()
+                    if job is None:
+                        break
+                    tasks.add(asyncio.ensure_future(job))
+                if not tasks:
+                    break
+                await asyncio.wait(tasks | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                tasks = {t for t in tasks if not t.done()}
+                if self.stop.event.is_set() and not self.stopped:
+                    self.halt(self.stop.reason, self.stop.exit_code)
+                    await self.drain(tasks, grace=self.config.grace_period)
+                    tasks = set()
+        finally:
+            stop_wait.cancel()
+            if tasks:
+                await self.drain(tasks, grace=0)
+
+    async def drain(self, tasks: set[asyncio.Task[None]], *, grace: float) -> None:
+        """Let requests in flight finish within ``grace`` seconds, then cancel the rest."""
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace) if grace > 0 else (set(), tasks)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    async def check_event(self, event: _Event) -> None:
+        """GET the event once: a missing or inactive event costs no undo request."""
+        try:
+            answer = await self.client.get_event(event.event_id)
+        except asyncio.CancelledError:
+            event.state = "unchecked"  # its keys become not_attempted at the end
+            raise
+        reply = answer.reply
+        if answer.budget_spent:
+            event.state = "unchecked"
+            self.halt("request budget (max_requests) spent", EXIT_STOPPED)
+            return
+        verdict = reply.verdict
+        if verdict is Verdict.OK:
+            status = _event_status(reply.body)
+            if status in ACTIVE_STATUSES:
+                event.state = "ready"
+                event.isolator = KeyIsolator(event.positions, self.config.batch_size)
+                self.log.info(
+                    "event.ready", event_id=event.event_id, status=status, keys=len(event.positions)
+                )
+                return
+            event.state = "closed"
+            self.log.warning("event.not_active", event_id=event.event_id, status=status)
+            self.record(
+                event.positions,
+                Outcome.FAILED,
+                error_key="event_not_active",
+                error_message=f"event status is {status or 'unknown'}; "
+                "undo needs ACTIVE or COMPLETE (nothing was sent)",
+            )
+            return
+        if self.stops_run(reply):
+            event.state = "unchecked"
+            return
+        event.state = "closed"
+        message = (
+            "event not found" if reply.status == 404 else f"event check failed: {reply.status}"
+        )
+        self.log.warning("event.unusable", event_id=event.event_id, status=reply.status)
+        self.record(
+            event.positions,
+            Outcome.FAILED,
+            http_status=max(reply.status, 0),
+            error_key=reply.error_key or ("event_not_found" if reply.status == 404 else ""),
+            error_message=f"{message}: {reply.error_message}" if reply.error_message else message,
+        )
+
+    def stops_run(self, reply: Reply) -> bool:
+        verdict = reply.verdict
+        if verdict is Verdict.QUOTA:
+            self.halt("daily quota exceeded (429 quota_exceeded); resets 00:00 UTC", EXIT_STOPPED)
+        elif verdict is Verdict.AUTH:
+            self.halt("access token rejected (401): get a new token", EXIT_STOPPED)
+        elif verdict is Verdict.FORBIDDEN:
+            self.halt(
+                "forbidden (403): the token lacks scope campaign_data or privilege "
+                "campaign:write, or the app is deactivated",
+                EXIT_STOPPED,
+            )
+        else:
+            return False
+        return True
+
+    async def send(self, event: _Event, group: Group) -> None:
+        assert event.isolator is not None
+        isolator = event.isolator
+        positions = group.positions
+        keys = self.keys.iloc[positions].tolist()
+        try:
+            answer = await self.client.undo_check_in(event.event_id, keys)
+        except asyncio.CancelledError:
+            event.in_flight.pop(group.id, None)
+            self.record(
+                isolator.record_no_verdict(group.id),
+                Outcome.NOT_ATTEMPTED,
+                error_key="interrupted",
+                error_message=f"run interrupted ({self.stop.reason or 'cancelled'}) before "
+                "an answer came; the server may or may not have applied it",
+            )
+            raise
+        event.in_flight.pop(group.id, None)
+        self.ledger.attempts[positions] += answer.attempts
+        self.settle(event, isolator, group, answer)
+
+    def settle(
+        self, event: _Event, isolator: KeyIsolator[Reply], group: Group, answer: Answer
+    ) -> None:
+        reply = answer.reply
+        verdict = reply.verdict
+        log = self.log.bind(event_id=event.event_id, keys=len(group.positions))
+        if answer.budget_spent:
+            self.halt("request budget (max_requests) spent", EXIT_STOPPED)
+            self.record(
+                isolator.record_no_verdict(group.id),
+                Outcome.NOT_ATTEMPTED,
+                error_key="budget",
+                error_message="request budget (max_requests) spent before this key was sent",
+            )
+            return
+        if verdict is Verdict.OK:
+            result = isolator.record_ok(group.id)
+            self.record(result.undone, Outcome.UNDONE, http_status=reply.status)
+            log.info("chunk.undone", attempts=answer.attempts)
+        elif verdict is Verdict.KEY_FAULT:
+            result = isolator.record_refused(group.id, reply)
+            log.info(
+                "chunk.refused",
+                status=reply.status,
+                error_key=reply.error_key,
+                isolating=len(group.positions) > 1,
+            )
+        elif verdict is Verdict.TOO_LARGE and len(group.positions) > 1:
+            isolator.record_too_large(group.id)
+            log.warning("chunk.too_large", batch_size=isolator.max_batch)
+            return
+        elif self.stops_run(reply):
+            self.record(
+                isolator.record_no_verdict(group.id),
+                Outcome.NOT_ATTEMPTED,
+                **_reply_fields(reply) | {"error_message": self.stopped},
+            )
+            return
+        else:
+            gave_up = "retries exhausted: " if verdict is Verdict.RETRY else ""
+            fields = _reply_fields(reply)
+            fields["error_message"] = gave_up + (reply.error_message or f"HTTP {reply.status}")
+            if reply.status in (0, 200, 204) or verdict is Verdict.RETRY:
+                fields["error_message"] += "; the server may have applied it, a rerun is harmless"
+            self.record(isolator.record_no_verdict(group.id), Outcome.FAILED, **fields)
+            log.warning("chunk.failed", status=reply.status, error_key=reply.error_key)
+            return
+        for position, blame in result.bad:
+            self.record(
+                np.array([position], dtype=np.int64),
+                Outcome.FAILED,
+                **_reply_fields(blame),
+            )
+
+    # --- closing ---------------------------------------------------------------------------
+
+    def close_out(self) -> None:
+        """Give every key the planner still holds an outcome: the run stopped before it."""
+        reason = self.stopped or "run ended before this key was sent"
+        for event in self.events:
+            if event.state in ("unchecked", "checking"):
+                self.record(event.positions, Outcome.NOT_ATTEMPTED, error_message=reason)
+            elif event.isolator is not None:
+                untested, suspects = event.isolator.leftovers()
+                self.record(untested, Outcome.NOT_ATTEMPTED, error_message=reason)
+                for positions, blame in suspects:
+                    self.record(
+                        positions,
+                        Outcome.NOT_ATTEMPTED,
+                        **_reply_fields(blame)
+                        | {
+                            "error_message": f"{reason}; this key was in a refused request "
+                            "and had not been isolated yet"
+                        },
+                    )
+
+
+def _event_status(body: bytes) -> str:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return ""
+    return str(data.get("status", "")).upper() if isinstance(data, dict) else ""
+
+
+async def run_job(
+    config: JobConfig,
+    *,
+    tokens: TokenSource | None = None,
+    transport: Transport | None = None,
+    log: Any = None,
+    progress: Progress | None = None,
+    stop: StopRequest | None = None,
+) -> RunResult:
+    """Run one batch job as configured and return what happened.
+
+    Raises :class:`~batchjob.InputError`, :class:`~batchjob.ConfigError` or
+    :class:`~batchjob.ReportError` before anything is sent when the inputs or the report path
+    cannot be used.
+    """
+    started = time.monotonic()
+    log = log or null_logger()
+    progress = progress or _NoProgress()
+    stop = stop or StopRequest()
+    report = config.report_path()
+    paths = ReportPaths(report, config.failed_rows_path(report))
+
+    inputs = read_inputs(config.inputs, aliases=config.columns, default_event_id=config.event_id)
+    plan = build_plan(inputs)
+    log.info(
+        "plan.ready",
+        rows=len(plan.rows),
+        keys=plan.key_count,
+        events=len(plan.events),
+        invalid=len(plan.invalid),
+        duplicates=plan.duplicates,
+    )
+    if not config.dry_run and tokens is None:
+        raise ReportError("no access token: set CC_ACCESS_TOKEN or a token file")
+
+    lock = ReportLock(paths.lock)
+    lock.acquire()
+    try:
+        if not config.resume and (paths.report.exists() or paths.journal.exists()):
+            raise ReportError(
+                f"{paths.report} already exists; pass --resume to continue that run, "
+                "or choose another --report path"
+            )
+        ledger = Ledger(len(plan.rows))
+        ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
+        _mark_invalid_messages(plan, ledger)
+        skip = _resume(config, paths, plan, ledger, log) if config.resume else 0
+
+        pending_events = {
+            event_id: positions[ledger.outcome[positions] == 0]
+            for event_id, positions in plan.events.items()
+        }
+        pending_events = {e: p for e, p in pending_events.items() if len(p)}
+        total = sum(len(p) for p in pending_events.values())
+
+        budget = RequestBudget(config.max_requests)
+        pacer = AdaptivePacer(
+            config.rate,
+            on_change=lambda old, new, why: log.info(
+                "rate.changed", old=round(old, 3), new=round(new, 3), reason=why
+            ),
+        )
+        run: _Run | None = None
+        if config.dry_run:
+            for positions in pending_events.values():
+                ledger.set(positions, Outcome.PLANNED)
+        else:
+            assert tokens is not None
+            journal = Journal(paths.journal)
+            try:
+                journal.append(ledger, plan.rows, plan.invalid)
+                run = await _send_all(
+                    config,
+                    plan,
+                    ledger,
+                    journal,
+                    pending_events,
+                    tokens,
+                    transport,
+                    pacer,
+                    budget,
+                    stop,
+                    log,
+                    progress,
+                    total,
+                )
+            finally:
+                journal.close()
+
+        unset = ledger.unset()
+        if len(unset):
+            log.error("ledger.unset_rows", rows=len(unset))
+            ledger.set(unset, Outcome.NOT_ATTEMPTED, error_message="internal error: no outcome")
+        failed_count = write_final(paths, ledger, plan.rows)
+        if not config.dry_run:
+            Journal.remove(paths.journal)
+    finally:
+        lock.release()
+
+    counts = {o.value: ledger.count(o) for o in Outcome}
+    per_event = {
+        event_id: {o.value: ledger.count(o, positions) for o in Outcome}
+        for event_id, positions in plan.events.items()
+    }
+    if run is not None and run.exit_code:
+        exit_code = run.exit_code
+    elif counts[Outcome.UNDONE.value] == len(plan.rows) - counts[Outcome.PLANNED.value] and (
+        counts[Outcome.INVALID.value] == 0
+    ):
+        exit_code = EXIT_OK
+    else:
+        exit_code = EXIT_INCOMPLETE
+    result = RunResult(
+        report=paths.report,
+        failed_rows=paths.failed_rows,
+        exit_code=exit_code,
+        counts=counts,
+        per_event=per_event,
+        requests=budget.spent,
+        retries=run.retries if run else 0,
+        throttled=pacer.throttled_count,
+        elapsed=time.monotonic() - started,
+        rate=pacer.rate,
+        stopped=run.stopped if run else "",
+        duplicates=plan.duplicates,
+        blank_rows=plan.blank_rows,
+        failed_rows_count=failed_count,
+    )
+    log.info(
+        "run.finished",
+        exit_code=exit_code,
+        requests=result.requests,
+        retries=result.retries,
+        throttled=result.throttled,
+        elapsed=round(result.elapsed, 3),
+        resumed_undone=skip,
+        **counts,
+    )
+    return result
+
+
+def _mark_invalid_messages(plan: Plan, ledger: Ledger) -> None:
+    invalid = plan.invalid
+    if not len(invalid):
+        return
+    problems = plan.rows["problem"].to_numpy()[invalid]
+    for problem in dict.fromkeys(problems):
+        positions = invalid[problems == problem]
+        ledger.set(positions, Outcome.INVALID, error_key="invalid_input", error_message=problem)
+
+
+def _resume(config: JobConfig, paths: ReportPaths, plan: Plan, ledger: Ledger, log: Any) -> int:
+    """Carry over keys an earlier run already undid; they are not sent again."""
+    previous = read_previous(paths)
+    if previous.empty:
+        return 0
+    rows = plan.rows[["event_id", "order_ticket_key"]].astype(str)
+    rows["position"] = np.arange(len(rows))
+    rows = rows[(plan.rows["problem"] == "").to_numpy()]
+    merged = rows.merge(previous, on=["event_id", "order_ticket_key"], how="inner")
+    positions = merged["position"].to_numpy(dtype=np.int64)
+    finished = (
+        _parse_times(merged["finished_at"])
+        if "finished_at" in merged
+        else np.full(len(merged), math.nan)
+    )
+    ledger.set(positions, Outcome.UNDONE, http_status=204)
+    ledger.finished_at[positions] = finished
+    if "attempts" in merged:
+        ledger.attempts[positions] = (
+            merged["attempts"].str.strip().replace("", "0").astype(np.int64).to_numpy()
+        )
+    log.info("resume.loaded", already_undone=len(positions))
+    return len(positions)
+
+
+def _parse_times(values: Any) -> Any:
+    parsed = pd.to_datetime(values, utc=True, errors="coerce", format="%Y-%m-%dT%H:%M:%SZ")
+    seconds = parsed.astype("int64").to_numpy() / 1e9
+    return np.where(parsed.isna().to_numpy(), math.nan, seconds)
+
+
+async def _send_all(
+    config: JobConfig,
+    plan: Plan,
+    ledger: Ledger,
+    journal: Journal,
+    pending: dict[str, Positions],
+    tokens: TokenSource,
+    transport: Transport | None,
+    pacer: AdaptivePacer,
+    budget: RequestBudget,
+    stop: StopRequest,
+    log: Any,
+    progress: Progress,
+    total: int,
+) -> _Run:
+    session = None
+    if transport is None:
+        session = make_session(
+            connect_timeout=config.connect_timeout,
+            request_timeout=config.request_timeout,
+            concurrency=config.concurrency,
+        )
+        transport = AiohttpTransport(session)
+    policy = RetryPolicy(
+        max_tries=config.retry_max_tries,
+        max_time=config.retry_max_time,
+        base=config.retry_base,
+        cap=config.retry_cap,
+    )
+    run: _Run
+    client = ApiClient(
+        transport,
+        config.base_url,
+        tokens,
+        pacer,
+        budget,
+        policy,
+        on_attempt=lambda reply, attempt: run.on_attempt(reply, attempt),
+    )
+    run = _Run(config, plan, ledger, journal, client, pacer, budget, stop, log, progress)
+    run.events = [_Event(event_id, positions) for event_id, positions in pending.items()]
+    progress.start(total)
+    try:
+        await run.dispatch()
+        run.close_out()
+    finally:
+        progress.close()
+        if session is not None:
+            await session.close()
+    return run
+
+
+def install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
+    """SIGINT/SIGTERM (cron, systemd, Kubernetes) stop the run gracefully. Returns an undo."""
+    loop = asyncio.get_running_loop()
+    for sig, code in ((signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)):
+        loop.add_signal_handler(sig, stop.request, f"interrupted by {sig.name}", code)
+
+    def remove() -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+    return remove

@@ -1,0 +1,170 @@
+"""The API client: what each answer means, and when it is retried (aioresponses, no server)."""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aioresponses import aioresponses
+
+from batchjob._api import (
+    AiohttpTransport,
+    ApiClient,
+    RequestBudget,
+    RetryPolicy,
+    Verdict,
+    classify,
+    parse_error_body,
+    parse_retry_after,
+)
+from batchjob._pacing import AdaptivePacer
+from batchjob._tokens import Secret, StaticToken
+
+BASE = "https://api.example.test/v3"
+EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
+UNDO = re.compile(rf"^{re.escape(BASE)}/events/{EVENT}/undo_check_in/tickets$")
+
+
+@pytest.mark.parametrize(
+    ("status", "error_key", "verdict"),
+    [
+        (204, "", Verdict.OK),
+        (400, "json.invalid", Verdict.KEY_FAULT),
+        (404, "ticket.not_found", Verdict.KEY_FAULT),
+        (401, "unauthorized", Verdict.AUTH),
+        (403, "forbidden", Verdict.FORBIDDEN),
+        (413, "", Verdict.TOO_LARGE),
+        (415, "", Verdict.REFUSED),
+        (429, "throttled", Verdict.RETRY),
+        (429, "", Verdict.RETRY),
+        (429, "quota_exceeded", Verdict.QUOTA),
+        (500, "", Verdict.RETRY),
+        (502, "", Verdict.RETRY),
+        (503, "", Verdict.RETRY),
+        (504, "", Verdict.RETRY),
+        (0, "network", Verdict.RETRY),
+    ],
+)
+def test_classification(status: int, error_key: str, verdict: Verdict) -> None:
+    assert classify(status, error_key) is verdict
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            b'[{"error_key":"throttled","error_message":"Too Many Requests"}]',
+            ("throttled", "Too Many Requests"),
+        ),
+        (
+            b'{"error_key":"quota_exceeded","error_message":"Limit Exceeded"}',
+            ("quota_exceeded", "Limit Exceeded"),
+        ),
+        (b'{"error":"invalid_grant","error_description":"expired"}', ("invalid_grant", "expired")),
+        (b"<html><body>Bad   Gateway</body></html>", ("", "<html><body>Bad Gateway</body></html>")),
+        (b"", ("", "")),
+        (b"[]", ("", "")),
+    ],
+)
+def test_error_bodies_of_every_shape_are_read(body: bytes, expected: tuple[str, str]) -> None:
+    assert parse_error_body(body) == expected
+
+
+def test_retry_after_seconds_and_dates() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+def _client(session: aiohttp.ClientSession, *, budget: int | None = None) -> ApiClient:
+    return ApiClient(
+        AiohttpTransport(session),
+        BASE,
+        StaticToken(Secret("tok-secret")),
+        AdaptivePacer(1000.0),
+        RequestBudget(budget),
+        RetryPolicy(max_tries=4, max_time=10, base=0.001, cap=0.01),
+        rng=random.Random(1),
+    )
+
+
+async def test_transient_errors_are_retried_until_success(session: aiohttp.ClientSession) -> None:
+    with aioresponses() as mock:
+        mock.post(UNDO, status=503)
+        mock.post(UNDO, exception=aiohttp.ServerDisconnectedError())
+        mock.post(UNDO, status=429, payload=[{"error_key": "throttled", "error_message": "x"}])
+        mock.post(UNDO, status=204)
+        answer = await _client(session).undo_check_in(EVENT, ["a", "b"])
+    assert answer.reply.status == 204
+    assert answer.attempts == 4
+
+
+async def test_retries_are_bounded(session: aiohttp.ClientSession) -> None:
+    with aioresponses() as mock:
+        mock.post(UNDO, status=500, repeat=True)
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+    assert answer.reply.status == 500
+    assert answer.attempts == 4
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404])
+async def test_client_errors_are_never_resent_unchanged(
+    session: aiohttp.ClientSession, status: int
+) -> None:
+    with aioresponses() as mock:
+        mock.post(UNDO, status=status, payload=[{"error_key": "k", "error_message": "m"}])
+        mock.post(UNDO, status=204)
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+    assert answer.reply.status == status
+    assert answer.attempts == 1
+
+
+async def test_quota_exceeded_is_not_retried(session: aiohttp.ClientSession) -> None:
+    body = [{"error_key": "quota_exceeded", "error_message": "Limit Exceeded"}]
+    with aioresponses() as mock:
+        mock.post(UNDO, status=429, payload=body)
+        mock.post(UNDO, status=204)
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+    assert answer.reply.verdict is Verdict.QUOTA
+    assert answer.attempts == 1
+
+
+async def test_retry_after_is_honoured(session: aiohttp.ClientSession) -> None:
+    with aioresponses() as mock:
+        mock.post(UNDO, status=503, headers={"Retry-After": "0.3"})
+        mock.post(UNDO, status=204)
+        started = time.monotonic()
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+        waited = time.monotonic() - started
+    assert answer.reply.status == 204
+    # The jittered backoff here is at most 0.01 s; only Retry-After explains a 0.3 s wait.
+    assert waited >= 0.29
+
+
+async def test_the_request_carries_the_body_and_token(session: aiohttp.ClientSession) -> None:
+    with aioresponses() as mock:
+        mock.post(UNDO, status=204)
+        await _client(session).undo_check_in(EVENT, ["000123", "b"])
+        (call,) = next(iter(mock.requests.values()))
+    assert call.kwargs["headers"]["Authorization"] == "Bearer tok-secret"
+    assert call.kwargs["headers"]["Content-Type"] == "application/json"
+    assert call.kwargs["data"] == b'{"order_ticket_keys":["000123","b"]}'
+
+
+async def test_budget_stops_before_sending(session: aiohttp.ClientSession) -> None:
+    with aioresponses() as mock:
+        mock.post(UNDO, status=503, repeat=True)
+        answer = await _client(session, budget=2).undo_check_in(EVENT, ["a"])
+    assert answer.budget_spent
+    assert answer.attempts == 2
