@@ -73,11 +73,16 @@ def make_logger(
     return logger  # type: ignore[no-any-return]
 
 
+def _drop(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    raise structlog.DropEvent
+
+
 def null_logger() -> Any:
     """A logger that drops everything, for library callers that pass none."""
     return structlog.wrap_logger(
-        structlog.PrintLogger(sys.stderr),
-        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL + 10),
+        structlog.ReturnLogger(),
+        processors=[_drop],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL),
     )
 
 

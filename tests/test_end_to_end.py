@@ -1,0 +1,284 @@
+"""The real job against the real sandbox over loopback HTTP: what a user relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import sys
+from pathlib import Path
+
+import openpyxl
+import pytest
+
+from batchjob import REPORT_COLUMNS, JobConfig, run_job
+from batchjob._sandbox import EventState, Sandbox, SandboxSettings, World
+from tests.support import read_report, run, ticket_rows, token_for, write_csv
+
+HEADER = ("Event ID", "Order Ticket Key", "Name")
+
+
+def posts_for(sandbox: Sandbox, event_id: str) -> int:
+    return sum(1 for r in sandbox.requests if r.method == "POST" and r.event_id == event_id)
+
+
+async def test_every_key_is_reported_once_in_input_order_and_matches_the_server(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    rows = ticket_rows(world)
+    event_a = rows[0][0]
+    unknown = [(event_a, "no-such-key-1"), (event_a, "no-such-key-2")]
+    data = [(e, k, "x") for e, k in rows[:300]] + [(e, k, "dup") for e, k in rows[:5]]
+    data += [(e, k, "?") for e, k in unknown] + [(e, k, "x") for e, k in rows[300:]]
+    inputs = write_csv(tmp_path / "in.csv", data, HEADER)
+
+    result = await run(sandbox, [inputs], tmp_path)
+
+    report = read_report(result.report)
+    assert tuple(report.columns) == REPORT_COLUMNS
+    expected = list(dict.fromkeys((e, k) for e, k, _ in data))
+    assert list(zip(report.event_id, report.order_ticket_key, strict=True)) == expected
+    for event_id, key, outcome in zip(
+        report.event_id, report.order_ticket_key, report.outcome, strict=True
+    ):
+        if outcome == "undone":
+            assert not world.checked_in(str(event_id), str(key))
+    assert set(report[report.outcome == "failed"].order_ticket_key) == {k for _, k in unknown}
+    assert (report.outcome == "undone").sum() == len(rows)
+    assert result.exit_code == 1
+    assert result.counts["undone"] == len(rows) and result.counts["failed"] == 2
+
+
+async def test_transient_faults_are_retried_until_every_key_is_undone(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    sandbox.faults.error_503 = 0.15
+    sandbox.faults.error_500 = 0.05
+    sandbox.faults.drop = 0.1
+    sandbox.faults.lost_reply = 0.1
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+
+    result = await run(sandbox, [inputs], tmp_path, batch_size=20, retry_max_tries=12)
+
+    assert result.exit_code == 0, result.summary()
+    assert result.retries > 0
+    assert sandbox.counters.by_status[503] > 0 and sandbox.counters.dropped > 0
+    assert all(not v for ev in world.events.values() for v in ev.tickets.values())
+
+
+async def test_bad_keys_are_isolated_and_good_keys_in_their_requests_still_undone(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    event_id, ev = next(iter(world.events.items()))
+    keys = list(ev.tickets)
+    bad = {keys[7] + "x", keys[90] + "x", keys[150] + "x"}
+    data = [(event_id, k, "") for k in keys[:100]] + [(event_id, b, "") for b in sorted(bad)]
+    data += [(event_id, k, "") for k in keys[100:]]
+    inputs = write_csv(tmp_path / "in.csv", data, HEADER)
+
+    result = await run(sandbox, [inputs], tmp_path, batch_size=50)
+
+    report = read_report(result.report)
+    failed = report[report.outcome == "failed"]
+    assert set(failed.order_ticket_key) == bad
+    assert set(failed.http_status) == {"404"} and set(failed.error_key) == {"ticket.not_found"}
+    assert set(report[report.outcome == "undone"].order_ticket_key) == set(keys)
+    assert not any(ev.tickets.values())
+    # 203 keys at 50 a request is 5 requests if all were good; plain halving spends far more.
+    assert result.requests - 1 <= 5 + 3 * 7
+
+
+async def test_an_inactive_event_costs_one_check_and_no_undo_request(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    draft_id = "8f0a3c2e-1b4d-4e5f-9a6b-7c8d9e0f1a2b"
+    world.events[draft_id] = EventState("DRAFT", {"k1": True, "k2": True})
+    missing_id = "00000000-0000-4000-8000-000000000000"
+    data = [(draft_id, "k1", ""), (draft_id, "k2", ""), (missing_id, "k3", "")]
+    inputs = write_csv(tmp_path / "in.csv", data, HEADER)
+
+    result = await run(sandbox, [inputs], tmp_path)
+
+    report = read_report(result.report)
+    assert list(report.outcome) == ["failed", "failed", "failed"]
+    assert "DRAFT" in report.error_message[0]
+    assert report.http_status[2] == "404"
+    assert posts_for(sandbox, draft_id) == 0 and posts_for(sandbox, missing_id) == 0
+    assert world.events[draft_id].tickets == {"k1": True, "k2": True}
+
+
+async def test_quota_exceeded_stops_the_run_and_the_failed_rows_rerun_finishes_it(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    sandbox.settings.daily_quota = 4
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+
+    first = await run(sandbox, [inputs], tmp_path, batch_size=50, concurrency=1)
+
+    assert first.exit_code == 3
+    assert "quota" in first.stopped
+    report = read_report(first.report)
+    waiting = report[report.outcome == "not_attempted"]
+    assert len(waiting) > 0 and len(waiting) + (report.outcome == "undone").sum() == len(report)
+    assert waiting.error_message.str.contains("00:00 UTC").all()
+    failed_rows = read_report(first.failed_rows)
+    assert sorted(failed_rows.order_ticket_key) == sorted(waiting.order_ticket_key)
+
+    sandbox.reset_quota()
+    sandbox.settings.daily_quota = None
+    second = await run(sandbox, [first.failed_rows], tmp_path, report="retry.csv")
+
+    assert second.exit_code == 0
+    assert second.counts["undone"] == len(waiting)
+    assert all(not v for ev in world.events.values() for v in ev.tickets.values())
+
+
+async def test_leading_zeros_and_excel_numbers_reach_the_api_as_written(
+    tmp_path: Path,
+) -> None:
+    event_id = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
+    world = World({event_id: EventState("ACTIVE", {"000123": True, "123456": True, "42": True})})
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Event ID", "Ticket Key"])
+    sheet.append([event_id, "000123"])  # text cell
+    sheet.append([event_id, 123456])  # number cell: Excel stores 123456.0
+    sheet.append([event_id, 42.0])
+    book.save(tmp_path / "scans.xlsx")
+
+    async with Sandbox(world, SandboxSettings(rate=None, daily_quota=None)) as sandbox:
+        result = await run(sandbox, [tmp_path / "scans.xlsx"], tmp_path)
+
+    assert result.exit_code == 0, result.summary()
+    assert world.events[event_id].tickets == {"000123": False, "123456": False, "42": False}
+    report = read_report(result.report)
+    assert list(report.order_ticket_key) == ["000123", "123456", "42"]
+
+
+async def test_invalid_rows_are_reported_with_file_row_and_column_and_never_sent(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    (event_id, key), *_ = ticket_rows(world)
+    data = [(event_id, key, ""), (event_id, "", "no key"), ("not-a-uuid", "abc", "bad event")]
+    inputs = write_csv(tmp_path / "in.csv", data, HEADER)
+
+    result = await run(sandbox, [inputs], tmp_path)
+
+    report = read_report(result.report)
+    assert list(report.outcome) == ["undone", "invalid", "invalid"]
+    assert list(report.source_row) == ["2", "3", "4"]
+    assert (report.source_file == str(inputs)).all()
+    assert "Order Ticket Key" in report.error_message[1]
+    assert "Event ID" in report.error_message[2] and "not-a-uuid" in report.error_message[2]
+    sent = {k for r in sandbox.requests for k in r.keys}
+    assert sent == {key}
+    assert result.exit_code == 1
+
+
+async def test_dry_run_plans_without_sending(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    result = await run(sandbox, [inputs], tmp_path, dry_run=True)
+    assert sandbox.counters.total == 0
+    assert set(read_report(result.report).outcome) == {"planned"}
+    assert result.exit_code == 0
+
+
+async def test_a_server_refusing_large_requests_gets_smaller_ones(
+    world: World, tmp_path: Path
+) -> None:
+    settings = SandboxSettings(rate=None, daily_quota=None, max_keys_per_request=30)
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    async with Sandbox(world, settings) as sandbox:
+        result = await run(sandbox, [inputs], tmp_path, batch_size=100)
+    assert result.exit_code == 0, result.summary()
+    assert sandbox.counters.by_status[413] >= 1
+
+
+async def test_a_rejected_token_stops_the_run_and_is_never_printed(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    secret = sandbox.access_token
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    log = io.StringIO()
+    sandbox.revoke_tokens()
+
+    result = await run(sandbox, [inputs], tmp_path, log=log)
+
+    assert result.exit_code == 3 and "401" in result.stopped
+    assert set(read_report(result.report).outcome) == {"not_attempted"}
+    everything = log.getvalue() + result.summary() + result.report.read_text()
+    everything += result.failed_rows.read_text()
+    assert '"status": 401' in log.getvalue()  # the log really saw the refusal...
+    assert secret not in everything  # ...and never the token
+
+
+async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "batchjob", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, **env},
+    )  # fmt: skip
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def test_command_line_run_reports_and_exits_by_outcome(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    env = {"CC_ACCESS_TOKEN": sandbox.access_token, "CC_BASE_URL": sandbox.base_url}
+    report = tmp_path / "r.csv"
+
+    code, out, err = await _cli(
+        "run", str(inputs), "--report", str(report), "--rate", "300", "--log-format", "json",
+        "--log-level", "debug", env=env,
+    )  # fmt: skip
+
+    assert code == 0, err
+    assert "undone 600" in out
+    assert '"event": "run.finished"' in err
+    assert sandbox.access_token not in out + err + report.read_text()
+
+    again, _, err = await _cli("run", str(inputs), "--report", str(report), env=env)
+    assert again == 2 and "--resume" in err
+
+
+async def test_unreadable_input_stops_before_anything_is_sent(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    good = write_csv(tmp_path / "good.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    no_key = write_csv(tmp_path / "names.csv", [("Ann", "a@example.com")], ("Name", "Email"))
+    env = {"CC_ACCESS_TOKEN": sandbox.access_token, "CC_BASE_URL": sandbox.base_url}
+
+    code, _, err = await _cli(
+        "run", str(good), str(no_key), "--report", str(tmp_path / "r"), env=env
+    )
+    assert code == 2
+    assert "names.csv" in err and "Name" in err and "Email" in err
+    assert "Traceback" not in err
+
+    code, _, err = await _cli("run", str(tmp_path / "missing.csv"), env=env)
+    assert code == 2 and "missing.csv" in err
+    assert sandbox.counters.total == 0
+
+
+def test_insecure_base_url_is_refused(tmp_path: Path) -> None:
+    from batchjob import ConfigError
+
+    with pytest.raises(ConfigError, match="clear text"):
+        JobConfig(inputs=(tmp_path,), base_url="http://api.example.com/v3")
+
+
+async def test_library_callers_get_a_result_without_any_logging_setup(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    config = JobConfig(
+        inputs=(inputs,), report=tmp_path / "r.csv", base_url=sandbox.base_url, rate=300.0
+    )
+    result = await run_job(config, tokens=token_for(sandbox))
+    assert result.exit_code == 0 and result.counts["undone"] == 600
