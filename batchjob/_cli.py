@@ -137,25 +137,30 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _display(path: Path) -> Path:
+    cwd = Path.cwd()
+    return path.relative_to(cwd) if path.is_relative_to(cwd) else path
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from batchjob._sandbox import Sandbox, World
 
-    sample = args.sample_dir
+    sample = _display(args.sample_dir.resolve())
     inputs = sorted(p for p in sample.iterdir() if p.suffix in {".csv", ".xlsx"})
 
     async def demo() -> RunResult:
         world = World.from_json(sample / "sandbox_world.json")
         async with Sandbox(world) as sandbox:
             print(f"sandbox API at {sandbox.base_url} (4 requests/s, like the real one)")
-            config = JobConfig(inputs=tuple(inputs), report=args.report, base_url=sandbox.base_url)
+            config = JobConfig(
+                inputs=tuple(inputs),
+                report=args.report,
+                base_url=sandbox.base_url,
+                log_format="console",
+            )
             return await _run(config, StaticToken(Secret(sandbox.access_token)))
 
-    print(
-        "inputs: "
-        + ", ".join(
-            str(p.relative_to(Path.cwd()) if p.is_relative_to(Path.cwd()) else p) for p in inputs
-        )
-    )
+    print("inputs: " + ", ".join(str(p) for p in inputs))
     result = asyncio.run(demo())
     print(result.summary())
     # The sample data holds bad rows on purpose, so "finished, some keys not undone" is success.
