@@ -176,25 +176,39 @@ class TokenSource(Protocol):
     async def refresh(self, rejected: str) -> str | None: ...
 
 
-class BudgetSpent(Exception):
-    """The run's request budget (--max-requests) allows no more requests."""
+class NotSent(Exception):
+    """The gate allows no more requests: budget spent, or the run is stopping."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
-class RequestBudget:
-    """Counts requests sent; refuses past ``limit`` so a run cannot overspend the day's quota."""
+class RequestGate:
+    """Counts requests sent and lets none through once the budget is spent or it is closed.
 
-    def __init__(self, limit: int | None) -> None:
+    Every attempt passes here just before it is sent, so a stopping run sends nothing new: not
+    a first try waiting for its slot, not a retry waiting out its backoff.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
         self.limit = limit
         self.spent = 0
+        self.closed = ""
+
+    def close(self, reason: str) -> None:
+        self.closed = self.closed or reason
 
     def spend(self) -> None:
+        if self.closed:
+            raise NotSent(self.closed)
         if self.limit is not None and self.spent >= self.limit:
-            raise BudgetSpent
+            raise NotSent(budget_message(self.limit))
         self.spent += 1
 
-    @property
-    def exhausted(self) -> bool:
-        return self.limit is not None and self.spent >= self.limit
+
+def budget_message(limit: int) -> str:
+    return f"request budget spent (max_requests = {limit}); left for the next run"
 
 
 @dataclass(frozen=True)
@@ -212,7 +226,7 @@ class Outcome:
 
     reply: Reply
     attempts: int
-    budget_spent: bool = False  # stopped because --max-requests allows no more requests
+    not_sent: str = ""  # why the gate stopped the request before it got an answer
 
 
 class _Retryable(Exception):
@@ -254,7 +268,7 @@ class ApiClient:
         base_url: str,
         tokens: TokenSource,
         pacer: AdaptivePacer,
-        budget: RequestBudget,
+        gate: RequestGate,
         policy: RetryPolicy,
         *,
         on_attempt: AttemptListener | None = None,
@@ -264,7 +278,7 @@ class ApiClient:
         self._base = base_url.rstrip("/")
         self._tokens = tokens
         self._pacer = pacer
-        self._budget = budget
+        self._gate = gate
         self._policy = policy
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
@@ -284,8 +298,9 @@ class ApiClient:
         async def attempt() -> Reply:
             nonlocal attempts, refreshed
             while True:
-                self._budget.spend()
                 sent_at = await self._pacer.acquire()
+                # After the wait for a slot: the run may have stopped in the meantime.
+                self._gate.spend()
                 attempts += 1
                 token = await self._tokens.token()
                 reply = await self._once(method, url, body, token)
@@ -315,9 +330,8 @@ class ApiClient:
             reply = await retrying()
         except _Retryable as exc:
             reply = exc.reply
-        except BudgetSpent:
-            spent = Reply(0, "budget", "request budget (max_requests) spent")
-            return Outcome(spent, attempts, budget_spent=True)
+        except NotSent as stop:
+            return Outcome(Reply(0, "not_sent", stop.reason), attempts, not_sent=stop.reason)
         return Outcome(reply, attempts)
 
     async def _once(self, method: str, url: str, body: bytes | None, token: str) -> Reply:

@@ -28,7 +28,7 @@ from batchjob._api import (
     AiohttpTransport,
     ApiClient,
     Reply,
-    RequestBudget,
+    RequestGate,
     RetryPolicy,
     TokenSource,
     Transport,
@@ -169,7 +169,7 @@ class _Run:
         journal: Journal | None,
         client: ApiClient,
         pacer: AdaptivePacer,
-        budget: RequestBudget,
+        gate: RequestGate,
         stop: StopRequest,
         log: Any,
         progress: Progress,
@@ -181,7 +181,7 @@ class _Run:
         self.journal = journal
         self.client = client
         self.pacer = pacer
-        self.budget = budget
+        self.gate = gate
         self.stop = stop
         self.log = log
         self.progress = progress
@@ -203,6 +203,7 @@ class _Run:
     def halt(self, reason: str, exit_code: int) -> None:
         if not self.stopped:
             self.stopped, self.exit_code = reason, exit_code
+            self.gate.close(reason)
             self.log.warning("run.stopping", reason=reason)
 
     def on_attempt(self, reply: Reply, attempt: int) -> None:
@@ -239,6 +240,8 @@ class _Run:
                 if not tasks:
                     break
                 await asyncio.wait(tasks | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                for task in [t for t in tasks if t.done()]:
+                    self.check_crash(task)
                 tasks = {t for t in tasks if not t.done()}
                 if self.stop.event.is_set() and not self.stopped:
                     self.halt(self.stop.reason, self.stop.exit_code)
@@ -248,6 +251,14 @@ class _Run:
             stop_wait.cancel()
             if tasks:
                 await self.drain(tasks, grace=0)
+
+    def check_crash(self, task: asyncio.Task[None]) -> None:
+        """A job that raised is a bug: stop cleanly so the report still accounts for every key."""
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.log.error("run.internal_error", error=repr(exc))
+        self.halt(f"internal error: {exc!r}", EXIT_STOPPED)
 
     async def drain(self, tasks: set[asyncio.Task[None]], *, grace: float) -> None:
         """Let requests in flight finish within ``grace`` seconds, then cancel the rest."""
@@ -269,9 +280,9 @@ class _Run:
             event.state = "unchecked"  # its keys become not_attempted at the end
             raise
         reply = answer.reply
-        if answer.budget_spent:
+        if answer.not_sent:
             event.state = "unchecked"
-            self.halt("request budget (max_requests) spent", EXIT_STOPPED)
+            self.halt(answer.not_sent, EXIT_STOPPED)
             return
         verdict = reply.verdict
         if verdict is Verdict.OK:
@@ -352,13 +363,12 @@ class _Run:
         reply = answer.reply
         verdict = reply.verdict
         log = self.log.bind(event_id=event.event_id, keys=len(group.positions))
-        if answer.budget_spent:
-            self.halt("request budget (max_requests) spent", EXIT_STOPPED)
+        if answer.not_sent:
+            self.halt(answer.not_sent, EXIT_STOPPED)
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
-                error_key="budget",
-                error_message="request budget (max_requests) spent before this key was sent",
+                error_message=self.stopped,
             )
             return
         if verdict is Verdict.OK:
@@ -486,7 +496,7 @@ async def run_job(
         pending_events = {e: p for e, p in pending_events.items() if len(p)}
         total = sum(len(p) for p in pending_events.values())
 
-        budget = RequestBudget(config.max_requests)
+        gate = RequestGate(config.max_requests)
         pacer = AdaptivePacer(
             config.rate,
             on_change=lambda old, new, why: log.info(
@@ -511,7 +521,7 @@ async def run_job(
                     tokens,
                     transport,
                     pacer,
-                    budget,
+                    gate,
                     stop,
                     log,
                     progress,
@@ -549,7 +559,7 @@ async def run_job(
         exit_code=exit_code,
         counts=counts,
         per_event=per_event,
-        requests=budget.spent,
+        requests=gate.spent,
         retries=run.retries if run else 0,
         throttled=pacer.throttled_count,
         elapsed=time.monotonic() - started,
@@ -622,7 +632,7 @@ async def _send_all(
     tokens: TokenSource,
     transport: Transport | None,
     pacer: AdaptivePacer,
-    budget: RequestBudget,
+    gate: RequestGate,
     stop: StopRequest,
     log: Any,
     progress: Progress,
@@ -648,11 +658,11 @@ async def _send_all(
         config.base_url,
         tokens,
         pacer,
-        budget,
+        gate,
         policy,
         on_attempt=lambda reply, attempt: run.on_attempt(reply, attempt),
     )
-    run = _Run(config, plan, ledger, journal, client, pacer, budget, stop, log, progress)
+    run = _Run(config, plan, ledger, journal, client, pacer, gate, stop, log, progress)
     run.events = [_Event(event_id, positions) for event_id, positions in pending.items()]
     progress.start(total)
     try:

@@ -14,7 +14,7 @@ from aioresponses import aioresponses
 from batchjob._api import (
     AiohttpTransport,
     ApiClient,
-    RequestBudget,
+    RequestGate,
     RetryPolicy,
     Verdict,
     classify,
@@ -93,7 +93,7 @@ def _client(session: aiohttp.ClientSession, *, budget: int | None = None) -> Api
         BASE,
         StaticToken(Secret("tok-secret")),
         AdaptivePacer(1000.0),
-        RequestBudget(budget),
+        RequestGate(budget),
         RetryPolicy(max_tries=4, max_time=10, base=0.001, cap=0.01),
         rng=random.Random(1),
     )
@@ -166,5 +166,5 @@ async def test_budget_stops_before_sending(session: aiohttp.ClientSession) -> No
     with aioresponses() as mock:
         mock.post(UNDO, status=503, repeat=True)
         answer = await _client(session, budget=2).undo_check_in(EVENT, ["a"])
-    assert answer.budget_spent
+    assert answer.not_sent.startswith("request budget spent")
     assert answer.attempts == 2
