@@ -21,6 +21,7 @@ import aiohttp
 import backoff
 
 from batchjob._pacing import AdaptivePacer
+from batchjob._tokens import TokenError
 
 
 class Verdict(Enum):
@@ -36,6 +37,7 @@ class Verdict(Enum):
     REFUSED = "refused"  # any other answer: not retried, keys failed
 
 
+TOKEN_FAILED = "token_unavailable"  # noqa: S105 - error_key of a synthetic 401 when no token can be had
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 KEY_FAULT_STATUSES = frozenset({400, 404, 409, 422})
 
@@ -173,7 +175,12 @@ class TokenSource(Protocol):
 
     async def token(self) -> str: ...
 
-    async def refresh(self, rejected: str) -> str | None: ...
+    async def refresh(self, rejected: str) -> str | None:
+        """A new token after ``rejected`` got a 401; None when there is no way to get one.
+
+        May raise :class:`~batchjob._tokens.TokenError`, which stops the run.
+        """
+        ...
 
 
 class NotSent(Exception):
@@ -221,7 +228,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class Outcome:
+class Answer:
     """The final answer to a request after retries, and how many attempts it took."""
 
     reply: Reply
@@ -283,15 +290,15 @@ class ApiClient:
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
 
-    async def get_event(self, event_id: str) -> Outcome:
+    async def get_event(self, event_id: str) -> Answer:
         return await self._send("GET", f"{self._base}/events/{event_id}", None)
 
-    async def undo_check_in(self, event_id: str, keys: list[str]) -> Outcome:
+    async def undo_check_in(self, event_id: str, keys: list[str]) -> Answer:
         body = json.dumps({"order_ticket_keys": keys}, separators=(",", ":")).encode()
         url = f"{self._base}/events/{event_id}/undo_check_in/tickets"
         return await self._send("POST", url, body)
 
-    async def _send(self, method: str, url: str, body: bytes | None) -> Outcome:
+    async def _send(self, method: str, url: str, body: bytes | None) -> Answer:
         attempts = 0
         refreshed = False
 
@@ -331,8 +338,11 @@ class ApiClient:
         except _Retryable as exc:
             reply = exc.reply
         except NotSent as stop:
-            return Outcome(Reply(0, "not_sent", stop.reason), attempts, not_sent=stop.reason)
-        return Outcome(reply, attempts)
+            return Answer(Reply(0, "not_sent", stop.reason), attempts, not_sent=stop.reason)
+        except TokenError as exc:
+            # No usable token (refresh refused, file unreadable): as final as a 401.
+            return Answer(Reply(401, TOKEN_FAILED, str(exc)), attempts)
+        return Answer(reply, attempts)
 
     async def _once(self, method: str, url: str, body: bytes | None, token: str) -> Reply:
         headers = {"Authorization": f"Bearer {token}"}

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from batchjob._auth import add_auth_arguments, run_auth_command
 from batchjob._config import ConfigError, JobConfig, load_config
 from batchjob._inputs import InputError
 from batchjob._logging import Redactor, make_logger
@@ -26,7 +27,13 @@ from batchjob._runner import (
     run_job,
 )
 from batchjob._sandbox import add_sandbox_arguments, run_sandbox_command
-from batchjob._tokens import Secret, StaticToken
+from batchjob._tokens import (
+    ManagedTokenSource,
+    Secret,
+    StaticToken,
+    TokenError,
+    token_source_from_env,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=_positive_int, help="keys per request, at most (100)")
     run.add_argument("--concurrency", type=_positive_int, help="requests in flight, at most (4)")
     run.add_argument("--event-id", help="event for input files that have no event column")
+    run.add_argument(
+        "--token-file", type=Path, help="token file to use and refresh (env CC_TOKEN_FILE)"
+    )
+    run.add_argument("--client-id", help="OAuth client id for refreshing (env CC_CLIENT_ID)")
     run.add_argument("--max-requests", type=int, help="spend at most this many requests")
     run.add_argument("--dry-run", action="store_true", default=None, help="plan only, send nothing")
     run.add_argument("--resume", action="store_true", default=None, help="continue --report's run")
@@ -80,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sandbox = commands.add_parser("sandbox", help="serve the local sandbox API")
     add_sandbox_arguments(sandbox)
+
+    auth = commands.add_parser("auth", help="get the first token pair (needs a browser once)")
+    add_auth_arguments(auth)
 
     demo = commands.add_parser("demo", help="run the job on sample_data/ against the sandbox")
     demo.add_argument("--sample-dir", type=Path, default=REPO_ROOT / "sample_data")
@@ -97,6 +111,8 @@ def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
         "batch_size": args.batch_size,
         "concurrency": args.concurrency,
         "event_id": args.event_id,
+        "token_file": args.token_file,
+        "client_id": args.client_id,
         "max_requests": args.max_requests,
         "dry_run": args.dry_run,
         "resume": args.resume,
@@ -107,14 +123,14 @@ def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
     return load_config(cli=cli, config_file=args.config)
 
 
-def _tokens_from_env() -> StaticToken | None:
-    token = os.environ.get("CC_ACCESS_TOKEN", "").strip()
-    return StaticToken(Secret(token)) if token else None
-
-
-async def _run(config: JobConfig, tokens: StaticToken | None) -> RunResult:
-    redactor = Redactor(tokens.secrets() if tokens else ())
+async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> RunResult:
+    """Run with logging, progress and signals set up for a person or a scheduler."""
+    redactor = Redactor()
     log = make_logger(log_format=config.log_format, level=config.log_level, redactor=redactor)
+    if tokens is None and not config.dry_run:
+        tokens = token_source_from_env(config, os.environ, on_new_secret=redactor.add, log=log)
+    for secret in tokens.secrets() if tokens is not None else ():
+        redactor.add(secret)
     show_progress = config.progress if config.progress is not None else sys.stderr.isatty()
     stop = StopRequest()
     remove = install_signal_handlers(stop)
@@ -128,11 +144,14 @@ async def _run(config: JobConfig, tokens: StaticToken | None) -> RunResult:
         )
     finally:
         remove()
+        if tokens is not None:
+            # Waits for a refresh in flight, so a rotated refresh token reaches the file.
+            await tokens.close()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _config_from(args)
-    result = asyncio.run(_run(config, _tokens_from_env()))
+    result = asyncio.run(_run(config))
     print(result.summary())
     return result.exit_code
 
@@ -175,8 +194,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "auth":
+            return run_auth_command(args)
         return run_sandbox_command(args)
-    except (InputError, ConfigError, ReportError) as exc:
+    except (InputError, ConfigError, ReportError, TokenError) as exc:
         print(f"batchjob: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -25,7 +25,9 @@ import numpy as np
 import pandas as pd
 
 from batchjob._api import (
+    TOKEN_FAILED,
     AiohttpTransport,
+    Answer,
     ApiClient,
     Reply,
     RequestGate,
@@ -34,9 +36,6 @@ from batchjob._api import (
     Transport,
     Verdict,
     make_session,
-)
-from batchjob._api import (
-    Outcome as Answer,
 )
 from batchjob._config import JobConfig
 from batchjob._groups import Group, KeyIsolator, Positions
@@ -325,7 +324,12 @@ class _Run:
         if verdict is Verdict.QUOTA:
             self.halt("daily quota exceeded (429 quota_exceeded); resets 00:00 UTC", EXIT_STOPPED)
         elif verdict is Verdict.AUTH:
-            self.halt("access token rejected (401): get a new token", EXIT_STOPPED)
+            self.halt(
+                reply.error_message
+                if reply.error_key == TOKEN_FAILED
+                else "access token rejected (401): get a new token (see README, Getting a token)",
+                EXIT_STOPPED,
+            )
         elif verdict is Verdict.FORBIDDEN:
             self.halt(
                 "forbidden (403): the token lacks scope campaign_data or privilege "
