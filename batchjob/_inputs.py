@@ -174,8 +174,8 @@ class _Matcher:
         for kind, found in (("order ticket key", keys), ("event id", events)):
             if len(found) > 1:
                 raise InputError(
-                    f"{where}: several columns could be the {kind}: "
-                    f"{_quote_names(names, found)}; keep one of them or rename the others"
+                    f"{where}: ambiguous {kind}: columns {_quote_names(names, found)} all "
+                    "match; keep one of them or rename the others"
                 )
         if not keys:
             return None
@@ -188,7 +188,7 @@ class _Matcher:
 
     def no_key_hint(self) -> str:
         return (
-            f"expected a column named one of: {', '.join(self.key_aliases)} "
+            f"Expected a column named one of: {', '.join(self.key_aliases)} "
             "(case, spaces, '_' and '-' are ignored)"
         )
 
@@ -237,36 +237,48 @@ class _CsvLayout:
     skip: int  # records before the header (blank lines)
     columns: _Columns
 
+    @property
+    def first_row(self) -> int:
+        """The first data row's number: the header is record ``skip + 1``, as in a spreadsheet."""
+        return self.skip + 2
 
-def _read_csv(
-    path: str, head: bytes, whole: bool, matcher: _Matcher, default: str | None
-) -> _Part:
-    encoding = _csv_encoding(path, head)
+
+def _read_csv(path: str, head: bytes, whole: bool, matcher: _Matcher, default: str | None) -> _Part:
+    encoding = _csv_encoding(path, head, whole)
     layout = _csv_layout(path, head, whole, encoding, matcher)
-    first_row = layout.skip + 2  # the header is record skip + 1, a spreadsheet's row numbers
     try:
         event, key, overflow = _read_csv_fast(path, layout)
     except (pa.lib.ArrowException, UnicodeError):
-        event, key, overflow = _read_csv_tolerant(path, layout, first_row)
+        if encoding in ("utf-8", "utf-8-sig") and not _decodes(path, encoding):
+            if encoding == "utf-8-sig":
+                raise InputError(
+                    f"{path}: starts with a UTF-8 byte order mark but is not valid UTF-8"
+                ) from None
+            layout = _csv_layout(path, head, whole, "cp1252", matcher)
+        event, key, overflow = _read_csv_tolerant(path, layout)
     return _normalise(
         source=path,
         columns=layout.columns,
         event=event,
         key=key,
-        first_row=first_row,
+        first_row=layout.first_row,
         overflow=overflow,
         overflow_problem=_overflow_problem(layout),
         default=default,
     )
 
 
-def _csv_encoding(path: str, head: bytes) -> str:
+def _csv_encoding(path: str, head: bytes, whole: bool) -> str:
+    """The encoding as far as the first bytes tell.
+
+    Only the start is checked here: reading a big file once more just to validate it costs about
+    a quarter of the time of parsing it. pyarrow checks that the columns we use are UTF-8; when
+    they are not, :func:`_read_csv` checks the whole file and falls back to Windows-1252. Bytes
+    that are not UTF-8 in an unused column past the start do not matter: the ASCII around them
+    decodes the same either way.
+    """
     for bom, encoding in _BOMS:
         if head.startswith(bom):
-            if encoding == "utf-8-sig" and not _decodes(path, encoding):
-                raise InputError(
-                    f"{path}: starts with a UTF-8 byte order mark but is not valid UTF-8"
-                )
             return encoding
     if head.startswith(_ZIP_MAGIC):
         raise InputError(
@@ -282,15 +294,15 @@ def _csv_encoding(path: str, head: bytes) -> str:
             f"{path}: contains binary data (NUL bytes), not CSV text "
             "(UTF-16 text needs a byte order mark)"
         )
-    if _decodes(path, "utf-8"):
-        return "utf-8"
-    if _decodes(path, "cp1252"):
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
+    except UnicodeDecodeError:
         return "cp1252"
-    raise InputError(f"{path}: cannot be decoded: it is neither UTF-8 nor Windows-1252 text")
+    return "utf-8"
 
 
 def _decodes(path: str, encoding: str) -> bool:
-    """Whether the whole file decodes, streaming so a big file never sits in memory twice."""
+    """Whether the whole file decodes, streaming so a big file never sits in memory."""
     decoder = codecs.getincrementaldecoder(encoding)()
     try:
         with open(path, "rb") as handle:
@@ -306,13 +318,19 @@ def _decodes(path: str, encoding: str) -> bool:
     return True
 
 
+def _undecodable(path: str, encoding: str) -> InputError:
+    if encoding == "cp1252":
+        return InputError(f"{path}: cannot be decoded: it is neither UTF-8 nor Windows-1252 text")
+    return InputError(f"{path}: cannot be decoded as {encoding}")
+
+
 def _csv_layout(
     path: str, head: bytes, whole: bool, encoding: str, matcher: _Matcher
 ) -> _CsvLayout:
     try:
         text = codecs.getincrementaldecoder(encoding)().decode(head, final=whole)
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: cannot be decoded as {encoding}: {exc.reason}") from exc
+    except UnicodeDecodeError:
+        raise _undecodable(path, encoding) from None
     skip = 0
     position = 0
     while True:
@@ -325,8 +343,6 @@ def _csv_layout(
             raise InputError(f"{path}: has no header row (the file holds only blank lines)")
         skip += 1
         position = match.end()
-    if any(ch < " " and ch not in "\t\r\n" for ch in line):
-        raise InputError(f"{path}: does not look like CSV text (control characters in line 1)")
     delimiter = _detect_delimiter(line)
     reader = csv.reader(io.StringIO(text[position:], newline=""), delimiter=delimiter)
     names = [name.strip() for name in next(reader)]
@@ -413,7 +429,7 @@ def _parse_options(layout: _CsvLayout, handler: Callable[[Any], str] | None = No
 
 
 def _read_csv_tolerant(
-    path: str, layout: _CsvLayout, first_row: int
+    path: str, layout: _CsvLayout
 ) -> tuple[pd.Series | None, pd.Series, npt.NDArray[np.bool_] | None]:
     """pandas' C engine: pads short rows and ignores extra fields, which we then flag."""
     columns = layout.columns
@@ -429,15 +445,14 @@ def _read_csv_tolerant(
             usecols=_used(columns),
             dtype=str,
             na_filter=False,
-            keep_default_na=False,
             skip_blank_lines=False,
             index_col=False,
             engine="c",
         )
     except pd.errors.EmptyDataError:
         frame = pd.DataFrame({name: pd.Series(dtype="str") for name in names})
-    except UnicodeDecodeError as exc:
-        raise InputError(f"{path}: cannot be decoded as {layout.encoding}: {exc.reason}") from exc
+    except UnicodeDecodeError:
+        raise _undecodable(path, layout.encoding) from None
     except (pd.errors.ParserError, ValueError) as exc:
         raise InputError(f"{path}: is not valid CSV: {exc}") from exc
     key = frame[names[columns.key]].fillna("")
@@ -447,7 +462,7 @@ def _read_csv_tolerant(
     overflow = None
     rows = _overflowing_rows(path, layout, names)
     if rows:
-        numbers = np.arange(first_row, first_row + len(frame), dtype=np.int64)
+        numbers = np.arange(layout.first_row, layout.first_row + len(frame), dtype=np.int64)
         overflow = np.isin(numbers, np.asarray(rows, dtype=np.int64))
     return event, key, overflow
 
@@ -588,7 +603,7 @@ def _excel_text(value: object) -> str:
 # --- normalising -------------------------------------------------------------------------------
 
 
-Codes = npt.NDArray[np.signedinteger[Any]]
+_Codes = npt.NDArray[np.signedinteger[Any]]
 
 
 @dataclass(frozen=True)
@@ -596,11 +611,11 @@ class _Part:
     """One file or sheet, normalised, blank rows removed. Codes index the value lists."""
 
     source: str
-    event_codes: Codes
+    event_codes: _Codes
     event_values: list[str]
     key: pd.Series
     rows: npt.NDArray[np.int32]
-    problem_codes: Codes
+    problem_codes: _Codes
     problem_values: list[str]
     blank_rows: int
 
@@ -616,6 +631,7 @@ def _normalise(
     overflow_problem: str,
     default: str | None,
 ) -> _Part:
+    """Strip keys, validate events and explain unusable rows; drop and count blank ones."""
     count = len(key)
     key = key.str.strip()
     if columns.report:
@@ -626,7 +642,7 @@ def _normalise(
 
     # Everything about events is decided once per distinct value, then spread by code.
     events = _EventTable(columns, default)
-    codes: Codes
+    codes: _Codes
     if event is None:
         codes = np.zeros(count, dtype=np.int8)
         events.add_missing_column()
@@ -672,21 +688,21 @@ def _normalise(
     )
 
 
-def _small_codes(values: Sequence[int]) -> Codes:
+def _small_codes(values: Sequence[int]) -> _Codes:
     """``values`` in the narrowest integer type that holds them, to keep per-row arrays small."""
     top = max(values, default=0)
     dtype = np.int8 if top < 2**7 else np.int16 if top < 2**15 else np.int32
     return np.asarray(values, dtype=dtype)
 
 
-def _spread(per_category: Sequence[int], codes: Codes) -> Codes:
+def _spread(per_category: Sequence[int], codes: _Codes) -> _Codes:
     """Per-row codes from per-category ones, skipping the copy when they are the same."""
     if list(per_category) == list(range(len(per_category))):
         return codes
     return _small_codes(per_category)[codes]
 
 
-def _compact(codes: Codes, values: list[str]) -> tuple[Codes, list[str]]:
+def _compact(codes: _Codes, values: list[str]) -> tuple[_Codes, list[str]]:
     """Drop the values no row uses any more (after blank rows were removed)."""
     used = np.flatnonzero(np.bincount(codes, minlength=len(values)))
     if len(used) == len(values):
@@ -697,14 +713,14 @@ def _compact(codes: Codes, values: list[str]) -> tuple[Codes, list[str]]:
 
 
 def _problems(
-    codes: Codes,
+    codes: _Codes,
     events: _EventTable,
     key_empty: npt.NDArray[np.bool_],
     overflow: npt.NDArray[np.bool_] | None,
     *,
     key_problem: str,
     overflow_problem: str,
-) -> tuple[Codes, list[str]]:
+) -> tuple[_Codes, list[str]]:
     """Per-row problem codes and their texts."""
     event_problem = np.asarray(events.problem_index, dtype=np.int32)
     any_key_empty = bool(key_empty.any())
@@ -813,7 +829,7 @@ def _assemble(parts: Sequence[_Part]) -> pd.DataFrame:
         key = parts[0].key
         rows = parts[0].rows
         # calloc'd zeros: no pass over a million rows for the one-file case.
-        source_codes: list[Codes] = [np.zeros(len(rows), dtype=np.int8)]
+        source_codes: list[_Codes] = [np.zeros(len(rows), dtype=np.int8)]
     elif parts:
         key = pd.concat([part.key for part in parts], ignore_index=True)
         rows = np.concatenate([part.rows for part in parts])
@@ -835,11 +851,11 @@ def _assemble(parts: Sequence[_Part]) -> pd.DataFrame:
     )
 
 
-def _recode(codes: Codes, values: list[str], into: dict[str, int]) -> Codes:
+def _recode(codes: _Codes, values: list[str], into: dict[str, int]) -> _Codes:
     return _spread([into.setdefault(value, len(into)) for value in values], codes)
 
 
-def _categorical(codes: list[Codes], values: dict[str, int]) -> pd.Categorical[str]:
+def _categorical(codes: list[_Codes], values: dict[str, int]) -> pd.Categorical[str]:
     if len(codes) == 1:
         joined = codes[0]
     elif codes:

@@ -1,0 +1,687 @@
+"""Reading exports the way users hand them to us: real files on disk, many shapes and encodings."""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import datetime as dt
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import openpyxl
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import batchjob._inputs as inputs_module
+from batchjob._cells import escape_cell
+from batchjob._inputs import ColumnAliases, InputError, Inputs, read_inputs
+from batchjob._model import REPORT_COLUMNS
+
+EVENT = "e3a7c9b2-1111-4222-8333-444455556666"
+OTHER_EVENT = "0f0e0d0c-0b0a-4909-8807-060504030201"
+COLUMNS = ["event_id", "order_ticket_key", "source_file", "source_row", "problem"]
+
+
+def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def write_xlsx(path: Path, sheets: dict[str, Sequence[Sequence[object]]]) -> Path:
+    book = openpyxl.Workbook()
+    book.remove(book.active)
+    for title, rows in sheets.items():
+        sheet = book.create_sheet(title)
+        for row in rows:
+            sheet.append(list(row))
+    book.save(path)
+    return path
+
+
+def column(result: Inputs, name: str) -> list[Any]:
+    return list(result.frame[name].tolist())
+
+
+def keys(result: Inputs) -> list[str]:
+    return [str(key) for key in column(result, "order_ticket_key")]
+
+
+def problems(result: Inputs) -> list[str]:
+    return [str(problem) for problem in column(result, "problem")]
+
+
+# --- columns -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event_header", "key_header"),
+    [
+        ("event_id", "order_ticket_key"),
+        ("Event ID", "Order Ticket Key"),
+        ("EVENT-ID", "Ticket Key"),
+        ("EventId", "ticketkey"),
+        ("  event id ", "TICKET_KEY"),
+        ("Event_Id", "Order-Ticket-Key"),
+    ],
+)
+def test_columns_are_found_whatever_their_case_spaces_underscores_or_dashes(
+    tmp_path: Path, event_header: str, key_header: str
+) -> None:
+    path = write(tmp_path / "a.csv", f"{event_header},{key_header}\n{EVENT},K1\n")
+
+    result = read_inputs([path])
+
+    assert column(result, "event_id") == [EVENT]
+    assert keys(result) == ["K1"]
+    assert problems(result) == [""]
+
+
+def test_configured_aliases_add_to_the_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", f"Evento;Código\n{EVENT};K1\n")
+    defaults = ColumnAliases()
+    aliases = ColumnAliases(
+        event_id=(*defaults.event_id, "Evento"),
+        order_ticket_key=(*defaults.order_ticket_key, "codigo", "Código"),
+    )
+
+    assert keys(read_inputs([path], aliases=aliases)) == ["K1"]
+    with pytest.raises(InputError, match="no order ticket key column"):
+        read_inputs([path])
+
+
+def test_extra_columns_are_ignored_in_any_order(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "a.csv",
+        f"Name,Order Ticket Key,Email,Event ID,Notes\nAda,K1,ada@example.com,{EVENT},vip\n",
+    )
+
+    result = read_inputs([path])
+
+    assert list(result.frame.columns) == COLUMNS
+    assert column(result, "event_id") == [EVENT]
+    assert keys(result) == ["K1"]
+
+
+def test_two_columns_for_the_same_thing_are_ambiguous(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key,order_ticket_key\n{EVENT},K1,K2\n")
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+
+    message = str(caught.value)
+    assert message.startswith(str(path))
+    assert "'Ticket Key'" in message
+    assert "'order_ticket_key'" in message
+
+
+def test_a_file_without_a_key_column_names_its_columns(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", "Name,Email,Ticket\nAda,ada@example.com,K1\n")
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+
+    assert str(caught.value).startswith(
+        f"{path}: no order ticket key column; its columns are: Name, Email, Ticket"
+    )
+
+
+# --- CSV dialects and encodings ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("delimiter", [",", ";", "\t"])
+def test_the_delimiter_is_detected_from_the_header(tmp_path: Path, delimiter: str) -> None:
+    # The name holds the other candidates unquoted, so a wrong guess would split it.
+    others = "".join(d for d in ",;" if d != delimiter)
+    rows = [
+        ["Name", "Event ID", "Order Ticket Key"],
+        [f"Smith{others} John", EVENT, "K1"],
+        ["Doe", OTHER_EVENT, "K2"],
+    ]
+    path = write(tmp_path / "a.txt", "\n".join(delimiter.join(row) for row in rows) + "\n")
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1", "K2"]
+    assert column(result, "event_id") == [EVENT, OTHER_EVENT]
+
+
+def test_a_tsv_file_is_read(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.tsv", f"Event ID\tTicket Key\n{EVENT}\tK1\n")
+
+    assert keys(read_inputs([path])) == ["K1"]
+
+
+def _utf16_be_with_bom(text: str) -> bytes:
+    return codecs.BOM_UTF16_BE + text.encode("utf-16-be")
+
+
+@pytest.mark.parametrize(
+    "encode",
+    [
+        lambda text: text.encode("utf-8"),
+        lambda text: text.encode("utf-8-sig"),
+        lambda text: text.encode("utf-16"),  # little-endian with a BOM on this platform
+        _utf16_be_with_bom,
+        lambda text: text.encode("cp1252"),
+    ],
+    ids=["utf-8", "utf-8-bom", "utf-16-le-bom", "utf-16-be-bom", "cp1252"],
+)
+def test_encodings_are_detected(tmp_path: Path, encode: Callable[[str], bytes]) -> None:
+    text = f"Prénom,Event ID,Order Ticket Key\nJosé,{EVENT},clé-1\nRenée,{EVENT},K2\n"
+    path = tmp_path / "a.csv"
+    path.write_bytes(encode(text))
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["clé-1", "K2"]
+    assert column(result, "event_id") == [EVENT, EVENT]
+    assert column(result, "source_row") == [2, 3]
+
+
+def test_non_ascii_header_names_are_decoded_in_messages(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", "Prénom;Société\nJosé;Café\n", encoding="cp1252")
+
+    with pytest.raises(InputError, match="its columns are: Prénom, Société"):
+        read_inputs([path])
+
+
+def test_cp1252_is_detected_from_bytes_far_into_the_file(tmp_path: Path) -> None:
+    # The first 300 KB are plain ASCII; only a late key shows the file is not UTF-8.
+    filler = "".join(f"{EVENT},K{i}\n" for i in range(8000))
+    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key\n{filler}{EVENT},clé\n", "cp1252")
+
+    result = read_inputs([path])
+
+    assert keys(result)[-1] == "clé"
+    assert len(result.frame) == 8001
+
+
+def test_cp1252_far_into_the_file_is_detected_in_the_event_column_too(tmp_path: Path) -> None:
+    filler = "".join(f"{EVENT},K{i}\n" for i in range(8000))
+    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key\n{filler}évènement,K\n", "cp1252")
+
+    result = read_inputs([path])
+
+    assert problems(result)[-1] == "column 'Event ID': 'évènement' is not a UUID"
+
+
+@pytest.mark.parametrize(
+    ("prefix", "late_bytes", "expected"),
+    [
+        (b"", b"\x81", "neither UTF-8 nor Windows-1252"),
+        (codecs.BOM_UTF8, b"\xe9", "byte order mark but is not valid UTF-8"),
+    ],
+)
+def test_undecodable_bytes_far_into_the_file_are_an_input_error(
+    tmp_path: Path, prefix: bytes, late_bytes: bytes, expected: str
+) -> None:
+    filler = "".join(f"{EVENT},K{i}\n" for i in range(8000)).encode()
+    path = tmp_path / "a.csv"
+    path.write_bytes(
+        prefix + b"Event ID,Ticket Key\n" + filler + EVENT.encode() + b",K" + late_bytes
+    )
+
+    with pytest.raises(InputError, match=expected) as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_bytes_that_are_neither_utf8_nor_cp1252_are_an_input_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_bytes(b"Event ID,Ticket Key\n\x81\x8d,K1\n")
+
+    with pytest.raises(InputError, match="cannot be decoded") as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(str(path))
+
+
+def test_quoted_newlines_and_blank_lines_keep_spreadsheet_row_numbers(tmp_path: Path) -> None:
+    text = (
+        "Name,Event ID,Order Ticket Key\n"  # row 1
+        f'"Ada\nLovelace",{EVENT},K1\n'  # row 2, two physical lines
+        "\n"  # row 3, blank
+        ",,\n"  # row 4, blank
+        f"Bob,{EVENT},K2\n"  # row 5
+        'only a name,"",""\n'  # row 6, nothing we use: blank
+        f'"Multi\r\nline\r\nnote",{EVENT},"K3"\n'  # row 7
+        f"Eve,{EVENT},K4"  # row 8, no final newline
+    )
+    path = write(tmp_path / "a.csv", text)
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1", "K2", "K3", "K4"]
+    assert column(result, "source_row") == [2, 5, 7, 8]
+    assert result.blank_rows == 3
+
+
+def test_blank_lines_above_the_header_shift_row_numbers(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", f"\n,,\nEvent ID,Ticket Key\n{EVENT},K1\n")
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1"]
+    assert column(result, "source_row") == [4]
+
+
+def test_quoted_newlines_survive_in_a_file_larger_than_the_parsers_blocks(tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["Event ID", "Order Ticket Key", "Note"])
+        for i in range(60_000):
+            writer.writerow([EVENT, f"K{i}", "line one\nline two\nline three" if i % 3 else "-"])
+
+    result = read_inputs([path])
+
+    assert keys(result) == [f"K{i}" for i in range(60_000)]
+    assert column(result, "source_row")[-1] == 60_001
+
+
+def test_rows_with_missing_or_extra_fields(tmp_path: Path) -> None:
+    text = (
+        "Event ID,Order Ticket Key,Name\n"
+        f"{EVENT},K1,Ada\n"  # row 2
+        f"{EVENT},K2\n"  # row 3: short, the missing name does not matter
+        f"{EVENT}\n"  # row 4: short, no key
+        "   \n"  # row 5: whitespace only, blank
+        f"{EVENT},K5,Smith, John\n"  # row 6: an unquoted comma adds a field
+        f"{EVENT},K6,Eve\n"  # row 7
+    )
+    path = write(tmp_path / "a.csv", text)
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1", "K2", "", "K5", "K6"]
+    assert column(result, "source_row") == [2, 3, 4, 6, 7]
+    assert problems(result)[:3] == ["", "", "column 'Order Ticket Key' is empty"]
+    assert "more fields than the header" in problems(result)[3]
+    assert problems(result)[4] == ""
+    assert result.blank_rows == 1
+
+
+def test_both_csv_readers_give_the_same_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (
+        "\nNote;Event ID;Order Ticket Key\n"
+        f'"a\nb";{EVENT.upper()};000123\n'
+        "\n"
+        f";{EVENT}; NA \n"
+        ";not-a-uuid;K3\n"
+        f";{EVENT};\n"
+        ";;\n"
+    )
+    path = write(tmp_path / "a.csv", text)
+    fast = read_inputs([path])
+
+    def fail(*_: object) -> None:
+        raise inputs_module.pa.ArrowInvalid("forced")
+
+    monkeypatch.setattr(inputs_module, "_read_csv_fast", fail)
+    tolerant = read_inputs([path])
+
+    pd.testing.assert_frame_equal(fast.frame, tolerant.frame)
+    assert fast.blank_rows == tolerant.blank_rows == 2
+    assert keys(fast) == ["000123", "NA", "K3", ""]
+
+
+# --- cell values -------------------------------------------------------------------------------
+
+
+def test_keys_are_kept_as_text(tmp_path: Path) -> None:
+    raw = ["000123", "NA", "null", "NaN", "None", "#N/A", "1e5", "TRUE", "  padded  "]
+    body = "".join(f"{EVENT},{key}\n" for key in raw)
+    path = write(tmp_path / "a.csv", f"Event ID,Order Ticket Key\n{body}")
+
+    result = read_inputs([path])
+
+    assert keys(result) == [key.strip() for key in raw]
+    assert problems(result) == [""] * len(raw)
+
+
+def test_event_ids_are_normalised_or_explained(tmp_path: Path) -> None:
+    text = (
+        "Event ID,Order Ticket Key\n"
+        f"  {EVENT.upper()}  ,K1\n"
+        "abc-123,K2\n"
+        f"{{{EVENT}}},K3\n"
+        f"{EVENT.replace('-', '')},K4\n"
+        ",K5\n"
+        f"{EVENT},\n"
+        f"{EVENT},   \n"
+    )
+    path = write(tmp_path / "a.csv", text)
+
+    result = read_inputs([path])
+
+    assert column(result, "event_id") == [
+        EVENT,
+        "abc-123",
+        f"{{{EVENT}}}",
+        EVENT.replace("-", ""),
+        "",
+        EVENT,
+        EVENT,
+    ]
+    assert problems(result) == [
+        "",
+        "column 'Event ID': 'abc-123' is not a UUID",
+        f"column 'Event ID': '{{{EVENT}}}' is not a UUID",
+        f"column 'Event ID': '{EVENT.replace('-', '')}' is not a UUID",
+        "column 'Event ID' is empty",
+        "column 'Order Ticket Key' is empty",
+        "column 'Order Ticket Key' is empty",
+    ]
+
+
+def test_a_row_with_neither_event_nor_key_is_blank_even_with_other_cells(tmp_path: Path) -> None:
+    text = f"Name,Event ID,Order Ticket Key\nAda,,\nBob,{EVENT},K2\nCy, , \n"
+    path = write(tmp_path / "a.csv", text)
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K2"]
+    assert column(result, "source_row") == [3]
+    assert result.blank_rows == 2
+
+
+def test_default_event_id_fills_a_missing_column(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", "Name,Ticket Key\nAda,K1\nBob,\nCy,K3\n")
+
+    result = read_inputs([path], default_event_id=f" {EVENT.upper()} ")
+
+    assert column(result, "event_id") == [EVENT, EVENT]
+    assert keys(result) == ["K1", "K3"]
+    assert problems(result) == ["", ""]
+    # Without an event column the key is all we use, so a row without one holds nothing.
+    assert result.blank_rows == 1
+
+
+def test_without_default_a_file_with_no_event_column_has_a_problem_per_row(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "a.csv", "Ticket Key\nK1\nK2\n")
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1", "K2"]
+    assert column(result, "event_id") == ["", ""]
+    assert (
+        problems(result)
+        == ["no event id: the file has no event id column and no --event-id was given"] * 2
+    )
+
+
+def test_default_event_id_fills_empty_event_cells_only(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key\n,K1\n{OTHER_EVENT},K2\nbad,K3\n")
+
+    result = read_inputs([path], default_event_id=EVENT)
+
+    assert column(result, "event_id") == [EVENT, OTHER_EVENT, "bad"]
+    assert problems(result) == ["", "", "column 'Event ID': 'bad' is not a UUID"]
+
+
+def test_a_default_event_id_that_is_not_a_uuid_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", "Ticket Key\nK1\n")
+
+    with pytest.raises(ValueError, match="not a UUID"):
+        read_inputs([path], default_event_id="event-42")
+
+
+def write_report(path: Path, rows: Sequence[tuple[str, str]]) -> Path:
+    """A file shaped like this tool's report, cells escaped the way the report writer does."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=REPORT_COLUMNS, restval="")
+        writer.writeheader()
+        for number, (event, key) in enumerate(rows, 2):
+            writer.writerow(
+                {
+                    "event_id": escape_cell(event),
+                    "order_ticket_key": escape_cell(key),
+                    "outcome": "failed",
+                    "source_file": "=in.csv",
+                    "source_row": str(number),
+                }
+            )
+    return path
+
+
+def test_reports_written_by_this_tool_are_unescaped(tmp_path: Path) -> None:
+    originals = ["=1+2", "'=x", "-5", "'plain", "@sum", "K6", "+44 20"]
+    report = write_report(tmp_path / "report.csv", [(EVENT, key) for key in originals])
+
+    assert keys(read_inputs([report])) == originals
+
+
+def test_ordinary_exports_are_not_unescaped(tmp_path: Path) -> None:
+    cells = ["'=1+2", "''=x", "'-5", "'plain"]
+    body = "".join(f"{EVENT},{key},failed\n" for key in cells)
+    # Some report columns, not all: still an ordinary export.
+    path = write(tmp_path / "export.csv", f"event_id,order_ticket_key,outcome\n{body}")
+
+    assert keys(read_inputs([path])) == cells
+
+
+def test_an_escaped_event_id_in_a_report_is_unescaped(tmp_path: Path) -> None:
+    path = write_report(tmp_path / "failed.csv", [("-bad", "K1")])
+
+    result = read_inputs([path])
+
+    assert column(result, "event_id") == ["-bad"]
+    assert problems(result) == ["column 'event_id': '-bad' is not a UUID"]
+
+
+# --- Excel -------------------------------------------------------------------------------------
+
+
+def test_excel_cells_come_back_as_the_text_a_person_sees(tmp_path: Path) -> None:
+    path = write_xlsx(
+        tmp_path / "a.xlsx",
+        {
+            "Tickets": [
+                ["Event ID", "Order Ticket Key", "Name"],
+                [EVENT, 123456, "int"],
+                [EVENT, 123456.0, "integral float"],
+                [EVENT, "000123", "leading zeros stored as text"],
+                [EVENT, 1.5, "fraction"],
+                [EVENT, 1 / 3, "more digits than Excel shows"],
+                [EVENT, True, "bool"],
+                [EVENT, dt.datetime(2024, 5, 6, 7, 8, 9), "date"],
+                [EVENT.upper(), " K8 ", "padded"],
+            ]
+        },
+    )
+
+    result = read_inputs([path])
+
+    assert keys(result) == [
+        "123456",
+        "123456",
+        "000123",
+        "1.5",
+        "0.333333333333333",
+        "True",
+        "2024-05-06 07:08:09",
+        "K8",
+    ]
+    assert column(result, "event_id") == [EVENT] * 8
+    assert column(result, "source_row") == list(range(2, 10))
+
+
+def test_every_sheet_with_a_key_column_is_read_in_workbook_order(tmp_path: Path) -> None:
+    path = write_xlsx(
+        tmp_path / "a.xlsx",
+        {
+            "First": [["Ticket Key", "Event ID"], ["K1", EVENT], [None, None], ["K3", EVENT]],
+            "Notes": [["Just", "some"], ["notes", "here"]],
+            "Second": [[], [], [None, "Event ID", "Order Ticket Key"], [None, OTHER_EVENT, "K9"]],
+        },
+    )
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1", "K3", "K9"]
+    assert column(result, "source_file") == [f"{path}#First", f"{path}#First", f"{path}#Second"]
+    assert column(result, "source_row") == [2, 4, 4]
+    assert column(result, "event_id") == [EVENT, EVENT, OTHER_EVENT]
+    assert result.blank_rows == 1
+    assert result.files == (str(path),)
+
+
+def test_a_workbook_with_no_key_column_lists_each_sheets_columns(tmp_path: Path) -> None:
+    path = write_xlsx(tmp_path / "a.xlsx", {"People": [["Name", "Email"]], "Other": [["Ticket"]]})
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no sheet has an order ticket key column")
+    assert "sheet 'People' has columns: Name, Email" in message
+    assert "sheet 'Other' has columns: Ticket" in message
+
+
+def test_an_ambiguous_sheet_names_the_sheet(tmp_path: Path) -> None:
+    path = write_xlsx(tmp_path / "a.xlsx", {"S1": [["Event ID", "event_id", "Ticket Key"]]})
+
+    with pytest.raises(InputError, match="ambiguous event id") as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(f"{path}#S1: ")
+
+
+# --- whole files -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text", ["Event ID,Ticket Key\n", "Event ID,Ticket Key", "\ufeffTicket Key\r\n"]
+)
+def test_a_header_only_csv_gives_no_rows(tmp_path: Path, text: str) -> None:
+    result = read_inputs([write(tmp_path / "a.csv", text)])
+
+    assert len(result.frame) == 0
+    assert list(result.frame.columns) == COLUMNS
+    assert result.blank_rows == 0
+
+
+def test_a_header_only_workbook_gives_no_rows(tmp_path: Path) -> None:
+    path = write_xlsx(tmp_path / "a.xlsx", {"S": [["Event ID", "Ticket Key"]]})
+
+    assert len(read_inputs([path]).frame) == 0
+
+
+def test_files_are_concatenated_in_the_given_order(tmp_path: Path) -> None:
+    first = write(tmp_path / "b.csv", f"Event ID,Ticket Key\n{EVENT},K1\n{EVENT},K2\n")
+    second = write_xlsx(tmp_path / "a.xlsx", {"S": [["Ticket Key", "Event ID"], ["K3", EVENT]]})
+    third = write(tmp_path / "c.csv", f"Ticket Key;Event ID\nK4;{OTHER_EVENT}\n")
+
+    result = read_inputs([str(first), second, third])
+
+    assert keys(result) == ["K1", "K2", "K3", "K4"]
+    assert column(result, "source_file") == [str(first), str(first), f"{second}#S", str(third)]
+    assert column(result, "source_row") == [2, 3, 2, 2]
+    assert result.files == (str(first), str(second), str(third))
+    assert list(result.frame.index) == [0, 1, 2, 3]
+
+
+def test_the_frame_uses_compact_dtypes(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key\n{EVENT},K1\nbad,\n")
+
+    frame = read_inputs([path]).frame
+
+    assert list(frame.columns) == COLUMNS
+    assert isinstance(frame["event_id"].dtype, pd.CategoricalDtype)
+    assert isinstance(frame["source_file"].dtype, pd.CategoricalDtype)
+    assert isinstance(frame["problem"].dtype, pd.CategoricalDtype)
+    assert pd.api.types.is_string_dtype(frame["order_ticket_key"].dtype)
+    assert pd.api.types.is_integer_dtype(frame["source_row"].dtype)
+
+
+def test_no_paths_give_an_empty_frame() -> None:
+    result = read_inputs([])
+
+    assert list(result.frame.columns) == COLUMNS
+    assert len(result.frame) == 0
+    assert result.files == ()
+
+
+def _zip_bytes(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("xl/workbook.xml", "<workbook/>")
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "expected"),
+    [
+        ("missing.csv", None, "does not exist"),
+        ("empty.csv", lambda p: p.write_bytes(b""), "empty (0 bytes)"),
+        ("folder.csv", lambda p: p.mkdir(), "is a directory"),
+        ("fake.xlsx", lambda p: p.write_text("Event ID,Ticket Key\n"), "looks like text"),
+        ("garbage.xlsx", lambda p: p.write_bytes(bytes(range(256)) * 4), "is not a .xlsx workbook"),
+        ("broken.xlsx", _zip_bytes, "cannot be read as a .xlsx workbook"),
+        ("workbook.csv", _zip_bytes, "zip archive"),
+        ("binary.csv", lambda p: p.write_bytes(b"Ticket Key\n\x00\x01\x02"), "binary data"),
+        ("only-blank.csv", lambda p: p.write_text("\n\n ,\n"), "no header row"),
+        ("notes.pdf", lambda p: p.write_text("x"), "unsupported file type '.pdf'"),
+        ("noext", lambda p: p.write_text("x"), "unsupported file type (none)"),
+    ],
+)
+def test_unusable_files_are_input_errors_naming_the_file(
+    tmp_path: Path, name: str, make: Callable[[Path], object] | None, expected: str
+) -> None:
+    path = tmp_path / name
+    if make is not None:
+        make(path)
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+
+    assert str(caught.value).startswith(f"{path}: ")
+    assert expected in str(caught.value)
+
+
+def test_unknown_extension_lists_the_supported_ones(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.json", "{}")
+
+    with pytest.raises(InputError, match=r"supported: .*\.csv.*\.xlsx"):
+        read_inputs([path])
+
+
+# --- properties --------------------------------------------------------------------------------
+
+_printable_keys = st.text(
+    alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=30
+).filter(lambda key: key.strip() != "")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_printable_keys, min_size=1, max_size=15))
+def test_any_printable_key_written_by_the_csv_module_reads_back(raw: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "keys.csv"
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["Event ID", "Order Ticket Key", "Name"])
+            writer.writerows([EVENT, key, "x"] for key in raw)
+
+        result = read_inputs([path])
+
+    assert keys(result) == [key.strip() for key in raw]
+    assert problems(result) == [""] * len(raw)
+    assert column(result, "source_row") == list(range(2, len(raw) + 2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_printable_keys.map(str.strip), min_size=1, max_size=15))
+def test_any_key_survives_a_round_trip_through_a_report(originals: list[str]) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        path = write_report(Path(folder) / "failed.csv", [(EVENT, key) for key in originals])
+
+        result = read_inputs([path])
+
+    assert keys(result) == originals
+    assert problems(result) == [""] * len(originals)
