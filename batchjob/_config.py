@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from batchjob._inputs import ColumnAliases
+from batchjob._inputs import ColumnAliases, canonical_event_id
 
 DEFAULT_BASE_URL = "https://api.cc.email/v3"
 DEFAULT_TOKEN_URL = "https://authz.constantcontact.com/oauth2/default/v1/token"  # noqa: S105
@@ -71,6 +71,8 @@ class JobConfig:
             raise ConfigError(f"max_requests must be 0 or more, not {self.max_requests}")
         if self.log_format not in (None, "console", "json"):
             raise ConfigError(f"log_format must be console or json, not {self.log_format!r}")
+        if self.event_id is not None and canonical_event_id(self.event_id) is None:
+            raise ConfigError(f"event_id {self.event_id!r} is not a UUID (--event-id)")
         check_url_is_safe("base_url", self.base_url)
         check_url_is_safe("token_url", self.token_url)
 

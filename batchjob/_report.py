@@ -145,6 +145,8 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            _cut_partial_line(path)
         self._fh: IO[str] = path.open("a", newline="", encoding="utf-8")
         if new:
             self._fh.write(",".join(REPORT_COLUMNS) + "\n")
@@ -172,6 +174,30 @@ class Journal:
             path.unlink()
 
 
+def _cut_partial_line(path: Path) -> None:
+    """Drop a record cut short by a crash, so the next record starts on a line of its own."""
+    with path.open("rb+") as fh:
+        size = fh.seek(0, os.SEEK_END)
+        step = 64 * 1024
+        end = size
+        while end > 0:
+            start = max(0, end - step)
+            fh.seek(start)
+            block = fh.read(end - start)
+            newline = block.rfind(b"\n")
+            if newline >= 0:
+                fh.truncate(start + newline + 1)
+                return
+            end = start
+        fh.truncate(0)
+
+
+def _complete_lines(path: Path) -> io.BytesIO:
+    """The file up to its last newline: a kill -9 may have cut the last record anywhere."""
+    data = path.read_bytes()
+    return io.BytesIO(data[: data.rfind(b"\n") + 1])
+
+
 def read_previous(paths: ReportPaths) -> pd.DataFrame:
     """Rows already ``undone`` in an earlier run's report and journal, for --resume.
 
@@ -182,7 +208,9 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
     for path in (paths.report, paths.journal):
         if path.exists() and path.stat().st_size:
             try:
-                frame = pd.read_csv(path, dtype=str, keep_default_na=False, on_bad_lines="skip")
+                frame = pd.read_csv(
+                    _complete_lines(path), dtype=str, keep_default_na=False, on_bad_lines="skip"
+                )
             except (OSError, ValueError, pd.errors.ParserError) as exc:
                 raise ReportError(f"{path}: cannot read it to resume: {exc}") from None
             missing = {"event_id", "order_ticket_key", "outcome"} - set(frame.columns)
@@ -244,6 +272,19 @@ def write_final(paths: ReportPaths, ledger: Ledger, rows: pd.DataFrame) -> int:
 # --- one run per report ---------------------------------------------------------------------
 
 
+def check_writable(paths: ReportPaths) -> None:
+    """Fail before anything is sent if the report or failed-rows file could not be written."""
+    for path in (paths.report, paths.failed_rows):
+        if path.is_dir():
+            raise ReportError(f"{path} is a directory; give a file path")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ReportError(f"{path}: cannot create its folder: {exc.strerror}") from None
+        if not os.access(path.parent, os.W_OK):
+            raise ReportError(f"{path}: its folder is not writable")
+
+
 class ReportLock:
     """An exclusive lock on ``<report>.lock`` held for the run; the OS frees it on any exit."""
 
@@ -252,8 +293,13 @@ class ReportLock:
         self._fh: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = self.path.open("a+", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fh = self.path.open("a+", encoding="utf-8")
+        except OSError as exc:
+            raise ReportError(
+                f"{self.path.with_suffix('')}: cannot write beside the report: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

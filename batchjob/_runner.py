@@ -50,6 +50,7 @@ from batchjob._report import (
     ReportError,
     ReportLock,
     ReportPaths,
+    check_writable,
     read_previous,
     write_final,
 )
@@ -231,6 +232,8 @@ class _Run:
         stop_wait = asyncio.ensure_future(self.stop.event.wait())
         try:
             while True:
+                if self.stop.event.is_set() and not self.stopped:
+                    self.halt(self.stop.reason, self.stop.exit_code)
                 while not self.stopped and len(tasks) < self.config.concurrency:
                     job = self.next_job()
                     if job is None:
@@ -372,7 +375,7 @@ class _Run:
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
-                error_message=self.stopped,
+                error_message=self.stopped + _maybe_applied(answer.attempts),
             )
             return
         if verdict is Verdict.OK:
@@ -392,10 +395,12 @@ class _Run:
             log.warning("chunk.too_large", batch_size=isolator.max_batch)
             return
         elif self.stops_run(reply):
+            # The last attempt was refused; any before it may have been applied unanswered.
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
-                **_reply_fields(reply) | {"error_message": self.stopped},
+                **_reply_fields(reply)
+                | {"error_message": self.stopped + _maybe_applied(answer.attempts - 1)},
             )
             return
         else:
@@ -435,6 +440,17 @@ class _Run:
                             "and had not been isolated yet"
                         },
                     )
+
+
+def _maybe_applied(unanswered_attempts: int) -> str:
+    """Say so when a key was sent without a usable answer: the server may have applied it."""
+    if unanswered_attempts <= 0:
+        return ""
+    times = "once" if unanswered_attempts == 1 else f"{unanswered_attempts} times"
+    return (
+        f"; it was sent {times} without a usable answer, so the server may have applied it "
+        "(a rerun is harmless)"
+    )
 
 
 def _event_status(body: bytes) -> str:
@@ -484,10 +500,12 @@ async def run_job(
     lock.acquire()
     try:
         if not config.resume and (paths.report.exists() or paths.journal.exists()):
+            found = paths.report if paths.report.exists() else paths.journal
             raise ReportError(
-                f"{paths.report} already exists; pass --resume to continue that run, "
-                "or choose another --report path"
+                f"{found} already exists (an earlier run's report); pass --resume to continue "
+                "that run, or choose another --report path"
             )
+        check_writable(paths)
         ledger = Ledger(len(plan.rows))
         ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
         _mark_invalid_messages(plan, ledger)

@@ -1,0 +1,563 @@
+"""Hostile and broken input, through the command line so exit codes and messages are real.
+
+Every file either works or stops the run with exit 2 and a message naming it; nothing prints a
+traceback. File cases call ``batchjob._cli.main`` in-process with ``--dry-run`` (the same code
+``python -m batchjob`` runs, minus the interpreter start-up); an exception escaping ``main``
+is turned into what Python would print, a traceback and exit 1, so the assertions read the same.
+Cases that need the API run the real child process against a loopback sandbox.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import io
+import re
+import traceback
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import openpyxl
+import pytest
+from aiohttp import web
+
+from batchjob import JobConfig, run_job
+from batchjob._cells import unescape_cell
+from batchjob._cli import main
+from batchjob._sandbox import EventState, Sandbox, SandboxSettings, World
+from tests.chaos_support import (
+    TRIGGERS,
+    Finished,
+    cells,
+    cli,
+    cli_env,
+    keys_sent,
+    no_traceback,
+)
+from tests.support import read_report, token_for, write_csv
+
+EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
+SECRET = "tok-VERY-secret-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No batchjob or Constant Contact settings leak in from the developer's shell."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith(("BATCHJOB_", "CC_")):
+            monkeypatch.delenv(name)
+    yield
+
+
+def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> Finished:
+    """``batchjob run ARGS`` in-process; an escaping exception is a traceback and exit 1."""
+    try:
+        code = main(["run", *args, "--log-format", "json"])
+    except SystemExit as exc:  # argparse
+        code = exc.code if isinstance(exc.code, int) else 2
+    except Exception:
+        captured = capsys.readouterr()
+        return Finished(1, captured.out, captured.err + traceback.format_exc())
+    captured = capsys.readouterr()
+    return Finished(code, captured.out, captured.err)
+
+
+def dry_run(capsys: pytest.CaptureFixture[str], path: Path, report: Path) -> Finished:
+    return run_main(capsys, str(path), "--report", str(report), "--dry-run")
+
+
+def assert_refused(done: Finished, *words: str) -> None:
+    assert done.code == 2, f"exit {done.code}\n{done.err}"
+    assert no_traceback(done.err), done.err
+    for word in words:
+        assert word in done.err, f"{word!r} not in: {done.err}"
+
+
+# --- files: each works or exits 2 naming itself -------------------------------------------------
+
+TEXT = f"Event ID,Order Ticket Key,Name\r\n{EVENT},clé-1,Zoë Ünal\r\n{EVENT},€uro-2,Renée\r\n"
+TEXT_KEYS = ["clé-1", "€uro-2"]
+
+
+def xlsx_bytes(tmp_path: Path) -> bytes:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Event ID", "Order Ticket Key"])
+    sheet.append([EVENT, "x1"])
+    book.save(tmp_path / "scratch.xlsx")
+    return (tmp_path / "scratch.xlsx").read_bytes()
+
+
+Builder = Callable[[Path], Path]
+
+
+def text_file(name: str, data: str | bytes) -> Builder:
+    def build(tmp_path: Path) -> Path:
+        path = tmp_path / name
+        path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+        return path
+
+    return build
+
+
+def directory(name: str) -> Builder:
+    def build(tmp_path: Path) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        return path
+
+    return build
+
+
+def workbook_named(name: str, cut: int | None = None) -> Builder:
+    def build(tmp_path: Path) -> Path:
+        data = xlsx_bytes(tmp_path)
+        path = tmp_path / name
+        path.write_bytes(data[:cut] if cut else data)
+        return path
+
+    return build
+
+
+def late_nul(tmp_path: Path) -> Path:
+    rows = "".join(f"{EVENT},k{i:07d}\n" for i in range(8000))  # > 256 KiB before the NUL
+    path = tmp_path / "late-nul.csv"
+    path.write_bytes(f"Event ID,Order Ticket Key\n{rows}{EVENT},bad\x00key\n".encode())
+    return path
+
+
+WORKS: list[tuple[str, Builder, list[str]]] = [
+    ("utf-8", text_file("u8.csv", TEXT), TEXT_KEYS),
+    ("utf-8 BOM", text_file("bom.csv", codecs.BOM_UTF8 + TEXT.encode()), TEXT_KEYS),
+    ("utf-16 BOM", text_file("u16.csv", TEXT.encode("utf-16")), TEXT_KEYS),
+    ("utf-16-be BOM", text_file("u16be.csv", codecs.BOM_UTF16_BE + TEXT.encode("utf-16-be")),
+     TEXT_KEYS),
+    ("cp1252", text_file("win.csv", TEXT.encode("cp1252")), TEXT_KEYS),
+    ("semicolons", text_file("semi.csv", TEXT.replace(",", ";")), TEXT_KEYS),
+    ("tabs in .tsv", text_file("t.tsv", TEXT.replace(",", "\t")), TEXT_KEYS),
+    ("tabs in .csv", text_file("t.csv", TEXT.replace(",", "\t")), TEXT_KEYS),
+    ("quoted newlines and delimiters",
+     text_file("q.csv", f'Name,Event ID,Order Ticket Key\n"a\nb, c",{EVENT},k1\n'
+                        f'"x;\r\ny""z",{EVENT},"k,2"\n'), ["k1", "k,2"]),
+    ("blank lines",
+     text_file("blank.csv", f"\n\n,,\nEvent ID,Order Ticket Key\n\n{EVENT},k1\n,\n\n"
+                            f"{EVENT},k2\n\n\n"), ["k1", "k2"]),
+    ("LF, CR and CRLF mixed",
+     text_file("eol.csv", f"Event ID,Order Ticket Key\r{EVENT},k1\n{EVENT},k2\r\n{EVENT},k3"),
+     ["k1", "k2", "k3"]),
+    ("header only", text_file("head.csv", "Event ID,Order Ticket Key\n"), []),
+    ("key column only, event from --event-id elsewhere: header only",
+     text_file("keyonly.csv", "Ticket Key\n"), []),
+]  # fmt: skip
+
+REFUSED: list[tuple[str, Builder, tuple[str, ...]]] = [
+    ("empty file", text_file("empty.csv", b""), ("empty",)),
+    ("BOM only", text_file("bomonly.csv", codecs.BOM_UTF8), ()),
+    ("blank lines only", text_file("blanks.csv", "\n\r\n  \n"), ()),
+    ("utf-16 without BOM", text_file("nobom.csv", TEXT.encode("utf-16-le")), ()),
+    ("neither utf-8 nor cp1252", text_file("bytes.csv", b"Order Ticket Key\nk\x81\x8d\x90\n"), ()),
+    ("no key column", text_file("names.csv", "Name,Email\nAnn,a@example.com\n"), ("Email",)),
+    ("two key columns", text_file("two.csv", "Ticket Key,Order Ticket Key\na,b\n"), ()),
+    ("workbook named .csv", workbook_named("book.csv"), ()),
+    ("CSV named .xlsx", text_file("text.xlsx", TEXT), ()),
+    ("HTML named .xls", text_file("page.xls", "<html><body><table></table></body></html>"), ()),
+    ("PNG named .csv", text_file("img.csv", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)),
+     ()),
+    ("random bytes named .xlsx", text_file("rnd.xlsx", bytes(range(256)) * 8), ()),
+    ("truncated workbook", workbook_named("cut.xlsx", cut=600), ()),
+    ("old or encrypted workbook", text_file("ole.xlsx",
+     b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600)), ()),
+    ("unsupported extension", text_file("data.json", '{"keys": []}'), ("json",)),
+    ("no extension", text_file("README", "Order Ticket Key\nk\n"), ()),
+    ("directory named .csv", directory("folder.csv"), ("directory",)),
+    ("directory", directory("folder"), ()),
+]  # fmt: skip
+
+EITHER: list[tuple[str, Builder]] = [
+    ("unclosed quote",
+     text_file("open.csv", f'Event ID,Order Ticket Key\n{EVENT},"k1\n{EVENT},k2\n')),
+    ("NUL byte past the first 256 KiB", late_nul),
+    ("ragged rows",
+     text_file("ragged.csv", f"Event ID,Order Ticket Key\n{EVENT}\n{EVENT},k,x,y\n")),
+    ("header with a NUL", text_file("nulhead.csv", b"Order\x00Ticket Key\nk\n")),
+    ("a 1 MB key", text_file("long.csv", f"Event ID,Order Ticket Key\n{EVENT},{'k' * 2**20}\n")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("build", "keys"), [pytest.param(b, k, id=n) for n, b, k in WORKS])
+def test_readable_files_work(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, build: Builder, keys: list[str]
+) -> None:
+    path = build(tmp_path)
+    report = tmp_path / "r.csv"
+    args = (str(path), "--report", str(report), "--dry-run", "--event-id", EVENT)
+    done = run_main(capsys, *args)
+    assert done.code == 0, done.err
+    assert no_traceback(done.err)
+    frame = read_report(report)
+    assert list(frame.order_ticket_key) == keys
+    assert set(frame.outcome) <= {"planned"}
+    assert set(frame.event_id) <= {EVENT}
+
+
+@pytest.mark.parametrize(("build", "words"), [pytest.param(b, w, id=n) for n, b, w in REFUSED])
+def test_unusable_files_exit_2_naming_the_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, build: Builder, words: tuple[str, ...]
+) -> None:
+    path = build(tmp_path)
+    report = tmp_path / "r.csv"
+    done = dry_run(capsys, path, report)
+    assert_refused(done, path.name, *words)
+    assert not report.exists()
+
+
+@pytest.mark.parametrize("build", [pytest.param(b, id=n) for n, b in EITHER])
+def test_odd_files_either_work_or_exit_2_naming_the_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, build: Builder
+) -> None:
+    path = build(tmp_path)
+    report = tmp_path / "r.csv"
+    done = dry_run(capsys, path, report)
+    assert no_traceback(done.err), done.err
+    if done.code == 2:
+        assert path.name in done.err
+        assert not report.exists()
+    else:
+        assert done.code in (0, 1), done.err
+        frame = read_report(report)
+        assert set(frame.outcome) <= {"planned", "invalid"}
+        assert (frame.source_file == str(path)).all()
+
+
+def test_a_path_that_does_not_exist_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    good = write_csv(tmp_path / "good.csv", [(EVENT, "k")], ("Event ID", "Order Ticket Key"))
+    done = run_main(capsys, str(good), str(tmp_path / "nope.csv"), "--dry-run",
+                    "--report", str(tmp_path / "r.csv"))  # fmt: skip
+    assert_refused(done, "nope.csv", "does not exist")
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_a_workbook_with_many_sheets_reads_every_sheet_with_a_key_column(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    book = openpyxl.Workbook()
+    first = book.active
+    assert first is not None
+    first.title = "Empty"
+    notes = book.create_sheet("Notes")
+    notes.append(["Name", "Comment"])
+    notes.append(["Ann", "no keys here"])
+    expected: list[tuple[str, str]] = []
+    for n in range(40):
+        sheet = book.create_sheet(f"Door {n}")
+        if n % 3 == 0:
+            sheet.append([])  # a blank row above the header
+        sheet.append(["Order Ticket Key", "Event ID"])
+        for i in range(5):
+            key = f"{n:02d}{i:08d}"  # leading zeros: must survive as text
+            sheet.append([key, EVENT])
+            expected.append((f"Door {n}", key))
+    path = tmp_path / "doors.xlsx"
+    book.save(path)
+
+    done = dry_run(capsys, path, tmp_path / "r.csv")
+
+    assert done.code == 0, done.err
+    frame = read_report(tmp_path / "r.csv")
+    assert list(frame.order_ticket_key) == [k for _, k in expected]
+    assert list(frame.source_file) == [f"{path}#{s}" for s, _ in expected]
+
+
+def test_a_50_mb_file_is_planned_in_reasonable_time(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    events = [str(uuid.UUID(int=i + 1, version=4)) for i in range(5)]
+    path = tmp_path / "big.csv"
+    rows, size, i = [], 0, 0
+    while size < 50 * 2**20:
+        line = f"{events[i % 5]},{i:012x},Attendee Number {i},person{i}@example.com\n"
+        rows.append(line)
+        size += len(line)
+        i += 1
+    rows[1000] = f"{events[0]},{0:012x},a repeat,x@example.com\n"  # one duplicate
+    path.write_text("Event ID,Order Ticket Key,Name,Email\n" + "".join(rows), encoding="utf-8")
+    del rows
+
+    done = dry_run(capsys, path, tmp_path / "r.csv")
+
+    assert done.code == 0, done.err
+    assert f"planned {i - 1}" in done.out
+    assert "1 duplicate rows merged" in done.out
+    with (tmp_path / "r.csv").open(encoding="utf-8") as fh:
+        assert sum(1 for _ in fh) == 1 + i - 1
+
+
+# --- report paths ---------------------------------------------------------------------------------
+
+
+def test_a_report_path_that_is_a_directory_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    good = write_csv(tmp_path / "good.csv", [(EVENT, "k")], ("Event ID", "Order Ticket Key"))
+    (tmp_path / "out").mkdir()
+    for extra in ((), ("--resume",)):
+        done = run_main(capsys, str(good), "--report", str(tmp_path / "out"), "--dry-run",
+                        *extra)  # fmt: skip
+        assert_refused(done, "out")
+
+
+def test_a_report_path_under_a_regular_file_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    good = write_csv(tmp_path / "good.csv", [(EVENT, "k")], ("Event ID", "Order Ticket Key"))
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    done = run_main(capsys, str(good), "--report", str(tmp_path / "afile" / "r.csv"), "--dry-run")
+    assert_refused(done, "afile")
+
+
+async def test_an_unusable_failed_rows_path_stops_before_anything_is_sent(
+    tmp_path: Path,
+) -> None:
+    world = World({EVENT: EventState("ACTIVE", {"k1": True, "k2": True})})
+    good = write_csv(tmp_path / "good.csv", [(EVENT, "k1"), (EVENT, "k2")],
+                     ("Event ID", "Order Ticket Key"))  # fmt: skip
+    (tmp_path / "failed").mkdir()
+    async with Sandbox(world, SandboxSettings(rate=None, daily_quota=None)) as sandbox:
+        done = await cli(
+            "run", str(good), "--report", str(tmp_path / "r.csv"),
+            "--failed-rows", str(tmp_path / "failed"), env=cli_env(sandbox),
+        )  # fmt: skip
+        assert_refused(done, "failed")
+        assert sandbox.counters.total == 0
+
+
+# --- formula injection ----------------------------------------------------------------------------
+
+FORMULA_KEYS = [
+    "=1+2",
+    "+41",
+    "-7",
+    "@SUM(A1:A2)",
+    '=HYPERLINK("http://example.com","x")',
+    "'=already-quoted-looking",  # a real key starting with an apostrophe: must round-trip too
+    "''+two",
+    "plain-1",
+    "=cmd|' /C calc'!A0",
+]
+
+
+async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written(
+    tmp_path: Path,
+) -> None:
+    """Keys a spreadsheet would run are shown escaped; rerunning the failed rows sends the
+    original keys. A daily quota of one request (the event check) leaves every key failed."""
+    world = World({EVENT: EventState("ACTIVE", dict.fromkeys(FORMULA_KEYS, True))})
+    # A leading tab or CR is stripped with the rest of the surrounding whitespace on input.
+    data = [(EVENT, k) for k in FORMULA_KEYS] + [(EVENT, "\t=1+2"), (EVENT, "\r-7")]
+    data += [("=2+3", "plain-1"), ("@evil", "-7")]  # formula-like event ids: invalid rows
+    write_csv(tmp_path / "=scans.csv", data, ("Event ID", "Order Ticket Key"))
+    # A file name is a cell too (source_file); one starting with a tab.
+    write_csv(tmp_path / "\tdoor 2.csv", [(EVENT, "plain-2")], ("Event ID", "Order Ticket Key"))
+    world.events[EVENT].tickets["plain-2"] = True
+    settings = SandboxSettings(rate=None, daily_quota=1)
+    async with Sandbox(world, settings) as sandbox:
+        env = cli_env(sandbox)
+        first = await cli("run", "=scans.csv", "\tdoor 2.csv", "--report", "r.csv",
+                          env=env, cwd=tmp_path)  # fmt: skip
+        assert first.code == 3, first.err
+        assert not keys_sent(sandbox.requests)  # only the event check got through
+
+        for name in ("r.csv", "r.failed.csv"):
+            for row in cells(tmp_path / name)[1:]:
+                for cell in row:
+                    assert not cell.startswith(TRIGGERS), f"{name}: unescaped cell {cell!r}"
+        report = cells(tmp_path / "r.csv")
+        keys = [row[1] for row in report[1:]]
+        assert keys[: len(FORMULA_KEYS)] == [
+            "'" + k if re.match(r"'*[=+\-@]", k) else k for k in FORMULA_KEYS
+        ]
+        assert [unescape_cell(k) for k in keys[: len(FORMULA_KEYS)]] == FORMULA_KEYS
+        assert {row[7] for row in report[1:]} == {"'=scans.csv", "'\tdoor 2.csv"}  # source_file
+        invalid = [row for row in report[1:] if row[2] == "invalid"]
+        assert [row[0] for row in invalid] == ["'=2+3", "'@evil"]
+
+        sandbox.reset_quota()
+        sandbox.settings.daily_quota = None
+        rerun = await cli("run", "r.failed.csv", "--report", "rerun.csv", env=env, cwd=tmp_path)
+        assert rerun.code == 0, rerun.err
+    sent = [k for r in sandbox.requests for k in r.keys]
+    assert sorted(sent) == sorted([*FORMULA_KEYS, "plain-2"])  # the originals, each once
+    assert not any(world.events[EVENT].tickets.values())
+
+
+# --- where the token may go -----------------------------------------------------------------------
+
+INSECURE = [
+    "http://api.example.com/v3",
+    "http://localhost.example.com/v3",
+    "http://127.0.0.1.nip.io/v3",
+    "http://127.0.0.1@api.example.com/v3",
+    "http://api.example.com#@127.0.0.1/v3",
+    "http://0.0.0.0:8080/v3",
+    "http://10.0.0.1/v3",
+    "HTTP://api.example.com/v3",
+    "ftp://127.0.0.1/v3",
+    "https:///v3",
+    "api.example.com/v3",
+]
+
+
+@pytest.mark.parametrize("url", INSECURE)
+@pytest.mark.parametrize("where", ["env", "flag", "config", "token_url"])
+def test_the_token_never_goes_in_clear_text_to_another_host(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    url: str,
+    where: str,
+) -> None:
+    good = write_csv(tmp_path / "good.csv", [(EVENT, "k")], ("Event ID", "Order Ticket Key"))
+    monkeypatch.setenv("CC_ACCESS_TOKEN", SECRET)
+    args = [str(good), "--report", str(tmp_path / "r.csv")]
+    if where == "env":
+        monkeypatch.setenv("CC_BASE_URL", url)
+    elif where == "token_url":
+        monkeypatch.setenv("CC_TOKEN_URL", url)
+    elif where == "flag":
+        args += ["--base-url", url]
+    else:
+        config = tmp_path / "c.toml"
+        config.write_text(f'base_url = "{url}"\n', encoding="utf-8")
+        args += ["--config", str(config)]
+
+    done = run_main(capsys, *args)
+
+    assert_refused(done, "clear text")
+    assert SECRET not in done.out + done.err
+    assert not (tmp_path / "r.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/v3",
+        "http://[::1]:9/v3",
+        "http://localhost:9/v3",
+        "https://api.example.com/v3",
+    ],
+)
+def test_loopback_and_https_urls_are_accepted(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, url: str
+) -> None:
+    good = write_csv(tmp_path / "good.csv", [(EVENT, "k")], ("Event ID", "Order Ticket Key"))
+    monkeypatch.setenv("CC_BASE_URL", url)
+    done = run_main(capsys, str(good), "--report", str(tmp_path / "r.csv"), "--dry-run")
+    assert done.code == 0, done.err
+
+
+@pytest.fixture
+async def redirector(sandbox: Sandbox) -> AsyncIterator[tuple[str, list[dict[str, str]]]]:
+    """An API on 127.0.0.1 that redirects everything to another origin, which logs headers."""
+    seen: list[dict[str, str]] = []
+
+    async def elsewhere(request: web.Request) -> web.StreamResponse:
+        seen.append(dict(request.headers))
+        return web.json_response({"status": "ACTIVE"})
+
+    other = web.Application()
+    other.router.add_route("*", "/{tail:.*}", elsewhere)
+    other_runner = web.AppRunner(other)
+    await other_runner.setup()
+    await web.TCPSite(other_runner, "127.0.0.1", 0).start()
+    other_port = other_runner.addresses[0][1]
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPTemporaryRedirect(f"http://localhost:{other_port}{request.path}")
+
+    front = web.Application()
+    front.router.add_route("*", "/{tail:.*}", redirect)
+    front_runner = web.AppRunner(front)
+    await front_runner.setup()
+    await web.TCPSite(front_runner, "127.0.0.1", 0).start()
+    try:
+        yield f"http://127.0.0.1:{front_runner.addresses[0][1]}/v3", seen
+    finally:
+        await front_runner.cleanup()
+        await other_runner.cleanup()
+
+
+async def test_a_redirect_never_carries_the_token_to_another_origin(
+    sandbox: Sandbox, redirector: tuple[str, list[dict[str, str]]], tmp_path: Path
+) -> None:
+    base_url, seen = redirector
+    good = write_csv(tmp_path / "good.csv", [(EVENT, "k")], ("Event ID", "Order Ticket Key"))
+    config = JobConfig(inputs=(good,), report=tmp_path / "r.csv", base_url=base_url,
+                       retry_base=0.005, retry_cap=0.05)  # fmt: skip
+    await run_job(config, tokens=token_for(sandbox))
+    assert seen, "the redirect was not followed at all"
+    for headers in seen:
+        assert not any(k.lower() == "authorization" for k in headers)
+        assert sandbox.access_token not in str(headers)
+
+
+# --- event ids in URL paths -----------------------------------------------------------------------
+
+PATH_TRICKS = [
+    "../../admin",
+    f"{EVENT}/../../admin",
+    "..%2F..%2Fadmin",
+    f"{EVENT}?admin=1",
+    f"{EVENT}#admin",
+    f"{EVENT}/undo_check_in/tickets",
+    f"{EVENT[:-1]}\u0661",  # an Arabic-Indic digit: a "digit", not hex
+    f"{EVENT} admin",
+    f"{{{EVENT}}}",
+]
+
+
+async def test_event_ids_are_validated_before_they_reach_a_url_path(tmp_path: Path) -> None:
+    world = World({EVENT: EventState("ACTIVE", {f"k{i}": True for i in range(4)}
+                   | {"../../etc/passwd": True})})  # fmt: skip
+    data = [(trick, f"t{i}") for i, trick in enumerate(PATH_TRICKS)]
+    data += [(EVENT.upper(), "k0"), (f"  {EVENT}  ", "k1"), (EVENT, "k2"), (EVENT, "k3")]
+    data += [(EVENT, "../../etc/passwd")]  # a key goes in the JSON body, never the path
+    inputs = write_csv(tmp_path / "in.csv", data, ("Event ID", "Order Ticket Key"))
+    async with Sandbox(world, SandboxSettings(rate=None, daily_quota=None)) as sandbox:
+        done = await cli("run", str(inputs), "--report", str(tmp_path / "r.csv"),
+                         env=cli_env(sandbox))  # fmt: skip
+        assert done.code == 1, done.err  # finished; some rows invalid
+        paths = [r.path for r in sandbox.requests]
+    frame = read_report(tmp_path / "r.csv")
+    assert list(frame.outcome[: len(PATH_TRICKS)]) == ["invalid"] * len(PATH_TRICKS)
+    assert set(frame.outcome[len(PATH_TRICKS) :]) == {"undone"}
+    allowed = re.compile(rf"/v3/events/{EVENT}(/undo_check_in/tickets)?")
+    assert paths and all(allowed.fullmatch(p) for p in paths), paths
+    assert not any(world.events[EVENT].tickets.values())
+
+
+@pytest.mark.parametrize("event_id", ["../../admin", "not-a-uuid"])
+def test_a_bad_event_id_option_exits_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, event_id: str
+) -> None:
+    keys = write_csv(tmp_path / "keys.csv", [("k1",)], ("Order Ticket Key",))
+    done = run_main(capsys, str(keys), "--event-id", event_id, "--dry-run",
+                    "--report", str(tmp_path / "r.csv"))  # fmt: skip
+    assert_refused(done, event_id, "UUID")
+
+
+def test_report_cells_read_back_by_the_csv_module_round_trip() -> None:
+    """The escaping is a bijection on the values a key can take (see _cells)."""
+    from batchjob._cells import escape_cell
+
+    for value in [*FORMULA_KEYS, "", "'", "''", "'a", "a'", "'-", "-'", "\t", "\r\n=x"]:
+        buffer = io.StringIO()
+        csv.writer(buffer).writerow([escape_cell(value)])
+        (cell,) = next(csv.reader(io.StringIO(buffer.getvalue())))
+        assert unescape_cell(cell) == value
+        assert not cell.startswith(TRIGGERS)
