@@ -1,11 +1,15 @@
-"""Pacing: even spacing, never above the configured rate, down on 429 and slowly back up."""
+"""Pacing: even spacing, never above the configured rate, down on 429 and carefully back up."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Callable
 
-from batchjob._pacing import AdaptivePacer
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchjob._pacing import AdaptivePacer, PacingSettings
 
 
 class Clock:
@@ -16,20 +20,54 @@ class Clock:
         return self.now
 
 
+def answer_ok(pacer: AdaptivePacer, clock: Clock, count: int, step: float = 0.1) -> None:
+    for _ in range(count):
+        clock.now += step
+        pacer.on_answer(clock.now - step / 2, throttled=False)
+
+
+class Sent:
+    """What a simulated run sent: per request, refused or not, and the real rate it went at."""
+
+    def __init__(self) -> None:
+        self.refused: list[bool] = []
+        self.rates: list[float] = []
+
+    def share_near(self, granted: float, last: int, margin: float) -> float:
+        """Share of the last ``last`` requests sent within ``2 * margin`` under ``granted``."""
+        near = [granted * (1 - 2 * margin) <= r <= granted for r in self.rates[-last:]]
+        return sum(near) / len(near)
+
+
+def strict_bucket(
+    pacer: AdaptivePacer, clock: Clock, granted: Callable[[float], float], requests: int
+) -> Sent:
+    """Send ``requests`` as the pacer spaces them to a bucket with no burst allowance that
+    grants ``granted(now)`` requests/s, answering each at once."""
+    sent = Sent()
+    last_accepted = float("-inf")
+    for _ in range(requests):
+        interval = (1.0 + pacer.settings.guard) / pacer.rate
+        clock.now += interval
+        throttled = clock.now - last_accepted < 1.0 / granted(clock.now) - 1e-9
+        if not throttled:
+            last_accepted = clock.now
+        sent.refused.append(throttled)
+        sent.rates.append(1.0 / interval)
+        pacer.on_answer(clock.now, throttled=throttled)
+    return sent
+
+
 def test_a_throttled_answer_lowers_the_rate_and_it_climbs_back_but_never_above_max() -> None:
     clock = Clock()
     pacer = AdaptivePacer(10.0, clock=clock)
-    for _ in range(20):
-        clock.now += 0.1
-        pacer.on_answer(clock.now - 0.05, throttled=False)
+    answer_ok(pacer, clock, 20)
     assert pacer.rate == 10.0
     clock.now += 0.1
     pacer.on_answer(clock.now - 0.05, throttled=True)
     lowered = pacer.rate
     assert lowered < 10.0
-    for _ in range(600):
-        clock.now += 0.1
-        pacer.on_answer(clock.now - 0.05, throttled=False)
+    answer_ok(pacer, clock, 600)
     assert lowered < pacer.rate <= 10.0
 
 
@@ -46,17 +84,89 @@ def test_answers_to_requests_sent_before_a_decrease_do_not_lower_it_again() -> N
     assert pacer.rate < once
 
 
-def test_heavy_throttling_cuts_harder_than_a_lone_429() -> None:
-    lone, heavy = Clock(), Clock()
-    a = AdaptivePacer(10.0, clock=lone)
-    b = AdaptivePacer(10.0, clock=heavy)
-    for i in range(20):
-        lone.now = heavy.now = i * 0.1
-        a.on_answer(-1, throttled=False)
-        b.on_answer(-1, throttled=i % 2 == 0)
-    lone.now = heavy.now = 2.0
-    a.on_answer(1.9, throttled=True)
-    assert b.rate < a.rate
+def test_a_lone_429_after_a_clean_streak_costs_one_small_step() -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(20.0, clock=clock)
+    answer_ok(pacer, clock, 50)
+    clock.now += 0.05
+    pacer.on_answer(clock.now - 0.01, throttled=True)
+    assert pacer.rate == 20.0 * (1 - pacer.settings.margin)
+
+
+def test_refusals_in_a_row_cut_harder_each_time_down_to_the_floor() -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(100.0, clock=clock)
+    rates = []
+    for _ in range(5):
+        clock.now += 0.1
+        pacer.on_answer(clock.now - 0.01, throttled=True)
+        rates.append(pacer.rate)
+    cuts = [round(1 - b / a, 6) for a, b in itertools.pairwise([100.0, *rates])]
+    assert cuts == [0.1, 0.2, 0.4, 0.5, 0.5]
+
+
+def test_against_half_the_rate_it_settles_just_under_the_granted_rate() -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(20.0, clock=clock)
+    sent = strict_bucket(pacer, clock, lambda now: 10.0, 400)
+    assert sum(sent.refused) <= 12  # the search costs a handful of 429s, not a steady share
+    assert sent.share_near(10.0, 300, pacer.settings.margin) >= 0.95
+
+
+def test_at_exactly_the_granted_rate_nothing_is_refused_and_nothing_changes() -> None:
+    clock = Clock()
+    changes: list[tuple[float, float, str]] = []
+    pacer = AdaptivePacer(20.0, clock=clock, on_change=lambda *c: changes.append(c))
+    sent = strict_bucket(pacer, clock, lambda now: 20.0, 1000)
+    assert not any(sent.refused)
+    assert pacer.rate == 20.0
+    assert changes == []
+
+
+def test_a_stable_limit_costs_few_probes_and_a_raised_one_is_found() -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(40.0, clock=clock)
+
+    def granted(now: float) -> float:
+        return 10.0 if now < 200.0 else 30.0  # then the other integration goes quiet
+
+    sent = strict_bucket(pacer, clock, granted, 1900)
+    assert sum(sent.refused[100:]) / 1800 <= 0.01  # settled: probing above costs under 1 %
+    assert sent.share_near(10.0, 1800, pacer.settings.margin) >= 0.95
+    sent = strict_bucket(pacer, clock, granted, 3000)
+    assert sent.share_near(30.0, 1000, pacer.settings.margin) >= 0.95
+    assert sum(sent.refused) <= 30
+
+
+def test_the_other_integration_getting_busier_is_followed_down() -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(20.0, clock=clock)
+    strict_bucket(pacer, clock, lambda now: 20.0, 300)
+    sent = strict_bucket(pacer, clock, lambda now: 12.0, 600)
+    assert sum(sent.refused) <= 12
+    assert sent.share_near(12.0, 400, pacer.settings.margin) >= 0.95
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.booleans(), max_size=400), st.floats(min_value=0.2, max_value=500.0))
+def test_the_rate_stays_between_min_and_max_whatever_the_answers(
+    throttled: list[bool], max_rate: float
+) -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(max_rate, clock=clock)
+    for refused in throttled:
+        clock.now += 1.0 / pacer.rate
+        pacer.on_answer(clock.now, throttled=refused)
+        assert pacer.settings.min_rate <= pacer.rate <= max_rate
+
+
+def test_rate_changes_worth_noting_are_reported() -> None:
+    clock = Clock()
+    changes: list[tuple[float, float, str]] = []
+    pacer = AdaptivePacer(10.0, clock=clock, on_change=lambda *c: changes.append(c))
+    clock.now = 1.0
+    pacer.on_answer(0.9, throttled=True)
+    assert changes == [(10.0, 9.0, "throttled")]
 
 
 async def test_slots_are_evenly_spaced_with_no_burst() -> None:
@@ -69,3 +179,31 @@ async def test_slots_are_evenly_spaced_with_no_burst() -> None:
         times.append(loop.time())
     gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= 0.019  # 1/50 s, less timer granularity
+
+
+async def test_a_slow_answer_holds_the_next_slot_back_by_its_delay() -> None:
+    pacer = AdaptivePacer(50.0, PacingSettings(guard=0.0))
+    loop = asyncio.get_running_loop()
+    sent = await pacer.acquire()
+    granted = loop.time()
+    await asyncio.sleep(0.01)
+    # No usual round trip known yet: all 10 ms of this one may have been on the way there.
+    pacer.on_answer(sent, throttled=False)
+    await pacer.acquire()
+    assert loop.time() - granted >= 0.02 + 0.01 - 0.001
+
+
+async def test_a_decrease_also_spaces_the_slot_already_waiting() -> None:
+    pacer = AdaptivePacer(100.0, PacingSettings(guard=0.0))
+    loop = asyncio.get_running_loop()
+    sent = await pacer.acquire()
+    first = loop.time()
+    waiting = asyncio.ensure_future(pacer.acquire())
+    await asyncio.sleep(0)
+    pacer.on_answer(sent, throttled=True)  # now 90/s: the waiting slot must honour that
+    await waiting
+    second = loop.time()
+    third_at = await pacer.acquire()
+    assert second - first >= 1 / 90 - 0.001
+    assert loop.time() - second >= 1 / 90 - 0.001
+    assert third_at > sent
