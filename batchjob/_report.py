@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
 
 from batchjob._cells import escape_cell, unescape_cell
 from batchjob._groups import Positions
@@ -93,47 +95,62 @@ class Ledger:
         codes = self.outcome if positions is None else self.outcome[positions]
         return int(np.count_nonzero(codes == _CODE[outcome]))
 
-    def frame(self, rows: pd.DataFrame, positions: Positions | slice) -> pd.DataFrame:
-        """Report rows for ``positions``, as text, spreadsheet-escaped, in REPORT_COLUMNS order."""
-        part = rows.iloc[positions]
-        outcome = np.asarray([o or "" for o in OUTCOME_CODES], dtype=object)[
-            self.outcome[positions]
-        ]
-        status = self.http_status[positions]
-        errors = self.error[positions]
-        keys = np.asarray([k for k, _ in self._errors], dtype=object)[errors]
-        messages = np.asarray([m for _, m in self._errors], dtype=object)[errors]
-        finished = pd.to_datetime(self.finished_at[positions], unit="s", utc=True)
-        return pd.DataFrame(
-            {
-                "event_id": _escape(part["event_id"]),
-                "order_ticket_key": _escape(part["order_ticket_key"]),
-                "outcome": outcome,
-                "http_status": np.where(status > 0, status.astype(str), ""),
-                "error_key": _escape(pd.Series(keys)),
-                "error_message": _escape(pd.Series(messages)),
-                "attempts": self.attempts[positions],
-                "source_file": _escape(part["source_file"]),
-                "source_row": part["source_row"].to_numpy(),
-                "finished_at": finished.strftime("%Y-%m-%dT%H:%M:%SZ").fillna("").to_numpy(),
-            },
-            columns=list(REPORT_COLUMNS),
+    def errors(self) -> list[tuple[str, str]]:
+        return list(self._errors)
+
+
+def _format_times(seconds: npt.NDArray[np.float64]) -> list[str]:
+    stamps = np.datetime_as_string(seconds.astype("datetime64[s]"), unit="s")
+    return [s + "Z" if s != "NaT" else "" for s in stamps.tolist()]
+
+
+class RowWriter:
+    """Writes report rows for plan positions: CSV text, spreadsheet-escaped, REPORT_COLUMNS order.
+
+    Built once per run. Per row it does list lookups and one csv.writer call, with no
+    DataFrame in between: a journal entry per request and a 1,000,000-row report both stay
+    cheap. Values with few distinct texts (events, files, errors) are escaped once each.
+    """
+
+    def __init__(self, rows: pd.DataFrame, keys: Any, ledger: Ledger) -> None:
+        self._keys = keys  # one-chunk pyarrow StringArray, see Plan.keys
+        self._ledger = ledger
+        self._event_codes = rows["event_id"].cat.codes.to_numpy()
+        self._events = _escaped_categories(rows["event_id"])
+        self._file_codes = rows["source_file"].cat.codes.to_numpy()
+        self._files = _escaped_categories(rows["source_file"])
+        self._source_rows = rows["source_row"].to_numpy()
+        self._outcomes = np.asarray([o or "" for o in OUTCOME_CODES], dtype=object)
+
+    def write(self, fh: IO[str], positions: Positions) -> None:
+        if len(positions) == 0:
+            return
+        ledger = self._ledger
+        errors = ledger.errors()
+        error_keys = np.asarray([escape_cell(k) for k, _ in errors], dtype=object)
+        error_messages = np.asarray([escape_cell(m) for _, m in errors], dtype=object)
+        error = ledger.error[positions]
+        status = ledger.http_status[positions].tolist()
+        keys = self._keys.take(pa.array(positions)).to_pylist()
+        csv.writer(fh).writerows(
+            zip(
+                self._events[self._event_codes[positions]].tolist(),
+                [escape_cell(k) for k in keys],
+                self._outcomes[ledger.outcome[positions]].tolist(),
+                [str(s) if s else "" for s in status],
+                error_keys[error].tolist(),
+                error_messages[error].tolist(),
+                ledger.attempts[positions].tolist(),
+                self._files[self._file_codes[positions]].tolist(),
+                self._source_rows[positions].tolist(),
+                _format_times(ledger.finished_at[positions]),
+                strict=True,
+            )
         )
 
 
-def _escape(values: pd.Series[Any]) -> Any:
-    """Formula-like cells escaped, as a plain array (so DataFrame columns never re-align)."""
-    if isinstance(values.dtype, pd.CategoricalDtype):
-        # escape_cell is one-to-one, so escaping the few categories is enough.
-        renamed = values.cat.rename_categories([escape_cell(str(c)) for c in values.cat.categories])
-        return renamed.to_numpy()
-    text = values.astype(str)
-    risky = text.str.match(r"'*[=+\-@\t\r]").fillna(False).to_numpy(dtype=bool)
-    out = text.to_numpy(dtype=object)
-    if risky.any():
-        out = out.copy()
-        out[risky] = ["'" + v for v in out[risky]]
-    return out
+def _escaped_categories(values: pd.Series[Any]) -> npt.NDArray[np.object_]:
+    return np.asarray([escape_cell(str(c)) for c in values.cat.categories], dtype=object)
 
 
 # --- the journal ----------------------------------------------------------------------------
@@ -142,8 +159,9 @@ def _escape(values: pd.Series[Any]) -> Any:
 class Journal:
     """Append-only CSV of outcomes as they happen; the same columns as the report."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writer: RowWriter) -> None:
         self.path = path
+        self._writer = writer
         new = not path.exists() or path.stat().st_size == 0
         if not new:
             _cut_partial_line(path)
@@ -152,11 +170,12 @@ class Journal:
             self._fh.write(",".join(REPORT_COLUMNS) + "\n")
             self._flush()
 
-    def append(self, ledger: Ledger, rows: pd.DataFrame, positions: Positions) -> None:
+    def append(self, positions: Positions) -> None:
         if len(positions) == 0:
             return
         buffer = io.StringIO()
-        ledger.frame(rows, positions).to_csv(buffer, header=False, index=False)
+        self._writer.write(buffer, positions)
+        # One write per request: a crash cuts at most the last record, never interleaves.
         self._fh.write(buffer.getvalue())
         self._flush()
 
@@ -236,15 +255,14 @@ def _chunks(positions: Positions, size: int = 200_000) -> Iterator[Positions]:
         yield positions[start : start + size]
 
 
-def _write_atomically(path: Path, ledger: Ledger, rows: pd.DataFrame, positions: Positions) -> None:
+def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(REPORT_COLUMNS)
+            csv.writer(fh).writerow(REPORT_COLUMNS)
             for part in _chunks(positions):
-                ledger.frame(rows, part).to_csv(fh, header=False, index=False)
+                writer.write(fh, part)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -260,12 +278,12 @@ def _write_atomically(path: Path, ledger: Ledger, rows: pd.DataFrame, positions:
         os.close(dir_fd)
 
 
-def write_final(paths: ReportPaths, ledger: Ledger, rows: pd.DataFrame) -> int:
+def write_final(paths: ReportPaths, writer: RowWriter, ledger: Ledger) -> int:
     """Write failed-rows then report, both in input order. Returns the failed-rows count."""
     retry_codes = [_CODE[o] for o in RETRYABLE_OUTCOMES]
     failed = np.flatnonzero(np.isin(ledger.outcome, retry_codes)).astype(np.int64)
-    _write_atomically(paths.failed_rows, ledger, rows, failed)
-    _write_atomically(paths.report, ledger, rows, np.arange(len(ledger), dtype=np.int64))
+    _write_atomically(paths.failed_rows, writer, failed)
+    _write_atomically(paths.report, writer, np.arange(len(ledger), dtype=np.int64))
     return len(failed)
 
 

@@ -50,6 +50,7 @@ from batchjob._report import (
     ReportError,
     ReportLock,
     ReportPaths,
+    RowWriter,
     check_writable,
     read_previous,
     write_final,
@@ -176,7 +177,6 @@ class _Run:
     ) -> None:
         self.config = config
         self.plan = plan
-        self.keys = plan.rows["order_ticket_key"]
         self.ledger = ledger
         self.journal = journal
         self.client = client
@@ -197,7 +197,7 @@ class _Run:
             return
         self.ledger.set(positions, outcome, finished_at=_now(), **fields)
         if self.journal is not None:
-            self.journal.append(self.ledger, self.plan.rows, positions)
+            self.journal.append(positions)
         self.progress.advance(len(positions), self.pacer.rate)
 
     def halt(self, reason: str, exit_code: int) -> None:
@@ -347,7 +347,7 @@ class _Run:
         assert event.isolator is not None
         isolator = event.isolator
         positions = group.positions
-        keys = self.keys.iloc[positions].tolist()
+        keys = self.plan.keys_at(positions)
         try:
             answer = await self.client.undo_check_in(event.event_id, keys)
         except asyncio.CancelledError:
@@ -507,6 +507,7 @@ async def run_job(
             )
         check_writable(paths)
         ledger = Ledger(len(plan.rows))
+        writer = RowWriter(plan.rows, plan.keys, ledger)
         ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
         _mark_invalid_messages(plan, ledger)
         skip = _resume(config, paths, plan, ledger, log) if config.resume else 0
@@ -531,9 +532,9 @@ async def run_job(
                 ledger.set(positions, Outcome.PLANNED)
         else:
             assert tokens is not None
-            journal = Journal(paths.journal)
+            journal = Journal(paths.journal, writer)
             try:
-                journal.append(ledger, plan.rows, plan.invalid)
+                journal.append(plan.invalid)
                 run = await _send_all(
                     config,
                     plan,
@@ -556,7 +557,7 @@ async def run_job(
         if len(unset):
             log.error("ledger.unset_rows", rows=len(unset))
             ledger.set(unset, Outcome.NOT_ATTEMPTED, error_message="internal error: no outcome")
-        failed_count = write_final(paths, ledger, plan.rows)
+        failed_count = write_final(paths, writer, ledger)
         if not config.dry_run:
             Journal.remove(paths.journal)
     finally:
