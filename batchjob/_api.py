@@ -7,7 +7,6 @@ with the same ``request`` coroutine. Classification of answers is a pure functio
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import json
 import random
@@ -51,14 +50,17 @@ class Reply:
     error_message: str = ""
     retry_after: float | None = None
     body: bytes = b""
+    expected: int = 204  # the success status of the request that got this answer
 
     @property
     def verdict(self) -> Verdict:
-        return classify(self.status, self.error_key)
+        return classify(self.status, self.error_key, expected=self.expected)
 
 
-def classify(status: int, error_key: str = "") -> Verdict:
-    if 200 <= status < 300:
+def classify(status: int, error_key: str = "", *, expected: int = 204) -> Verdict:
+    """What an answer means. Only the documented success status counts as success: a 200
+    from a proxy or captive portal must never get keys reported ``undone``."""
+    if status == expected:
         return Verdict.OK
     if status == 0 or status in RETRY_STATUSES:
         return Verdict.RETRY
@@ -145,7 +147,11 @@ class AiohttpTransport:
         self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
     ) -> RawResponse:
         try:
-            async with self._session.request(method, url, headers=headers, data=body) as resp:
+            # No redirects: a bearer token has no business following one, and a redirect's
+            # answer is not the API's.
+            async with self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            ) as resp:
                 payload = await resp.read()
                 return RawResponse(resp.status, dict(resp.headers), payload)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -266,6 +272,19 @@ def retry_waits(
 AttemptListener = Callable[[Reply, int], None]
 
 
+@dataclass
+class Call:
+    """One request and its tries so far: the runner keeps it to count attempts on cancel."""
+
+    method: str = "POST"
+    url: str = ""
+    body: bytes | None = None
+    expected: int = 204
+    attempts: int = 0
+    refreshed: bool = False
+    started: float = 0.0
+
+
 class ApiClient:
     """Sends the two requests batchjob needs, paced, budgeted and retried."""
 
@@ -289,75 +308,90 @@ class ApiClient:
         self._policy = policy
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
-
-    async def get_event(self, event_id: str) -> Answer:
-        return await self._send("GET", f"{self._base}/events/{event_id}", None)
-
-    async def undo_check_in(self, event_id: str, keys: list[str]) -> Answer:
-        body = json.dumps({"order_ticket_keys": keys}, separators=(",", ":")).encode()
-        url = f"{self._base}/events/{event_id}/undo_check_in/tickets"
-        return await self._send("POST", url, body)
-
-    async def _send(self, method: str, url: str, body: bytes | None) -> Answer:
-        attempts = 0
-        refreshed = False
-
-        async def attempt() -> Reply:
-            nonlocal attempts, refreshed
-            while True:
-                sent_at = await self._pacer.acquire()
-                # After the wait for a slot: the run may have stopped in the meantime.
-                self._gate.spend()
-                attempts += 1
-                token = await self._tokens.token()
-                reply = await self._once(method, url, body, token)
-                self._pacer.on_answer(
-                    sent_at, throttled=reply.status == 429 and reply.verdict is Verdict.RETRY
-                )
-                if self._on_attempt is not None:
-                    self._on_attempt(reply, attempts)
-                if reply.verdict is Verdict.AUTH and not refreshed:
-                    # One refresh per request: the token may simply have expired mid-run.
-                    refreshed = True
-                    if await self._tokens.refresh(token) is not None:
-                        continue
-                if reply.verdict is Verdict.RETRY:
-                    raise _Retryable(reply)
-                return reply
-
-        policy = self._policy
-        retrying = backoff.on_exception(
+        self._retrying = backoff.on_exception(
             retry_waits(policy, self._rng),
             _Retryable,
             max_tries=policy.max_tries,
             max_time=policy.max_time,
             jitter=None,
-        )(attempt)
+        )(self._attempt)
+
+    async def get_event(self, event_id: str, call: Call | None = None) -> Answer:
+        url = f"{self._base}/events/{event_id}"
+        return await self._send(call or Call("GET", url, None, expected=200))
+
+    async def undo_check_in(
+        self, event_id: str, keys: list[str], call: Call | None = None
+    ) -> Answer:
+        """Undo check-ins for ``keys``. Pass ``call`` to read its attempts even if cancelled."""
+        body = json.dumps({"order_ticket_keys": keys}, separators=(",", ":")).encode()
+        url = f"{self._base}/events/{event_id}/undo_check_in/tickets"
+        if call is None:
+            call = Call("POST", url, body)
+        else:
+            call.method, call.url, call.body = "POST", url, body
+        return await self._send(call)
+
+    async def _send(self, call: Call) -> Answer:
+        call.started = time.monotonic()
         try:
-            reply = await retrying()
+            reply = await self._retrying(call)
         except _Retryable as exc:
             reply = exc.reply
         except NotSent as stop:
-            return Answer(Reply(0, "not_sent", stop.reason), attempts, not_sent=stop.reason)
+            return Answer(Reply(0, "not_sent", stop.reason), call.attempts, not_sent=stop.reason)
         except TokenError as exc:
             # No usable token (refresh refused, file unreadable): as final as a 401.
-            return Answer(Reply(401, TOKEN_FAILED, str(exc)), attempts)
-        return Answer(reply, attempts)
+            return Answer(Reply(401, TOKEN_FAILED, str(exc)), call.attempts)
+        return Answer(reply, call.attempts)
 
-    async def _once(self, method: str, url: str, body: bytes | None, token: str) -> Reply:
+    async def _attempt(self, call: Call) -> Reply:
+        """One try (two after a 401 that a token refresh may cure). Raises to be retried."""
+        while True:
+            sent_at = await self._pacer.acquire()
+            # After the wait for a slot: the run may have stopped in the meantime.
+            self._gate.spend()
+            call.attempts += 1
+            token = await self._tokens.token()
+            reply = await self._once(call, token)
+            verdict = reply.verdict
+            self._pacer.on_answer(
+                sent_at, throttled=reply.status == 429 and verdict is Verdict.RETRY
+            )
+            if self._on_attempt is not None:
+                self._on_attempt(reply, call.attempts)
+            if verdict is Verdict.AUTH and not call.refreshed:
+                # One refresh per request: the token may simply have expired mid-run.
+                call.refreshed = True
+                if await self._tokens.refresh(token) is not None:
+                    continue
+            if verdict is not Verdict.RETRY:
+                return reply
+            elapsed = time.monotonic() - call.started
+            if (
+                reply.retry_after is not None
+                and elapsed + reply.retry_after > self._policy.max_time
+            ):
+                # Retrying sooner than the server asked would only be refused again.
+                return reply
+            raise _Retryable(reply)
+
+    async def _once(self, call: Call, token: str) -> Reply:
         headers = {"Authorization": f"Bearer {token}"}
-        if body is not None:
+        if call.body is not None:
             headers["Content-Type"] = "application/json"
         try:
-            raw = await self._transport.request(method, url, headers=headers, body=body)
+            raw = await self._transport.request(
+                call.method, call.url, headers=headers, body=call.body
+            )
         except TransportError as exc:
-            return Reply(0, "network", str(exc))
-        except asyncio.CancelledError:
-            raise
-        if 200 <= raw.status < 300:
-            return Reply(raw.status, body=raw.body)
+            return Reply(0, "network", str(exc), expected=call.expected)
+        if raw.status == call.expected:
+            return Reply(raw.status, body=raw.body, expected=call.expected)
         error_key, message = parse_error_body(raw.body)
+        if not error_key and not message and 200 <= raw.status < 400:
+            message = f"unexpected HTTP {raw.status} (expected {call.expected})"
         retry_after = parse_retry_after(
             next((v for k, v in raw.headers.items() if k.lower() == "retry-after"), None)
         )
-        return Reply(raw.status, error_key, message, retry_after, raw.body)
+        return Reply(raw.status, error_key, message, retry_after, raw.body, call.expected)

@@ -20,6 +20,7 @@ from batchjob._runner import (
     EXIT_INCOMPLETE,
     EXIT_OK,
     EXIT_SIGINT,
+    EXIT_STOPPED,
     EXIT_USAGE,
     RunResult,
     StopRequest,
@@ -202,6 +203,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_SIGINT
+    except Exception as exc:
+        # A bug or an environment failure (disk full...). Not exit 1, which schedulers may
+        # treat as a normal night: the journal, if any, still holds every outcome so far.
+        print(
+            f"batchjob: internal error: {type(exc).__name__}: {exc}\n"
+            "what was done so far is in the report's .journal file: rerun with --resume",
+            file=sys.stderr,
+        )
+        return EXIT_STOPPED
 
 
 if __name__ == "__main__":

@@ -71,6 +71,10 @@ class JobConfig:
             raise ConfigError(f"max_requests must be 0 or more, not {self.max_requests}")
         if self.log_format not in (None, "console", "json"):
             raise ConfigError(f"log_format must be console or json, not {self.log_format!r}")
+        if self.resume and self.report is None:
+            raise ConfigError("--resume needs --report: the report of the run to continue")
+        if self.resume and self.dry_run:
+            raise ConfigError("--dry-run cannot --resume: a dry run never replaces a report")
         if self.event_id is not None and canonical_event_id(self.event_id) is None:
             raise ConfigError(f"event_id {self.event_id!r} is not a UUID (--event-id)")
         check_url_is_safe("base_url", self.base_url)

@@ -16,7 +16,10 @@ unknown and changing share of bad keys:
   (a refusal would tell us nothing new). If it is refused, the rest goes back among the untested
   keys, because it may well be clean.
 * A known-bad group of one key is that bad key. Its error is the refusal of the smallest
-  request that held it, all of whose other keys were then proven good.
+  request that held it, all of whose other keys were then proven good. Unless that refusal
+  may not be about the keys at all (``needs_proof``: the runner asks for proof of anything
+  but a 404), in which case the key is sent alone once before it is blamed: a one-off 400, or
+  a server refusing big requests with 400, must not get a good key reported ``failed``.
 
 Everything here is pure and synchronous: the runner asks :meth:`KeyIsolator.next_group`, sends,
 and reports back. Many groups may be in flight at once; they never share a key.
@@ -26,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -84,10 +87,19 @@ class _InFlight(Generic[F]):
 class KeyIsolator(Generic[F]):
     """Plans the requests for one event's keys and learns from each answer."""
 
-    def __init__(self, positions: Sequence[int] | Positions, max_batch: int) -> None:
+    def __init__(
+        self,
+        positions: Sequence[int] | Positions,
+        max_batch: int,
+        *,
+        needs_proof: Callable[[F], bool] | None = None,
+    ) -> None:
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.max_batch = max_batch
+        self._needs_proof = needs_proof or (lambda _: False)
+        # Single keys blamed by elimination on a refusal that might not be about keys.
+        self._to_prove: deque[Positions] = deque()
         self._untested: deque[Positions] = deque()
         first = np.asarray(positions, dtype=np.int64)
         if len(first):
@@ -103,7 +115,7 @@ class KeyIsolator(Generic[F]):
 
     @property
     def done(self) -> bool:
-        return not (self._untested_count or self._suspects or self._in_flight)
+        return not (self._untested_count or self._suspects or self._to_prove or self._in_flight)
 
     @property
     def in_flight(self) -> int:
@@ -111,7 +123,7 @@ class KeyIsolator(Generic[F]):
 
     @property
     def has_ready_group(self) -> bool:
-        return bool(self._suspects or self._untested_count)
+        return bool(self._to_prove or self._suspects or self._untested_count)
 
     def bad_share(self) -> float:
         """Estimated share of bad keys: found ones, plus one per group known to hold one."""
@@ -135,10 +147,13 @@ class KeyIsolator(Generic[F]):
 
     def next_group(self) -> Group | None:
         """The next request to send, or None when nothing can be sent until an answer comes."""
+        if self._to_prove:
+            return self._launch(self._to_prove.popleft())
         if self._suspects:
             # Settle known-bad groups first: their keys are the furthest from an answer.
             positions, failure = self._suspects.popleft()
-            half = len(positions) // 2
+            # Never more than max_batch: a 413 on a half must not make the same half come back.
+            half = min(len(positions) // 2, self.max_batch)
             return self._launch(positions[:half], rest=positions[half:], parent_failure=failure)
         if self._untested_count:
             size = group_size_for(self.bad_share(), self.max_batch)
@@ -192,7 +207,10 @@ class KeyIsolator(Generic[F]):
         bad: tuple[tuple[int, F], ...] = ()
         if flight.rest is not None and flight.parent_failure is not None:
             # The whole was refused and this part is clean, so the bad key is in the rest.
-            bad = self._condemn(flight.rest, flight.parent_failure)
+            if len(flight.rest) == 1 and self._needs_proof(flight.parent_failure):
+                self._to_prove.append(flight.rest)
+            else:
+                bad = self._condemn(flight.rest, flight.parent_failure)
         return Resolution(undone=flight.tested, bad=bad)
 
     def record_refused(self, group_id: int, failure: F) -> Resolution[F]:
@@ -207,13 +225,18 @@ class KeyIsolator(Generic[F]):
     def record_too_large(self, group_id: int) -> None:
         """The server refused the request's size (413): send smaller groups from now on."""
         flight = self._in_flight.pop(group_id)
-        self.max_batch = max(1, min(self.max_batch, len(flight.tested)) // 2)
+        # Groups sent before an earlier 413 shrank the limit must not shrink it again.
+        self.shrink_batch(len(flight.tested) // 2)
         if flight.rest is not None and flight.parent_failure is not None:
             self._suspects.appendleft(
                 (np.concatenate([flight.tested, flight.rest]), flight.parent_failure)
             )
         else:
             self._return_untested(flight.tested)
+
+    def shrink_batch(self, size: int) -> None:
+        """Send at most ``size`` keys per request from now on (a server's size limit)."""
+        self.max_batch = max(1, min(self.max_batch, size))
 
     def record_no_verdict(self, group_id: int) -> Positions:
         """The request got no usable answer (retries ran out, or it was cancelled).
@@ -232,8 +255,10 @@ class KeyIsolator(Generic[F]):
         Returns the untested keys, and the groups known to hold a bad key with their refusal.
         Both are forgotten here, so the caller owns their outcome.
         """
-        untested = np.concatenate(list(self._untested)) if self._untested else _EMPTY
+        pending = [*self._untested, *self._to_prove]
+        untested = np.concatenate(pending) if pending else _EMPTY
         suspects = tuple(self._suspects)
+        self._to_prove.clear()
         self._untested.clear()
         self._untested_count = 0
         self._suspects.clear()

@@ -48,11 +48,13 @@ def build_plan(inputs: Inputs) -> Plan:
     frame = inputs.frame
     keys = frame["order_ticket_key"]
     has_key = (keys != "").to_numpy(dtype=bool)
-    # One int64 per (event, key): hashing 1M of them is far cheaper than hashing string pairs.
+    # One int64 per (usable, event, key): hashing 1M of them is far cheaper than hashing
+    # string pairs. Usable rows only repeat usable rows, so a malformed row never hides a
+    # good row for the same key.
     small_codes = frame["event_id"].cat.codes.to_numpy()
-    event_codes = small_codes.astype(np.int64)
+    usable_bit = (frame["problem"] == "").to_numpy(dtype=bool).astype(np.int64)
     key_codes, _ = pd.factorize(keys)
-    pairs = (event_codes << 32) | key_codes.astype(np.int64)
+    pairs = (small_codes.astype(np.int64) << 33) | (usable_bit << 32) | key_codes.astype(np.int64)
     # Rows without a key are each reported on their own (they are not the same ticket).
     repeat = pd.Series(pairs).duplicated(keep="first").to_numpy() & has_key
     if repeat.any():

@@ -218,10 +218,10 @@ def _complete_lines(path: Path) -> io.BytesIO:
 
 
 def read_previous(paths: ReportPaths) -> pd.DataFrame:
-    """Rows already ``undone`` in an earlier run's report and journal, for --resume.
+    """An earlier run's rows from its report and journal, for --resume.
 
-    Columns: event_id, order_ticket_key, http_status, attempts, finished_at (text), one row per
-    pair (the latest record wins).
+    Text columns as written (event_id and key unescaped), one row per (event, key) among rows
+    that were not ``invalid``; a pair ever recorded ``undone`` keeps that row.
     """
     frames = []
     for path in (paths.report, paths.journal):
@@ -241,9 +241,13 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=list(REPORT_COLUMNS))
     previous = pd.concat(frames, ignore_index=True)
-    previous = previous[previous["outcome"] == Outcome.UNDONE.value]
+    previous = previous[previous["outcome"] != Outcome.INVALID.value]
     for column in ("event_id", "order_ticket_key"):
         previous[column] = previous[column].map(unescape_cell)
+    # Undone is final (a later record of the same key can only come from a stale copy).
+    previous = previous.sort_values(
+        "outcome", key=lambda o: o == Outcome.UNDONE.value, kind="stable"
+    )
     return previous.drop_duplicates(["event_id", "order_ticket_key"], keep="last")
 
 

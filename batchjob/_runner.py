@@ -17,7 +17,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +29,7 @@ from batchjob._api import (
     AiohttpTransport,
     Answer,
     ApiClient,
+    Call,
     Reply,
     RequestGate,
     RetryPolicy,
@@ -57,6 +58,9 @@ from batchjob._report import (
 )
 
 ACTIVE_STATUSES = frozenset({"ACTIVE", "COMPLETE"})
+#: Refused requests in a row, with no success between, after which the event is looked at
+#: again (then twice as many): an event cancelled mid-run must not cost a request per key.
+RECHECK_AFTER_REFUSALS = 5
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
@@ -144,9 +148,12 @@ class RunResult:
 class _Event:
     event_id: str
     positions: Positions
-    state: str = "unchecked"  # unchecked → checking → ready | closed
+    # unchecked → checking → ready ⇄ (recheck → rechecking) ; any → closed
+    state: str = "unchecked"
     isolator: KeyIsolator[Reply] | None = None
-    in_flight: dict[int, Positions] = field(default_factory=dict)
+    refusals: int = 0  # refused requests since the last success
+    recheck_at: int = RECHECK_AFTER_REFUSALS
+    closed_as: dict[str, Any] | None = None  # outcome fields for keys left when it closed
 
 
 def _now() -> float:
@@ -189,6 +196,7 @@ class _Run:
         self.stopped = ""
         self.exit_code = EXIT_OK
         self.retries = 0
+        self.batch_limit = config.batch_size  # lowered run-wide when the server answers 413
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -220,20 +228,28 @@ class _Run:
             if event.state == "unchecked":
                 event.state = "checking"
                 return self.check_event(event)
+            if event.state == "recheck":
+                event.state = "rechecking"
+                return self.check_event(event, again=True)
             if event.state == "ready" and event.isolator is not None:
                 group = event.isolator.next_group()
                 if group is not None:
-                    event.in_flight[group.id] = group.positions
                     return self.send(event, group)
         return None
 
     async def dispatch(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
         stop_wait = asyncio.ensure_future(self.stop.event.wait())
+        drained = False
         try:
             while True:
-                if self.stop.event.is_set() and not self.stopped:
+                if self.stop.event.is_set() and not drained:
+                    # A signal: whatever else stopped the run, in-flight requests get the
+                    # grace period and no more.
                     self.halt(self.stop.reason, self.stop.exit_code)
+                    drained = True
+                    await self.drain(tasks, grace=self.config.grace_period)
+                    tasks = set()
                 while not self.stopped and len(tasks) < self.config.concurrency:
                     job = self.next_job()
                     if job is None:
@@ -241,13 +257,16 @@ class _Run:
                     tasks.add(asyncio.ensure_future(job))
                 if not tasks:
                     break
-                await asyncio.wait(tasks | {stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                waiting = tasks if stop_wait.done() else tasks | {stop_wait}
+                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 for task in [t for t in tasks if t.done()]:
                     self.check_crash(task)
                 tasks = {t for t in tasks if not t.done()}
-                if self.stop.event.is_set() and not self.stopped:
-                    self.halt(self.stop.reason, self.stop.exit_code)
-                    await self.drain(tasks, grace=self.config.grace_period)
+                if self.stopped and not drained and tasks:
+                    # Stopped by quota, token, budget or a bug: answers on their way are
+                    # worth waiting for, retries sleeping in backoff are not.
+                    drained = True
+                    await self.drain(tasks, grace=self.config.grace_period, wake=stop_wait)
                     tasks = set()
         finally:
             stop_wait.cancel()
@@ -262,11 +281,29 @@ class _Run:
         self.log.error("run.internal_error", error=repr(exc))
         self.halt(f"internal error: {exc!r}", EXIT_STOPPED)
 
-    async def drain(self, tasks: set[asyncio.Task[None]], *, grace: float) -> None:
-        """Let requests in flight finish within ``grace`` seconds, then cancel the rest."""
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=grace) if grace > 0 else (set(), tasks)
+    async def drain(
+        self,
+        tasks: set[asyncio.Task[None]],
+        *,
+        grace: float,
+        wake: asyncio.Future[Any] | None = None,
+    ) -> None:
+        """Let requests in flight finish within ``grace`` seconds, then cancel the rest.
+
+        ``wake`` (the stop signal) cuts the grace short when it fires.
+        """
+        pending = set(tasks)
+        if grace > 0 and pending:
+            deadline = asyncio.get_running_loop().time() + grace
+            while pending and (wake is None or not wake.done()):
+                left = deadline - asyncio.get_running_loop().time()
+                if left <= 0:
+                    break
+                watch = pending | ({wake} if wake is not None else set())
+                await asyncio.wait(watch, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                for task in [t for t in pending if t.done()]:
+                    self.check_crash(task)
+                pending = {t for t in pending if not t.done()}
         for task in pending:
             task.cancel()
         if pending:
@@ -274,16 +311,25 @@ class _Run:
 
     # --- jobs ------------------------------------------------------------------------------
 
-    async def check_event(self, event: _Event) -> None:
-        """GET the event once: a missing or inactive event costs no undo request."""
+    def new_isolator(self, positions: Positions) -> KeyIsolator[Reply]:
+        # A 404 names missing keys; any other refusal might be about the request as a whole,
+        # so a key blamed only by elimination is sent alone once before it is reported.
+        return KeyIsolator(positions, self.batch_limit, needs_proof=lambda r: r.status != 404)
+
+    async def check_event(self, event: _Event, *, again: bool = False) -> None:
+        """GET the event: once before its first undo, again if its requests keep failing.
+
+        A missing or inactive event costs no undo request (or no more of them).
+        """
+        after = "ready" if again else "unchecked"
         try:
             answer = await self.client.get_event(event.event_id)
         except asyncio.CancelledError:
-            event.state = "unchecked"  # its keys become not_attempted at the end
+            event.state = after  # its keys become not_attempted at the end
             raise
         reply = answer.reply
         if answer.not_sent:
-            event.state = "unchecked"
+            event.state = after
             self.halt(answer.not_sent, EXIT_STOPPED)
             return
         verdict = reply.verdict
@@ -291,36 +337,61 @@ class _Run:
             status = _event_status(reply.body)
             if status in ACTIVE_STATUSES:
                 event.state = "ready"
-                event.isolator = KeyIsolator(event.positions, self.config.batch_size)
+                if event.isolator is None:
+                    event.isolator = self.new_isolator(event.positions)
                 self.log.info(
-                    "event.ready", event_id=event.event_id, status=status, keys=len(event.positions)
+                    "event.rechecked" if again else "event.ready",
+                    event_id=event.event_id,
+                    status=status,
+                    keys=len(event.positions),
                 )
                 return
-            event.state = "closed"
             self.log.warning("event.not_active", event_id=event.event_id, status=status)
-            self.record(
-                event.positions,
-                Outcome.FAILED,
+            self.close_event(
+                event,
                 error_key="event_not_active",
-                error_message=f"event status is {status or 'unknown'}; "
-                "undo needs ACTIVE or COMPLETE (nothing was sent)",
+                error_message=f"event status is {status or 'unknown'}; undo needs ACTIVE or "
+                + (
+                    "COMPLETE (it changed during the run)"
+                    if again
+                    else "COMPLETE (nothing was sent)"
+                ),
             )
             return
         if self.stops_run(reply):
-            event.state = "unchecked"
+            event.state = after
             return
-        event.state = "closed"
+        if again and reply.status != 404:
+            event.state = "ready"  # could not look; carry on as before
+            return
         message = (
             "event not found" if reply.status == 404 else f"event check failed: {reply.status}"
         )
         self.log.warning("event.unusable", event_id=event.event_id, status=reply.status)
-        self.record(
-            event.positions,
-            Outcome.FAILED,
+        self.close_event(
+            event,
             http_status=max(reply.status, 0),
             error_key=reply.error_key or ("event_not_found" if reply.status == 404 else ""),
             error_message=f"{message}: {reply.error_message}" if reply.error_message else message,
         )
+
+    def close_event(self, event: _Event, **fields: Any) -> None:
+        """No more requests for this event: its unsettled keys fail with ``fields``."""
+        event.state = "closed"
+        event.closed_as = fields
+        if event.isolator is None:
+            self.record(event.positions, Outcome.FAILED, **fields)
+        else:
+            self.flush_closed(event)
+
+    def flush_closed(self, event: _Event) -> None:
+        assert event.closed_as is not None
+        if event.isolator is None:
+            return  # closed before any undo: close_event recorded every key
+        untested, suspects = event.isolator.leftovers()
+        self.record(untested, Outcome.FAILED, **event.closed_as)
+        for positions, _ in suspects:
+            self.record(positions, Outcome.FAILED, **event.closed_as)
 
     def stops_run(self, reply: Reply) -> bool:
         verdict = reply.verdict
@@ -347,22 +418,25 @@ class _Run:
         assert event.isolator is not None
         isolator = event.isolator
         positions = group.positions
-        keys = self.plan.keys_at(positions)
+        call = Call()
         try:
-            answer = await self.client.undo_check_in(event.event_id, keys)
+            answer = await self.client.undo_check_in(
+                event.event_id, self.plan.keys_at(positions), call
+            )
         except asyncio.CancelledError:
-            event.in_flight.pop(group.id, None)
+            self.ledger.attempts[positions] += call.attempts
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
                 error_key="interrupted",
-                error_message=f"run interrupted ({self.stop.reason or 'cancelled'}) before "
-                "an answer came; the server may or may not have applied it",
+                error_message=f"run stopped ({self.stopped or 'cancelled'}) before an answer "
+                "came" + _maybe_applied(call.attempts),
             )
             raise
-        event.in_flight.pop(group.id, None)
         self.ledger.attempts[positions] += answer.attempts
         self.settle(event, isolator, group, answer)
+        if event.closed_as is not None:
+            self.flush_closed(event)
 
     def settle(
         self, event: _Event, isolator: KeyIsolator[Reply], group: Group, answer: Answer
@@ -379,6 +453,7 @@ class _Run:
             )
             return
         if verdict is Verdict.OK:
+            event.refusals = 0
             result = isolator.record_ok(group.id)
             self.record(result.undone, Outcome.UNDONE, http_status=reply.status)
             log.info("chunk.undone", attempts=answer.attempts)
@@ -390,9 +465,19 @@ class _Run:
                 error_key=reply.error_key,
                 isolating=len(group.positions) > 1,
             )
+            event.refusals += 1
+            if event.refusals >= event.recheck_at and event.state == "ready":
+                # Many refusals and no success: maybe the event, not the keys, is the problem.
+                event.state = "recheck"
+                event.recheck_at *= 2
         elif verdict is Verdict.TOO_LARGE and len(group.positions) > 1:
             isolator.record_too_large(group.id)
-            log.warning("chunk.too_large", batch_size=isolator.max_batch)
+            # The server's size limit holds for every event: learn it once for the run.
+            self.batch_limit = isolator.max_batch
+            for other in self.events:
+                if other.isolator is not None:
+                    other.isolator.shrink_batch(self.batch_limit)
+            log.warning("chunk.too_large", batch_size=self.batch_limit)
             return
         elif self.stops_run(reply):
             # The last attempt was refused; any before it may have been applied unanswered.
@@ -407,7 +492,7 @@ class _Run:
             gave_up = "retries exhausted: " if verdict is Verdict.RETRY else ""
             fields = _reply_fields(reply)
             fields["error_message"] = gave_up + (reply.error_message or f"HTTP {reply.status}")
-            if reply.status in (0, 200, 204) or verdict is Verdict.RETRY:
+            if verdict is Verdict.RETRY or 200 <= reply.status < 400:
                 fields["error_message"] += "; the server may have applied it, a rerun is harmless"
             self.record(isolator.record_no_verdict(group.id), Outcome.FAILED, **fields)
             log.warning("chunk.failed", status=reply.status, error_key=reply.error_key)
@@ -427,6 +512,8 @@ class _Run:
         for event in self.events:
             if event.state in ("unchecked", "checking"):
                 self.record(event.positions, Outcome.NOT_ATTEMPTED, error_message=reason)
+            elif event.closed_as is not None:
+                self.flush_closed(event)
             elif event.isolator is not None:
                 untested, suspects = event.isolator.leftovers()
                 self.record(untested, Outcome.NOT_ATTEMPTED, error_message=reason)
@@ -616,15 +703,30 @@ def _mark_invalid_messages(plan: Plan, ledger: Ledger) -> None:
 
 
 def _resume(config: JobConfig, paths: ReportPaths, plan: Plan, ledger: Ledger, log: Any) -> int:
-    """Carry over keys an earlier run already undid; they are not sent again."""
-    previous = read_previous(paths)
-    if previous.empty:
+    """Carry over keys an earlier run already undid; they are not sent again.
+
+    The resumed report replaces the earlier one, so it must hold every key the earlier one
+    held: inputs that leave some out are refused rather than losing their record.
+    """
+    if not (paths.report.exists() or paths.journal.exists()):
+        # Allowed, so a scheduler can always pass --resume; but say so, in case of a typo.
+        log.warning("resume.nothing_to_resume", report=str(paths.report))
         return 0
+    previous = read_previous(paths)
     rows = plan.rows[["event_id", "order_ticket_key"]].astype(str)
     rows["position"] = np.arange(len(rows))
     rows = rows[(plan.rows["problem"] == "").to_numpy()]
-    merged = rows.merge(previous, on=["event_id", "order_ticket_key"], how="inner")
-    positions = merged["position"].to_numpy(dtype=np.int64)
+    merged = rows.merge(previous, on=["event_id", "order_ticket_key"], how="right")
+    missing = merged[merged["position"].isna()]
+    if len(missing):
+        first = missing.iloc[0]
+        raise ReportError(
+            f"{paths.report} holds {len(missing)} keys that are not in these inputs (such as "
+            f"{first['order_ticket_key']!r} of event {first['event_id']}); resume with the "
+            "inputs of the run that wrote it, or choose another --report path"
+        )
+    merged = merged[merged["outcome"] == Outcome.UNDONE.value]
+    positions = merged["position"].to_numpy().astype(np.int64)
     finished = (
         _parse_times(merged["finished_at"])
         if "finished_at" in merged

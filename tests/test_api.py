@@ -168,3 +168,24 @@ async def test_budget_stops_before_sending(session: aiohttp.ClientSession) -> No
         answer = await _client(session, budget=2).undo_check_in(EVENT, ["a"])
     assert answer.not_sent.startswith("request budget spent")
     assert answer.attempts == 2
+
+
+async def test_only_the_documented_204_means_undone(session: aiohttp.ClientSession) -> None:
+    # A proxy or captive portal answering 200 must not get keys reported undone.
+    with aioresponses() as mock:
+        mock.post(UNDO, status=200, body=b"<html>Welcome</html>")
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+    assert answer.reply.verdict is Verdict.REFUSED
+    assert answer.attempts == 1
+
+
+async def test_a_retry_after_beyond_the_retry_budget_gives_up_at_once(
+    session: aiohttp.ClientSession,
+) -> None:
+    with aioresponses() as mock:
+        mock.post(UNDO, status=503, headers={"Retry-After": "3600"})
+        mock.post(UNDO, status=204)
+        started = time.monotonic()
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+    assert answer.reply.status == 503 and answer.attempts == 1
+    assert time.monotonic() - started < 5  # did not sleep an hour, nor retry early

@@ -11,7 +11,7 @@ from pathlib import Path
 import openpyxl
 import pytest
 
-from batchjob import REPORT_COLUMNS, JobConfig, run_job
+from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
 from batchjob._sandbox import EventState, Sandbox, SandboxSettings, World
 from tests.support import read_report, run, ticket_rows, token_for, write_csv
 
@@ -282,3 +282,63 @@ async def test_library_callers_get_a_result_without_any_logging_setup(
     )
     result = await run_job(config, tokens=token_for(sandbox))
     assert result.exit_code == 0 and result.counts["undone"] == 600
+
+
+async def test_an_event_cancelled_mid_run_stops_costing_requests(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    event_id, ev = next(iter(world.events.items()))
+    keys = list(ev.tickets)
+    inputs = write_csv(tmp_path / "in.csv", [(event_id, k, "") for k in keys], HEADER)
+
+    async def cancel_after_first_undo() -> None:
+        # Polls the sandbox's request log: the test has no hook inside the server.
+        while posts_for(sandbox, event_id) < 1:  # noqa: ASYNC110
+            await asyncio.sleep(0.001)
+        ev.status = "CANCELLED"
+
+    canceller = asyncio.ensure_future(cancel_after_first_undo())
+    result = await run(sandbox, [inputs], tmp_path, batch_size=5, concurrency=2, rate=200.0)
+    await canceller
+
+    report = read_report(result.report)
+    assert len(report) == len(keys)
+    left = report[report.outcome != "undone"]
+    assert len(left) > 100
+    assert set(left.outcome) == {"failed"}
+    assert (left.error_key == "event_not_active").sum() >= len(left) - 10
+    # 200 keys at 5 a request: without a fresh look at the event, isolation would spend a
+    # request per key. A handful of refusals, one more GET, and it stops.
+    assert posts_for(sandbox, event_id) <= 20
+    gets = [r for r in sandbox.requests if r.method == "GET" and r.event_id == event_id]
+    assert len(gets) == 2
+
+
+async def test_a_size_limit_is_learned_once_for_the_whole_run(world: World, tmp_path: Path) -> None:
+    settings = SandboxSettings(rate=None, daily_quota=None, max_keys_per_request=30)
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    async with Sandbox(world, settings) as sandbox:
+        result = await run(sandbox, [inputs], tmp_path, batch_size=100, concurrency=4)
+    assert result.exit_code == 0, result.summary()
+    # 600 keys: 24 requests of 25 once the limit is known, plus 3 event checks and the few
+    # 413s in flight when it was learned; halving per 413 would shrink batches to 6 or less.
+    assert sandbox.counters.by_status[413] <= 8
+    assert result.requests <= 3 + 24 + 8
+
+
+async def test_resume_refuses_inputs_that_would_drop_keys_from_the_report(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    sandbox.settings.daily_quota = 3
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in ticket_rows(world)], HEADER)
+    first = await run(sandbox, [inputs], tmp_path, concurrency=1)
+    assert first.exit_code == 3
+    before = first.report.read_bytes()
+    sandbox.settings.daily_quota = None
+
+    with pytest.raises(ReportError, match="not in these inputs"):
+        await run(sandbox, [first.failed_rows], tmp_path, resume=True)
+    assert first.report.read_bytes() == before
+
+    again = await run(sandbox, [inputs], tmp_path, resume=True)
+    assert again.exit_code == 0 and again.counts["undone"] == 600

@@ -127,3 +127,59 @@ def test_leftovers_hand_back_everything_not_settled() -> None:
     assert everything == list(range(300))
     assert suspects[0][1] == "404"
     assert isolator.done
+
+
+def test_a_refusal_that_is_not_about_keys_never_gets_a_good_key_blamed() -> None:
+    # A server that answers 400 to any request above 40 keys, as if a key were bad.
+    isolator: KeyIsolator[int] = KeyIsolator(
+        np.arange(500, dtype=np.int64), 100, needs_proof=lambda status: status != 404
+    )
+    undone: set[int] = set()
+    blamed: list[int] = []
+    sent = 0
+    while not isolator.done:
+        group = isolator.next_group()
+        assert group is not None
+        sent += 1
+        assert sent < 2_000, "isolation does not converge"
+        if len(group.positions) > 40:
+            result = isolator.record_refused(group.id, 400)
+        else:
+            result = isolator.record_ok(group.id)
+        undone.update(int(p) for p in result.undone)
+        blamed.extend(k for k, _ in result.bad)
+    assert undone == set(range(500)) and not blamed
+
+
+def test_a_413_on_half_of_a_refused_group_does_not_loop() -> None:
+    # Keys are checked before size: the 100-key group gets 404, its half of 50 gets 413.
+    isolator: KeyIsolator[int] = KeyIsolator(np.arange(100, dtype=np.int64), 100)
+    bad = 77
+    sent = 0
+    undone: set[int] = set()
+    blamed: set[int] = set()
+    while not isolator.done:
+        group = isolator.next_group()
+        assert group is not None
+        sent += 1
+        assert sent < 100, "the same keys keep coming back"
+        keys = {int(p) for p in group.positions}
+        if bad in keys:
+            result = isolator.record_refused(group.id, 404)
+        elif len(keys) > 30 and sent > 1:
+            isolator.record_too_large(group.id)
+            continue
+        else:
+            result = isolator.record_ok(group.id)
+        undone.update(int(p) for p in result.undone)
+        blamed.update(k for k, _ in result.bad)
+    assert blamed == {bad} and undone == set(range(100)) - {bad}
+
+
+def test_groups_in_flight_before_a_413_do_not_shrink_the_batch_again() -> None:
+    isolator: KeyIsolator[int] = KeyIsolator(np.arange(1_000, dtype=np.int64), 100)
+    in_flight = [isolator.next_group() for _ in range(4)]
+    for group in in_flight:
+        assert group is not None
+        isolator.record_too_large(group.id)
+    assert isolator.max_batch == 50

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from batchjob import JobConfig, ReportError, run_job
+from batchjob import JobConfig, ReportError, Secret, StaticToken, run_job
 from batchjob._sandbox import Faults, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     CrashAfter,
@@ -145,6 +145,9 @@ async def test_without_resume_an_earlier_report_or_journal_is_left_alone(
         assert sandbox.counters.total == 0
 
 
+DEAD_URL = "http://127.0.0.1:9/v3"
+
+
 @pytest.mark.parametrize(
     "content",
     [b"Name,Email\nAnn,a@example.com\n", b"\x89PNG\r\n\x1a\n\x00\x00", b'event_id,"unclosed\n'],
@@ -156,9 +159,10 @@ async def test_resume_on_a_file_that_is_not_a_report_exits_2_and_leaves_it(
     inputs, _ = inputs_for(world, tmp_path)
     report = tmp_path / "r.csv"
     report.write_bytes(content)
-    config = JobConfig(inputs=(inputs,), report=report, resume=True, dry_run=True)
+    # Port 9 (discard): nothing may be sent, and nothing listens there anyway.
+    config = JobConfig(inputs=(inputs,), report=report, resume=True, base_url=DEAD_URL)
     with pytest.raises(ReportError, match=r"r\.csv"):
-        await run_job(config)
+        await run_job(config, tokens=StaticToken(Secret("unused")))
     assert report.read_bytes() == content
     assert leftovers(tmp_path) == []
 
