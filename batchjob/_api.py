@@ -36,6 +36,8 @@ class Verdict(Enum):
     REFUSED = "refused"  # any other answer: not retried, keys failed
 
 
+#: A few, not one: with short-lived tokens a slow request can outlive a fresh one too.
+MAX_REFRESHES_PER_REQUEST = 3
 TOKEN_FAILED = "token_unavailable"  # noqa: S105 - error_key of a synthetic 401 when no token can be had
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 KEY_FAULT_STATUSES = frozenset({400, 404, 409, 422})
@@ -281,7 +283,7 @@ class Call:
     body: bytes | None = None
     expected: int = 204
     attempts: int = 0
-    refreshed: bool = False
+    refreshes: int = 0
     started: float = 0.0
 
 
@@ -360,10 +362,12 @@ class ApiClient:
             )
             if self._on_attempt is not None:
                 self._on_attempt(reply, call.attempts)
-            if verdict is Verdict.AUTH and not call.refreshed:
-                # One refresh per request: the token may simply have expired mid-run.
-                call.refreshed = True
-                if await self._tokens.refresh(token) is not None:
+            if verdict is Verdict.AUTH and call.refreshes < MAX_REFRESHES_PER_REQUEST:
+                # The token may simply have expired mid-run (or while this request waited).
+                # A source that cannot refresh, or hands back the same token, ends it here.
+                call.refreshes += 1
+                fresh = await self._tokens.refresh(token)
+                if fresh is not None and fresh != token:
                     continue
             if verdict is not Verdict.RETRY:
                 return reply

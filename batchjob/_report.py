@@ -121,17 +121,37 @@ class RowWriter:
         self._files = _escaped_categories(rows["source_file"])
         self._source_rows = rows["source_row"].to_numpy()
         self._outcomes = np.asarray([o or "" for o in OUTCOME_CODES], dtype=object)
+        self._error_keys = np.empty(0, dtype=object)
+        self._error_messages = np.empty(0, dtype=object)
+        self._stamp: tuple[int, str] = (-1, "")
 
-    def write(self, fh: IO[str], positions: Positions) -> None:
+    def _errors(self) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.object_]]:
+        errors = self._ledger.errors()
+        if len(errors) != len(self._error_keys):  # the ledger only ever adds errors
+            self._error_keys = np.asarray([escape_cell(k) for k, _ in errors], dtype=object)
+            self._error_messages = np.asarray([escape_cell(m) for _, m in errors], dtype=object)
+        return self._error_keys, self._error_messages
+
+    def _times(self, seconds: npt.NDArray[np.float64]) -> list[str]:
+        first = seconds[0]
+        if len(seconds) > 64 or not (first == seconds).all() or math.isnan(first):
+            return _format_times(seconds)
+        # A journal entry: one request, one finishing time.
+        whole = int(first)
+        if self._stamp[0] != whole:
+            self._stamp = (whole, _format_times(seconds[:1])[0])
+        return [self._stamp[1]] * len(seconds)
+
+    def write(self, fh: IO[str], positions: Positions, keys: list[str] | None = None) -> None:
+        """Rows for ``positions``; ``keys`` may pass their keys when the caller has them."""
         if len(positions) == 0:
             return
         ledger = self._ledger
-        errors = ledger.errors()
-        error_keys = np.asarray([escape_cell(k) for k, _ in errors], dtype=object)
-        error_messages = np.asarray([escape_cell(m) for _, m in errors], dtype=object)
+        error_keys, error_messages = self._errors()
         error = ledger.error[positions]
         status = ledger.http_status[positions].tolist()
-        keys = self._keys.take(pa.array(positions)).to_pylist()
+        if keys is None:
+            keys = self._keys.take(pa.array(positions)).to_pylist()
         csv.writer(fh).writerows(
             zip(
                 self._events[self._event_codes[positions]].tolist(),
@@ -143,7 +163,7 @@ class RowWriter:
                 ledger.attempts[positions].tolist(),
                 self._files[self._file_codes[positions]].tolist(),
                 self._source_rows[positions].tolist(),
-                _format_times(ledger.finished_at[positions]),
+                self._times(ledger.finished_at[positions]),
                 strict=True,
             )
         )
@@ -170,11 +190,11 @@ class Journal:
             self._fh.write(",".join(REPORT_COLUMNS) + "\n")
             self._flush()
 
-    def append(self, positions: Positions) -> None:
+    def append(self, positions: Positions, keys: list[str] | None = None) -> None:
         if len(positions) == 0:
             return
         buffer = io.StringIO()
-        self._writer.write(buffer, positions)
+        self._writer.write(buffer, positions, keys)
         # One write per request: a crash cuts at most the last record, never interleaves.
         self._fh.write(buffer.getvalue())
         self._flush()

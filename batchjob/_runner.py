@@ -200,12 +200,14 @@ class _Run:
 
     # --- bookkeeping -----------------------------------------------------------------------
 
-    def record(self, positions: Positions, outcome: Outcome, **fields: Any) -> None:
+    def record(
+        self, positions: Positions, outcome: Outcome, keys: list[str] | None = None, **fields: Any
+    ) -> None:
         if len(positions) == 0:
             return
         self.ledger.set(positions, outcome, finished_at=_now(), **fields)
         if self.journal is not None:
-            self.journal.append(positions)
+            self.journal.append(positions, keys)
         self.progress.advance(len(positions), self.pacer.rate)
 
     def halt(self, reason: str, exit_code: int) -> None:
@@ -239,7 +241,17 @@ class _Run:
 
     async def dispatch(self) -> None:
         tasks: set[asyncio.Task[None]] = set()
+        finished: list[asyncio.Task[None]] = []
+        wake = asyncio.Event()
+
+        def on_done(task: asyncio.Task[None]) -> None:
+            finished.append(task)
+            wake.set()
+
+        # One wake-up event for "a job finished" and "a signal came": waiting on it costs
+        # the same however many requests are in flight (asyncio.wait on the set would not).
         stop_wait = asyncio.ensure_future(self.stop.event.wait())
+        stop_wait.add_done_callback(lambda _: wake.set())
         drained = False
         try:
             while True:
@@ -254,14 +266,18 @@ class _Run:
                     job = self.next_job()
                     if job is None:
                         break
-                    tasks.add(asyncio.ensure_future(job))
+                    task = asyncio.ensure_future(job)
+                    task.add_done_callback(on_done)
+                    tasks.add(task)
                 if not tasks:
                     break
-                waiting = tasks if stop_wait.done() else tasks | {stop_wait}
-                await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for task in [t for t in tasks if t.done()]:
+                if not finished:
+                    wake.clear()
+                    await wake.wait()
+                while finished:
+                    task = finished.pop()
+                    tasks.discard(task)
                     self.check_crash(task)
-                tasks = {t for t in tasks if not t.done()}
                 if self.stopped and not drained and tasks:
                     # Stopped by quota, token, budget or a bug: answers on their way are
                     # worth waiting for, retries sleeping in backoff are not.
@@ -419,10 +435,9 @@ class _Run:
         isolator = event.isolator
         positions = group.positions
         call = Call()
+        keys = self.plan.keys_at(positions)
         try:
-            answer = await self.client.undo_check_in(
-                event.event_id, self.plan.keys_at(positions), call
-            )
+            answer = await self.client.undo_check_in(event.event_id, keys, call)
         except asyncio.CancelledError:
             self.ledger.attempts[positions] += call.attempts
             self.record(
@@ -434,12 +449,17 @@ class _Run:
             )
             raise
         self.ledger.attempts[positions] += answer.attempts
-        self.settle(event, isolator, group, answer)
+        self.settle(event, isolator, group, answer, keys)
         if event.closed_as is not None:
             self.flush_closed(event)
 
     def settle(
-        self, event: _Event, isolator: KeyIsolator[Reply], group: Group, answer: Answer
+        self,
+        event: _Event,
+        isolator: KeyIsolator[Reply],
+        group: Group,
+        answer: Answer,
+        keys: list[str] | None = None,
     ) -> None:
         reply = answer.reply
         verdict = reply.verdict
@@ -455,7 +475,9 @@ class _Run:
         if verdict is Verdict.OK:
             event.refusals = 0
             result = isolator.record_ok(group.id)
-            self.record(result.undone, Outcome.UNDONE, http_status=reply.status)
+            # record_ok settles exactly the keys sent: the journal can reuse their texts.
+            sent = keys if result.undone is group.positions else None
+            self.record(result.undone, Outcome.UNDONE, sent, http_status=reply.status)
             log.info("chunk.undone", attempts=answer.attempts)
         elif verdict is Verdict.KEY_FAULT:
             result = isolator.record_refused(group.id, reply)
