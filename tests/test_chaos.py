@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchjob import StopRequest
+from batchjob import RunResult, StopRequest
 from batchjob._sandbox import Faults, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     CrashAfter,
@@ -125,6 +125,17 @@ def _pairs_of(path: Path) -> tuple[list[str], list[str]]:
     )
 
 
+async def rerun_converges(
+    sandbox: Sandbox, world: World, pairs: list[Pair], first: RunResult, tmp_path: Path
+) -> None:
+    """With faults off, the first run's failed-rows file finishes every good key."""
+    await rerun_failed_rows(
+        sandbox, world, first.failed_rows, tmp_path / "rerun.csv",
+        carried=undone_keys(first.report),
+    )  # fmt: skip
+    assert_all_good_keys_undone(world, good_pairs(world, pairs))
+
+
 def undone_keys(report: Path) -> set[str]:
     frame = read_report(report)
     return set(frame[frame.outcome == "undone"].order_ticket_key)
@@ -155,11 +166,7 @@ async def test_all_faults_at_once_keep_every_invariant_and_a_rerun_converges(
         assert set(unknown.outcome) <= {"failed"}
         assert not journal_path(first.report).exists()
 
-        await rerun_failed_rows(
-            sandbox, world, first.failed_rows, tmp_path / "rerun.csv",
-            carried=undone_keys(first.report),
-        )  # fmt: skip
-        assert_all_good_keys_undone(world, good_pairs(world, pairs))
+        await rerun_converges(sandbox, world, pairs, first, tmp_path)
 
 
 async def test_daily_quota_running_out_under_faults_stops_truthfully(tmp_path: Path) -> None:
@@ -180,11 +187,7 @@ async def test_daily_quota_running_out_under_faults_stops_truthfully(tmp_path: P
 
         sandbox.reset_quota()
         sandbox.settings.daily_quota = None
-        await rerun_failed_rows(
-            sandbox, world, first.failed_rows, tmp_path / "rerun.csv",
-            carried=undone_keys(first.report),
-        )  # fmt: skip
-        assert_all_good_keys_undone(world, good_pairs(world, pairs))
+        await rerun_converges(sandbox, world, pairs, first, tmp_path)
 
 
 async def test_a_stop_under_faults_lets_requests_in_flight_finish_truthfully(
@@ -218,11 +221,7 @@ async def test_a_stop_under_faults_lets_requests_in_flight_finish_truthfully(
         # Every answer that came back was recorded: none was cut off by the stop.
         assert not any(x.status == -1 for x in exchanges)
 
-        await rerun_failed_rows(
-            sandbox, world, first.failed_rows, tmp_path / "rerun.csv",
-            carried=undone_keys(first.report),
-        )  # fmt: skip
-        assert_all_good_keys_undone(world, good_pairs(world, pairs))
+        await rerun_converges(sandbox, world, pairs, first, tmp_path)
 
 
 async def test_a_key_applied_before_the_quota_ran_out_is_not_reported_as_never_sent(
@@ -289,11 +288,7 @@ async def test_the_api_vanishing_mid_run_leaves_a_truthful_report_and_a_rerun_fi
         assert gave_up.error_message.str.contains("may have applied").sum() > 0
 
         await sandbox.start(port=port)  # the network is back
-        await rerun_failed_rows(
-            sandbox, world, first.failed_rows, tmp_path / "rerun.csv",
-            carried=undone_keys(first.report),
-        )  # fmt: skip
-        assert_all_good_keys_undone(world, good_pairs(world, pairs))
+        await rerun_converges(sandbox, world, pairs, first, tmp_path)
     finally:
         await sandbox.stop()
 
@@ -321,11 +316,7 @@ async def test_a_static_token_expiring_mid_run_stops_truthfully_and_a_new_token_
 
         sandbox.settings.access_token_ttl = None
         sandbox.issue_access_token()  # a new token, as a person would paste tomorrow
-        await rerun_failed_rows(
-            sandbox, world, first.failed_rows, tmp_path / "rerun.csv",
-            carried=undone_keys(first.report),
-        )  # fmt: skip
-        assert_all_good_keys_undone(world, good_pairs(world, pairs))
+        await rerun_converges(sandbox, world, pairs, first, tmp_path)
 
 
 # --- a crash under faults, then --resume ---------------------------------------------------------
@@ -537,8 +528,4 @@ async def test_tokens_expiring_every_few_hundred_ms_under_faults_lose_nothing(
         assert token_file.stat().st_mode & 0o777 == 0o600
 
         sandbox.settings.access_token_ttl = None
-        await rerun_failed_rows(
-            sandbox, world, first.failed_rows, tmp_path / "rerun.csv",
-            carried=undone_keys(first.report),
-        )  # fmt: skip
-        assert_all_good_keys_undone(world, good_pairs(world, pairs))
+        await rerun_converges(sandbox, world, pairs, first, tmp_path)
