@@ -673,7 +673,13 @@ class Sandbox:
         if request.content_type != "application/json":
             return self._answer(request, _UNSUPPORTED_TYPE, event_id, at)
         try:
-            payload = json.loads(await request.read())
+            body = await request.read()
+        except ConnectionError:
+            # The client gave up (its timeout) before sending the whole body: nothing to do,
+            # and no traceback for what a real server sees every day.
+            return web.Response(status=400)
+        try:
+            payload = json.loads(body)
         except ValueError:
             return self._answer(request, _JSON_INVALID, event_id, at)
         raw_keys = payload.get("order_ticket_keys") if isinstance(payload, dict) else None
