@@ -371,13 +371,8 @@ class ApiClient:
                     continue
             if verdict is not Verdict.RETRY:
                 return reply
-            elapsed = time.monotonic() - call.started
-            if (
-                reply.retry_after is not None
-                and elapsed + reply.retry_after > self._policy.max_time
-            ):
-                # Retrying sooner than the server asked would only be refused again.
-                return reply
+            # A Retry-After longer than the time left is cut to it by backoff: one more try
+            # at the end of the budget beats failing at once every key of a maintenance window.
             raise _Retryable(reply)
 
     async def _once(self, call: Call, token: str) -> Reply:

@@ -182,9 +182,9 @@ class Journal:
     def __init__(self, path: Path, writer: RowWriter) -> None:
         self.path = path
         self._writer = writer
-        new = not path.exists() or path.stat().st_size == 0
-        if not new:
+        if path.exists():
             _cut_partial_line(path)
+        new = not path.exists() or path.stat().st_size == 0
         self._fh: IO[str] = path.open("a", newline="", encoding="utf-8")
         if new:
             self._fh.write(",".join(REPORT_COLUMNS) + "\n")
@@ -246,10 +246,11 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
     frames = []
     for path in (paths.report, paths.journal):
         if path.exists() and path.stat().st_size:
+            lines = _complete_lines(path)
+            if not lines.getbuffer().nbytes:
+                continue  # a crash cut even the header: nothing was recorded
             try:
-                frame = pd.read_csv(
-                    _complete_lines(path), dtype=str, keep_default_na=False, on_bad_lines="skip"
-                )
+                frame = pd.read_csv(lines, dtype=str, keep_default_na=False, on_bad_lines="skip")
             except (OSError, ValueError, pd.errors.ParserError) as exc:
                 raise ReportError(f"{path}: cannot read it to resume: {exc}") from None
             missing = {"event_id", "order_ticket_key", "outcome"} - set(frame.columns)

@@ -766,8 +766,9 @@ def _resume(config: JobConfig, paths: ReportPaths, plan: Plan, ledger: Ledger, l
 
 def _parse_times(values: Any) -> Any:
     parsed = pd.to_datetime(values, utc=True, errors="coerce", format="%Y-%m-%dT%H:%M:%SZ")
-    seconds = parsed.astype("int64").to_numpy() / 1e9
-    return np.where(parsed.isna().to_numpy(), math.nan, seconds)
+    # Unit-free: pandas 3 parses to microseconds, pandas 2 to nanoseconds.
+    seconds = (parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    return np.asarray(seconds, dtype=np.float64)
 
 
 async def _send_all(

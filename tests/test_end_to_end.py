@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import openpyxl
+import pandas as pd
 import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
@@ -342,3 +343,10 @@ async def test_resume_refuses_inputs_that_would_drop_keys_from_the_report(
 
     again = await run(sandbox, [inputs], tmp_path, resume=True)
     assert again.exit_code == 0 and again.counts["undone"] == 600
+    # Rows carried over from the first run keep their real finishing time.
+    before_rows = pd.read_csv(io.BytesIO(before), dtype=str, keep_default_na=False)
+    carried = before_rows[before_rows.outcome == "undone"]
+    after = read_report(again.report).set_index("order_ticket_key")
+    assert len(carried) > 0
+    for key, finished in zip(carried.order_ticket_key, carried.finished_at, strict=True):
+        assert after.loc[key, "finished_at"] == finished
