@@ -351,10 +351,11 @@ class ApiClient:
         """One try (two after a 401 that a token refresh may cure). Raises to be retried."""
         while True:
             sent_at = await self._pacer.acquire()
+            # A token first: a TokenError must not count as a request sent.
+            token = await self._tokens.token()
             # After the wait for a slot: the run may have stopped in the meantime.
             self._gate.spend()
             call.attempts += 1
-            token = await self._tokens.token()
             reply = await self._once(call, token)
             verdict = reply.verdict
             self._pacer.on_answer(

@@ -16,7 +16,7 @@ import fcntl
 import io
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -95,8 +95,9 @@ class Ledger:
         codes = self.outcome if positions is None else self.outcome[positions]
         return int(np.count_nonzero(codes == _CODE[outcome]))
 
-    def errors(self) -> list[tuple[str, str]]:
-        return list(self._errors)
+    def errors(self) -> Sequence[tuple[str, str]]:
+        """Every (error_key, error_message) so far, by code; only ever grows. Not a copy."""
+        return self._errors
 
 
 def _format_times(seconds: npt.NDArray[np.float64]) -> list[str]:
@@ -127,9 +128,16 @@ class RowWriter:
 
     def _errors(self) -> tuple[npt.NDArray[np.object_], npt.NDArray[np.object_]]:
         errors = self._ledger.errors()
-        if len(errors) != len(self._error_keys):  # the ledger only ever adds errors
-            self._error_keys = np.asarray([escape_cell(k) for k, _ in errors], dtype=object)
-            self._error_messages = np.asarray([escape_cell(m) for _, m in errors], dtype=object)
+        known = len(self._error_keys)
+        if len(errors) != known:
+            # The ledger only ever adds errors: escape just the new ones.
+            new = errors[known:]
+            self._error_keys = np.concatenate(
+                [self._error_keys, np.asarray([escape_cell(k) for k, _ in new], dtype=object)]
+            )
+            self._error_messages = np.concatenate(
+                [self._error_messages, np.asarray([escape_cell(m) for _, m in new], dtype=object)]
+            )
         return self._error_keys, self._error_messages
 
     def _times(self, seconds: npt.NDArray[np.float64]) -> list[str]:

@@ -87,14 +87,16 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-def _client(session: aiohttp.ClientSession, *, budget: int | None = None) -> ApiClient:
+def _client(
+    session: aiohttp.ClientSession, *, budget: int | None = None, max_time: float = 10
+) -> ApiClient:
     return ApiClient(
         AiohttpTransport(session),
         BASE,
         StaticToken(Secret("tok-secret")),
         AdaptivePacer(1000.0),
         RequestGate(budget),
-        RetryPolicy(max_tries=4, max_time=10, base=0.001, cap=0.01),
+        RetryPolicy(max_tries=4, max_time=max_time, base=0.001, cap=0.01),
         rng=random.Random(1),
     )
 
@@ -187,13 +189,5 @@ async def test_a_retry_after_beyond_the_retry_budget_still_gets_one_more_try(
     with aioresponses() as mock:
         mock.post(UNDO, status=503, headers={"Retry-After": "3600"})
         mock.post(UNDO, status=204)
-        client = ApiClient(
-            AiohttpTransport(session),
-            BASE,
-            StaticToken(Secret("tok-secret")),
-            AdaptivePacer(1000.0),
-            RequestGate(None),
-            RetryPolicy(max_tries=4, max_time=0.3, base=0.001, cap=0.01),
-        )
-        answer = await client.undo_check_in(EVENT, ["a"])
+        answer = await _client(session, max_time=0.3).undo_check_in(EVENT, ["a"])
     assert answer.reply.status == 204 and answer.attempts == 2
