@@ -10,8 +10,9 @@ from __future__ import annotations
 import email.utils
 import json
 import random
+import re
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Protocol
@@ -117,6 +118,22 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
             return None
         seconds = when.timestamp() - (time.time() if now is None else now)
     return max(0.0, seconds)
+
+
+# Printable ASCII other than the quote and the backslash: JSON strings that need no escape.
+_PLAIN_JSON = re.compile(r"[ !#-\[\]-~]*")
+
+
+def undo_body(keys: Sequence[str]) -> bytes:
+    """The undo request's JSON body, byte for byte what ``json.dumps`` compact would give.
+
+    Keys are nearly always plain ASCII, and joining them is several times cheaper than the
+    json encoder: it shows at thousands of requests a second.
+    """
+    # Checked without the separators: a key holding '","' must not pass for two keys.
+    if keys and _PLAIN_JSON.fullmatch("".join(keys)):
+        return ('{"order_ticket_keys":["' + '","'.join(keys) + '"]}').encode()
+    return json.dumps({"order_ticket_keys": list(keys)}, separators=(",", ":")).encode()
 
 
 # --- transport ------------------------------------------------------------------------------
@@ -326,7 +343,7 @@ class ApiClient:
         self, event_id: str, keys: list[str], call: Call | None = None
     ) -> Answer:
         """Undo check-ins for ``keys``. Pass ``call`` to read its attempts even if cancelled."""
-        body = json.dumps({"order_ticket_keys": keys}, separators=(",", ":")).encode()
+        body = undo_body(keys)
         url = f"{self._base}/events/{event_id}/undo_check_in/tickets"
         if call is None:
             call = Call("POST", url, body)

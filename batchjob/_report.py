@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import fcntl
 import io
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,21 +107,46 @@ def _format_times(seconds: npt.NDArray[np.float64]) -> list[str]:
     return [s + "Z" if s != "NaT" else "" for s in stamps.tolist()]
 
 
+def _csv_field(value: str) -> str:
+    """``value`` exactly as csv.writer writes it as one field of a row (quoted if it must be)."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow([value, ""])
+    return buffer.getvalue()[:-3]  # the row ends with the empty field's "," and "\r\n"
+
+
+def _csv_cells(values: Sequence[str]) -> npt.NDArray[np.object_]:
+    return np.asarray([_csv_field(escape_cell(v)) for v in values], dtype=object)
+
+
+# Keys that csv.writer writes as they are, and none starting like a formula: the common case,
+# checked for a whole block at once.
+_CSV_PLAIN = re.compile(r'[^,"\r\n]*')
+_FORMULA_START = re.compile(r"^'*[=+\-@\t]", re.MULTILINE)
+
+
+def _key_cells(keys: list[str]) -> list[str]:
+    if _CSV_PLAIN.fullmatch("".join(keys)) and not _FORMULA_START.search("\n".join(keys)):
+        return keys
+    return [_csv_field(escape_cell(k)) for k in keys]
+
+
 class RowWriter:
     """Writes report rows for plan positions: CSV text, spreadsheet-escaped, REPORT_COLUMNS order.
 
-    Built once per run. Per row it does list lookups and one csv.writer call, with no
-    DataFrame in between: a journal entry per request and a 1,000,000-row report both stay
-    cheap. Values with few distinct texts (events, files, errors) are escaped once each.
+    Built once per run, and fast: a journal block per event-loop turn and a 1,000,000-row
+    report both go through it. Values with few distinct texts (events, files, errors,
+    statuses) are escaped and CSV-quoted once each; keys are checked a block at a time; each
+    row is then one f-string, about four times cheaper than csv.writer, and byte for byte what
+    csv.writer would write.
     """
 
     def __init__(self, rows: pd.DataFrame, keys: Any, ledger: Ledger) -> None:
         self._keys = keys  # one-chunk pyarrow StringArray, see Plan.keys
         self._ledger = ledger
         self._event_codes = rows["event_id"].cat.codes.to_numpy()
-        self._events = _escaped_categories(rows["event_id"])
+        self._events = _csv_cells([str(c) for c in rows["event_id"].cat.categories])
         self._file_codes = rows["source_file"].cat.codes.to_numpy()
-        self._files = _escaped_categories(rows["source_file"])
+        self._files = _csv_cells([str(c) for c in rows["source_file"].cat.categories])
         self._source_rows = rows["source_row"].to_numpy()
         self._outcomes = np.asarray([o or "" for o in OUTCOME_CODES], dtype=object)
         self._error_keys = np.empty(0, dtype=object)
@@ -132,20 +159,20 @@ class RowWriter:
         if len(errors) != known:
             # The ledger only ever adds errors: escape just the new ones.
             new = errors[known:]
-            self._error_keys = np.concatenate(
-                [self._error_keys, np.asarray([escape_cell(k) for k, _ in new], dtype=object)]
-            )
+            self._error_keys = np.concatenate([self._error_keys, _csv_cells([k for k, _ in new])])
             self._error_messages = np.concatenate(
-                [self._error_messages, np.asarray([escape_cell(m) for _, m in new], dtype=object)]
+                [self._error_messages, _csv_cells([m for _, m in new])]
             )
         return self._error_keys, self._error_messages
 
     def _times(self, seconds: npt.NDArray[np.float64]) -> list[str]:
         first = seconds[0]
-        if len(seconds) > 64 or not (first == seconds).all() or math.isnan(first):
+        if len(seconds) > 256 or math.isnan(first):
             return _format_times(seconds)
-        # A journal entry: one request, one finishing time.
+        # A journal block: answers of one loop turn, nearly always within one second.
         whole = int(first)
+        if not (np.floor(seconds) == whole).all():
+            return _format_times(seconds)
         if self._stamp[0] != whole:
             self._stamp = (whole, _format_times(seconds[:1])[0])
         return [self._stamp[1]] * len(seconds)
@@ -157,35 +184,42 @@ class RowWriter:
         ledger = self._ledger
         error_keys, error_messages = self._errors()
         error = ledger.error[positions]
-        status = ledger.http_status[positions].tolist()
         if keys is None:
             keys = self._keys.take(pa.array(positions)).to_pylist()
-        csv.writer(fh).writerows(
-            zip(
-                self._events[self._event_codes[positions]].tolist(),
-                [escape_cell(k) for k in keys],
-                self._outcomes[ledger.outcome[positions]].tolist(),
-                [str(s) if s else "" for s in status],
-                error_keys[error].tolist(),
-                error_messages[error].tolist(),
-                ledger.attempts[positions].tolist(),
-                self._files[self._file_codes[positions]].tolist(),
-                self._source_rows[positions].tolist(),
-                self._times(ledger.finished_at[positions]),
-                strict=True,
+        fh.write(
+            "".join(
+                [
+                    f"{e},{k},{o},{s},{ek},{em},{a},{f},{r},{t}\r\n"
+                    for e, k, o, s, ek, em, a, f, r, t in zip(
+                        self._events[self._event_codes[positions]].tolist(),
+                        _key_cells(keys),
+                        self._outcomes[ledger.outcome[positions]].tolist(),
+                        [str(s) if s else "" for s in ledger.http_status[positions].tolist()],
+                        error_keys[error].tolist(),
+                        error_messages[error].tolist(),
+                        ledger.attempts[positions].tolist(),
+                        self._files[self._file_codes[positions]].tolist(),
+                        self._source_rows[positions].tolist(),
+                        self._times(ledger.finished_at[positions]),
+                        strict=True,
+                    )
+                ]
             )
         )
-
-
-def _escaped_categories(values: pd.Series[Any]) -> npt.NDArray[np.object_]:
-    return np.asarray([escape_cell(str(c)) for c in values.cat.categories], dtype=object)
 
 
 # --- the journal ----------------------------------------------------------------------------
 
 
 class Journal:
-    """Append-only CSV of outcomes as they happen; the same columns as the report."""
+    """Append-only CSV of outcomes as they happen; the same columns as the report.
+
+    Outcomes settled in one turn of the event loop are written together, in one write and one
+    flush at the start of the next turn: with many requests in flight, answers arrive in
+    bursts, and formatting them as one block costs a fraction of one write per request. A kill
+    -9 loses at most the requests in flight and the answers of that last turn (well under a
+    millisecond's worth); ``--resume`` sends those keys again, which is harmless.
+    """
 
     def __init__(self, path: Path, writer: RowWriter) -> None:
         self.path = path
@@ -194,24 +228,47 @@ class Journal:
             _cut_partial_line(path)
         new = not path.exists() or path.stat().st_size == 0
         self._fh: IO[str] = path.open("a", newline="", encoding="utf-8")
+        self._pending: list[Positions] = []
+        self._pending_keys: list[str] | None = []
+        self._scheduled = False
         if new:
             self._fh.write(",".join(REPORT_COLUMNS) + "\n")
-            self._flush()
+            self._fh.flush()
 
     def append(self, positions: Positions, keys: list[str] | None = None) -> None:
         if len(positions) == 0:
             return
+        self._pending.append(positions)
+        if keys is None:
+            self._pending_keys = None
+        elif self._pending_keys is not None:
+            self._pending_keys.extend(keys)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write what is pending: one write per turn, so a crash cuts at most the last block."""
+        self._scheduled = False
+        if not self._pending:
+            return
+        pending, keys = self._pending, self._pending_keys
+        self._pending, self._pending_keys = [], []
+        positions = pending[0] if len(pending) == 1 else np.concatenate(pending)
         buffer = io.StringIO()
         self._writer.write(buffer, positions, keys)
-        # One write per request: a crash cuts at most the last record, never interleaves.
         self._fh.write(buffer.getvalue())
-        self._flush()
-
-    def _flush(self) -> None:
         # Flushed to the OS: survives kill -9. fsync (power loss) is for the final report.
         self._fh.flush()
 
     def close(self) -> None:
+        self.flush()
         self._fh.close()
 
     @staticmethod
