@@ -231,12 +231,16 @@ class Journal:
         self._pending: list[Positions] = []
         self._pending_keys: list[str] | None = []
         self._scheduled = False
+        # A write that failed in a loop callback (disk full) would only be logged by asyncio.
+        # Kept here instead: the run stops on it (exit 3), and the ledger, which holds every
+        # outcome, goes on to the final report if the disk lets it.
+        self.failed: OSError | None = None
         if new:
             self._fh.write(",".join(REPORT_COLUMNS) + "\n")
             self._fh.flush()
 
     def append(self, positions: Positions, keys: list[str] | None = None) -> None:
-        if len(positions) == 0:
+        if self.failed is not None or len(positions) == 0:
             return
         self._pending.append(positions)
         if keys is None:
@@ -248,15 +252,21 @@ class Journal:
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self.flush()
+            self._flush_soon()
             return
         self._scheduled = True
-        loop.call_soon(self.flush)
+        loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        try:
+            self.flush()
+        except OSError as exc:
+            self.failed = exc
 
     def flush(self) -> None:
         """Write what is pending: one write per turn, so a crash cuts at most the last block."""
         self._scheduled = False
-        if not self._pending:
+        if not self._pending or self.failed is not None:
             return
         pending, keys = self._pending, self._pending_keys
         self._pending, self._pending_keys = [], []
@@ -268,8 +278,16 @@ class Journal:
         self._fh.flush()
 
     def close(self) -> None:
-        self.flush()
-        self._fh.close()
+        """Write what is pending and close. A failure is kept in ``failed``, not raised: the
+        ledger still holds every outcome, and the final report is worth trying to write."""
+        try:
+            if self.failed is None:
+                self.flush()
+        except OSError as exc:
+            self.failed = exc
+        finally:
+            with contextlib.suppress(OSError):
+                self._fh.close()
 
     @staticmethod
     def remove(path: Path) -> None:

@@ -302,6 +302,11 @@ class _Run:
                     task = finished.pop()
                     tasks.discard(task)
                     self.check_crash(task)
+                if self.journal is not None and self.journal.failed is not None:
+                    self.halt(
+                        f"internal error: cannot write the journal: {self.journal.failed}",
+                        EXIT_STOPPED,
+                    )
                 if self.stopped and not drained and tasks:
                     # Stopped by quota, token, budget or a bug: answers on their way are
                     # worth waiting for, retries sleeping in backoff are not.
@@ -685,6 +690,8 @@ async def run_job(
                 )
             finally:
                 journal.close()
+                if journal.failed is not None:
+                    log.error("journal.write_failed", error=str(journal.failed))
 
         unset = ledger.unset()
         if len(unset):

@@ -350,3 +350,37 @@ async def test_resume_refuses_inputs_that_would_drop_keys_from_the_report(
     assert len(carried) > 0
     for key, finished in zip(carried.order_ticket_key, carried.finished_at, strict=True):
         assert after.loc[key, "finished_at"] == finished
+
+
+async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_keeps_every_key(
+    sandbox: Sandbox, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchjob._report import Journal
+
+    real_flush = Journal.flush
+    flushes = 0
+
+    def disk_fills_up(self: Journal) -> None:
+        nonlocal flushes
+        flushes += 1
+        if flushes == 3:
+            raise OSError(28, "No space left on device")
+        real_flush(self)
+
+    monkeypatch.setattr(Journal, "flush", disk_fills_up)
+    rows = ticket_rows(world)
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
+
+    result = await run(sandbox, [inputs], tmp_path, batch_size=10, concurrency=2)
+
+    assert result.exit_code == 3, result.summary()
+    assert "No space left on device" in result.stopped
+    report = read_report(result.report)
+    assert list(zip(report.event_id, report.order_ticket_key, strict=True)) == rows
+    for event_id, key, outcome in zip(
+        report.event_id, report.order_ticket_key, report.outcome, strict=True
+    ):
+        # Undone where the server says so; every other key says it was not attempted.
+        assert (outcome == "undone") == (not world.checked_in(str(event_id), str(key)))
+        assert outcome in ("undone", "not_attempted")
+    assert 0 < (report.outcome == "undone").sum() < len(rows)
