@@ -392,9 +392,9 @@ def _read_csv_fast(path: str, layout: _CsvLayout) -> tuple[pd.Series | None, pd.
         types[names[columns.event]] = pa.dictionary(pa.int32(), pa.large_string())
     mapped = _map(path)
     table = pa_csv.read_csv(
-        pa.BufferReader(pa.py_buffer(mapped)),
+        path if mapped is None else pa.BufferReader(pa.py_buffer(mapped)),
         read_options=_read_options(layout, names, use_threads=True),
-        parse_options=_parse_options(layout, quoted=mapped.find(b'"') >= 0),
+        parse_options=_parse_options(layout, quoted=mapped is None or mapped.find(b'"') >= 0),
         convert_options=pa_csv.ConvertOptions(
             include_columns=[names[i] for i in _used(columns)],
             column_types=types,
@@ -436,16 +436,20 @@ def _read_options(layout: _CsvLayout, names: list[str], *, use_threads: bool) ->
     )
 
 
-def _map(path: str) -> mmap.mmap:
+def _map(path: str) -> mmap.mmap | None:
     """The file mapped into memory: searched for quotes, then parsed, with no copy or re-read.
 
     A newline can only be inside a value that is quoted. Without a '"' byte in the file (in any
     encoding we read, '"' holds one), pyarrow may split it into blocks at any newline, which
     parses a large file about a quarter faster than following quotes from block to block;
-    finding that there are none costs a tenth of that.
+    finding that there are none costs a tenth of that. None where the file cannot be mapped
+    (some special file systems): then it is read as a stream, assuming quotes.
     """
     with open(path, "rb") as handle:
-        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            return None
 
 
 def _parse_options(

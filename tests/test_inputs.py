@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import datetime as dt
+import mmap
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -301,6 +302,21 @@ def test_a_large_file_without_quotes_reads_the_same_as_one_with_them(
     assert column(fast, "source_row") == list(range(2, 60_002))
     assert keys(slow)[:-1] == keys(fast)
     assert problems(fast) == [""] * 60_000
+
+
+def test_a_file_that_cannot_be_memory_mapped_is_read_as_a_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_: object, **__: object) -> None:
+        raise OSError("mmap not supported")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    path = write(tmp_path / "a.csv", f'Event ID,Ticket Key,Note\n{EVENT},K1,"a\nb"\n{EVENT},K2,c\n')
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1", "K2"]
+    assert column(result, "source_row") == [2, 3]
 
 
 @pytest.mark.parametrize("padded", [" K5", "K5 ", "K5\t", "K5\u00a0", "\u3000K5"])
