@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import csv
 import datetime as dt
+import mmap
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -281,6 +282,49 @@ def test_quoted_newlines_survive_in_a_file_larger_than_the_parsers_blocks(tmp_pa
 
     assert keys(result) == [f"K{i}" for i in range(60_000)]
     assert column(result, "source_row")[-1] == 60_001
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_a_large_file_without_quotes_reads_the_same_as_one_with_them(
+    tmp_path: Path, newline: str
+) -> None:
+    # Without a quote anywhere the file is split into blocks at any newline; one quoted cell at
+    # the very end makes the reader follow quotes instead. Both must read the same rows.
+    lines = [f"{EVENT},K{i},note {i}" for i in range(60_000)]
+    plain = write(tmp_path / "plain.csv", newline.join(["Event ID,Ticket Key,Note", *lines, ""]))
+    quoted = write(
+        tmp_path / "quoted.csv", newline.join(["Event ID,Ticket Key,Note", *lines, '"x"', ""])
+    )
+
+    fast, slow = read_inputs([plain]), read_inputs([quoted])
+
+    assert keys(fast) == [f"K{i}" for i in range(60_000)]
+    assert column(fast, "source_row") == list(range(2, 60_002))
+    assert keys(slow)[:-1] == keys(fast)
+    assert problems(fast) == [""] * 60_000
+
+
+def test_a_file_that_cannot_be_memory_mapped_is_read_as_a_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(*_: object, **__: object) -> None:
+        raise OSError("mmap not supported")
+
+    monkeypatch.setattr(mmap, "mmap", refuse)
+    path = write(tmp_path / "a.csv", f'Event ID,Ticket Key,Note\n{EVENT},K1,"a\nb"\n{EVENT},K2,c\n')
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["K1", "K2"]
+    assert column(result, "source_row") == [2, 3]
+
+
+@pytest.mark.parametrize("padded", [" K5", "K5 ", "K5\t", "K5\u00a0", "\u3000K5"])
+def test_one_padded_key_among_many_clean_ones_is_stripped(tmp_path: Path, padded: str) -> None:
+    rows = [f"{EVENT},K{i}" for i in range(5)] + [f"{EVENT},{padded}"]
+    path = write(tmp_path / "a.csv", "\n".join(["Event ID,Ticket Key", *rows, ""]))
+
+    assert keys(read_inputs([path])) == [f"K{i}" for i in range(5)] + ["K5"]
 
 
 def test_rows_with_missing_or_extra_fields(tmp_path: Path) -> None:
