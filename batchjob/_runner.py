@@ -23,7 +23,6 @@ from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from batchjob._api import (
     TOKEN_FAILED,
@@ -169,28 +168,6 @@ def _reply_fields(reply: Reply) -> dict[str, Any]:
     }
 
 
-class KeyTexts:
-    """A request's keys as str, straight from the Arrow buffers of ``Plan.keys``.
-
-    A chunk's keys are needed once per request; Arrow's take() costs ~30 us of dispatch for
-    ten keys, slicing one bytes object a few. No Python object per key is kept.
-    """
-
-    def __init__(self, keys: Any) -> None:
-        width = np.int64 if pa.types.is_large_string(keys.type) else np.int32
-        _, offsets, data = keys.buffers()
-        skip = keys.offset * np.dtype(width).itemsize  # a sliced array shares its parent's
-        self._offsets = np.frombuffer(offsets, dtype=width, count=len(keys) + 1, offset=skip)
-        self._data = data.to_pybytes() if data is not None else b""
-
-    def at(self, positions: Positions) -> list[str]:
-        offsets = self._offsets
-        data = self._data
-        starts = offsets[positions].tolist()
-        ends = offsets[positions + 1].tolist()
-        return [data[s:e].decode() for s, e in zip(starts, ends, strict=True)]
-
-
 class _Run:
     def __init__(
         self,
@@ -220,7 +197,6 @@ class _Run:
         self.exit_code = EXIT_OK
         self.retries = 0
         self.batch_limit = config.batch_size  # lowered run-wide when the server answers 413
-        self.texts = KeyTexts(plan.keys)
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -464,7 +440,7 @@ class _Run:
         isolator = event.isolator
         positions = group.positions
         call = Call()
-        keys = self.texts.at(positions)
+        keys = self.plan.keys_at(positions)
         try:
             answer = await self.client.undo_check_in(event.event_id, keys, call)
         except asyncio.CancelledError:
@@ -492,7 +468,8 @@ class _Run:
     ) -> None:
         reply = answer.reply
         verdict = reply.verdict
-        log = self.log.bind(event_id=event.event_id, keys=len(group.positions))
+        log = self.log
+        about = {"event_id": event.event_id, "keys": len(group.positions)}
         if answer.not_sent:
             self.halt(answer.not_sent, EXIT_STOPPED)
             self.record(
@@ -507,11 +484,12 @@ class _Run:
             # record_ok settles exactly the keys sent: the journal can reuse their texts.
             sent = keys if result.undone is group.positions else None
             self.record(result.undone, Outcome.UNDONE, sent, http_status=reply.status)
-            log.info("chunk.undone", attempts=answer.attempts)
+            log.info("chunk.undone", **about, attempts=answer.attempts)
         elif verdict is Verdict.KEY_FAULT:
             result = isolator.record_refused(group.id, reply)
             log.info(
                 "chunk.refused",
+                **about,
                 status=reply.status,
                 error_key=reply.error_key,
                 isolating=len(group.positions) > 1,
@@ -528,7 +506,7 @@ class _Run:
             for other in self.events:
                 if other.isolator is not None:
                     other.isolator.shrink_batch(self.batch_limit)
-            log.warning("chunk.too_large", batch_size=self.batch_limit)
+            log.warning("chunk.too_large", **about, batch_size=self.batch_limit)
             return
         elif self.stops_run(reply):
             # The last attempt was refused; any before it may have been applied unanswered.
@@ -546,7 +524,7 @@ class _Run:
             if verdict is Verdict.RETRY or 200 <= reply.status < 400:
                 fields["error_message"] += "; the server may have applied it, a rerun is harmless"
             self.record(isolator.record_no_verdict(group.id), Outcome.FAILED, **fields)
-            log.warning("chunk.failed", status=reply.status, error_key=reply.error_key)
+            log.warning("chunk.failed", **about, status=reply.status, error_key=reply.error_key)
             return
         for position, blame in result.bad:
             self.record(

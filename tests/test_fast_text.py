@@ -11,14 +11,15 @@ import io
 import json
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
 from batchjob._api import undo_body
 from batchjob._cells import escape_cell
+from batchjob._plan import Plan
 from batchjob._report import _csv_field, _key_cells
-from batchjob._runner import KeyTexts
 
 # Text a cell can hold, with the characters that need care spelt out so they are tried often.
 cell_text = st.text(
@@ -77,7 +78,7 @@ def test_a_key_holding_the_separator_is_not_split() -> None:
     st.booleans(),
     st.integers(0, 3),
 )
-def test_key_texts_match_arrow_take(
+def test_plan_keys_at_matches_arrow_take(
     keys: list[str], data: st.DataObject, large: bool, skip: int
 ) -> None:
     array = pa.array(keys, type=pa.large_string() if large else pa.string())
@@ -86,4 +87,5 @@ def test_key_texts_match_arrow_take(
         data.draw(st.lists(st.integers(0, len(array) - 1), min_size=1, max_size=10)),
         dtype=np.int64,
     )
-    assert KeyTexts(array).at(positions) == array.take(pa.array(positions)).to_pylist()
+    plan = Plan(rows=pd.DataFrame(), events={}, duplicates=0, blank_rows=0, keys=array)
+    assert plan.keys_at(positions) == array.take(pa.array(positions)).to_pylist()
