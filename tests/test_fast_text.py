@@ -7,8 +7,10 @@ properties hold them to it byte for byte, for any text a spreadsheet export migh
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 from batchjob._api import undo_body
 from batchjob._cells import escape_cell
 from batchjob._plan import Plan
-from batchjob._report import _csv_field, _key_cells
+from batchjob._report import _csv_field, _format_times, _key_cells
 
 # Text a cell can hold, with the characters that need care spelt out so they are tried often.
 cell_text = st.text(
@@ -89,3 +91,22 @@ def test_plan_keys_at_matches_arrow_take(
     )
     plan = Plan(rows=pd.DataFrame(), events={}, duplicates=0, blank_rows=0, keys=array)
     assert plan.keys_at(positions) == array.take(pa.array(positions)).to_pylist()
+
+
+@given(
+    st.lists(
+        st.one_of(st.floats(0, 4_000_000_000, allow_nan=False), st.just(float("nan"))),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_report_times_are_utc_seconds_or_empty(seconds: list[float]) -> None:
+    expected = [
+        ""
+        if math.isnan(s)
+        else datetime.datetime.fromtimestamp(math.floor(s), datetime.UTC).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+        for s in seconds
+    ]
+    assert _format_times(np.asarray(seconds, dtype=np.float64)) == expected
