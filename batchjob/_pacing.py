@@ -105,7 +105,7 @@ class PacingSettings:
     proven_after: int = 10  # answers at a rate, with no sign of being over, that prove it
     first_cut: float = 0.1  # share cut by a 429 before the rate is proven; doubles in a row
     backoff_floor: float = 0.5  # the most one decrease may cut (x0.5)
-    cruise_answers: int = 300  # unthrottled answers at a settled rate before probing above it
+    cruise_answers: int = 300  # answers since a ceiling was set before probing above it
     first_step: float = 0.02  # the first probe raises the ceiling this much; doubles on success
     rtt_samples: int = 16  # recent round trips whose fastest bounds an early arrival
     rtt_warmup: int = 8  # round trips needed before the fastest is trusted
@@ -150,6 +150,7 @@ class AdaptivePacer:
         self._proven: float | None = None  # highest rate recently sustained
         self._step = self.settings.first_step
         self._ceiling_run: tuple[int, int] | None = None  # (429s, answers) that set it
+        self._under_ceiling = 0  # answers since it was set
         # Answers to requests sent at the current rate (since the last change).
         self._epoch_start = float("-inf")
         self._epoch_answers = 0
@@ -227,6 +228,7 @@ class AdaptivePacer:
         if not throttled:
             self._hold_after_slow_answer(sent_at, now - sent_at)
         self._epoch_answers += 1
+        self._under_ceiling += 1
         proven = self._is_proven()
         # At a proven rate, look for a change (a CUSUM, floored at zero); at a new one, weigh
         # every answer since it began, so a 429 after a clean stretch counts for less than
@@ -331,6 +333,7 @@ class AdaptivePacer:
     def _set_ceiling(self, rate: float | None, blamed: tuple[int, int] | None) -> None:
         self._ceiling = rate
         self._ceiling_run = blamed
+        self._under_ceiling = 0
 
     def _maybe_increase(self) -> None:
         s = self.settings
@@ -354,9 +357,11 @@ class AdaptivePacer:
         ceiling = min(self._ceiling or self.max_rate, self.max_rate)
         if ceiling - current > s.margin * ceiling:
             self._probe(math.sqrt(current * ceiling))
-        elif self._step > s.first_step or self._epoch_answers >= s.cruise_answers:
+        elif self._step > s.first_step or self._under_ceiling >= s.cruise_answers:
             # Settled just under the ceiling for a while: the limit may have risen. When the
-            # last raise went through without a 429 it probably has, so go on at once.
+            # last raise went through without a 429 it probably has, so go on at once. The
+            # while counts every answer since the ceiling was set, not since the last change:
+            # noise that now and then costs a margin step must not keep a ceiling for ever.
             raised = min(self.max_rate, max(ceiling, current) * (1.0 + self._step))
             self._set_ceiling(raised, None)
             self._step = min(1.0, self._step * 2)
