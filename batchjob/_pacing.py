@@ -64,13 +64,16 @@ rate with 1.2 % of requests refused; the reasons below took it to 99 % with none
   together, so the noise is measured before it is mistaken for a limit that dropped. The 429s
   of a rate not yet proven are not counted as noise (it may yet turn out to be over), and the
   429s that set the ceiling are weighed again, with the noise known by then, against
-  ``credible_ceiling``: a ceiling set by what now reads as noise is dropped, not kept until a
-  cruise ends. Measured on loopback (``bench`` row 2b, and ``python -m bench.storm`` for 4/s),
-  a 5 % storm now costs a few percent over the ideal instead of many times it, while rows 1
-  and 2 (no noise) are unchanged. What it still cannot tell apart: noise that bunches up in
+  ``credible_ceiling``: above a ceiling set by what now reads as noise the pacer probes at
+  once, not after a cruise, but as a cruise does, from ``first_step`` doubling while it goes
+  through (jittery 429s just under a real limit also read as noise, and jumping straight to
+  the configured rate cost row 2 up to four times its usual 429s on a loaded machine).
+  Measured on loopback (``bench`` row 2b, and ``python -m bench.storm`` for 4/s), a 5 %
+  storm now costs a few percent over the ideal instead of many times it, while rows 1 and 2
+  (no noise) keep their figures. What it still cannot tell apart: noise that bunches up in
   the first few answers, before any rate is proven, is read as "over" and cut like a real
-  excess, and a ceiling two close 429s set then holds until a cruise ends. Against a real limit
-  under noise, probes above it take two or three 429s to refute instead of one.
+  excess, and the climb back is a step at a time. Against a real limit under noise, probes
+  above it take two or three 429s to refute instead of one.
 
 Only answers to requests sent after the last rate change count, so one decrease is never
 doubled by the refusals that were already in flight.
@@ -350,14 +353,15 @@ class AdaptivePacer:
             self._proven = current
         if current >= self.max_rate:
             return
-        if self._ceiling is not None and self._ceiling_evidence() < s.credible_ceiling:
-            # The 429s that set it are no more than the noise we now know of: it was never
-            # a limit. Without this a few early 429s would cap the rate until a cruise ends.
-            self._set_ceiling(None, None)
+        # The 429s that set the ceiling may be no more than the noise we now know of. Then
+        # probe above it at once, without waiting for a cruise to end, but from a small step
+        # that doubles while it goes through: 429s just under a real limit (timing jitter)
+        # also read as noise, and must not send a probe far over it.
+        doubted = self._ceiling is not None and self._ceiling_evidence() < s.credible_ceiling
         ceiling = min(self._ceiling or self.max_rate, self.max_rate)
-        if ceiling - current > s.margin * ceiling:
+        if ceiling - current > s.margin * ceiling and not doubted:
             self._probe(math.sqrt(current * ceiling))
-        elif self._step > s.first_step or self._under_ceiling >= s.cruise_answers:
+        elif doubted or self._step > s.first_step or self._under_ceiling >= s.cruise_answers:
             # Settled just under the ceiling for a while: the limit may have risen. When the
             # last raise went through without a 429 it probably has, so go on at once. The
             # while counts every answer since the ceiling was set, not since the last change:
