@@ -432,10 +432,9 @@ share = st.floats(min_value=0.0, max_value=0.25)
     error_503=share,
     lost_reply=share,
     slow=st.floats(min_value=0.0, max_value=0.1),
-    # Rate-independent 429s slow the adaptive pacer down a lot (a known open problem, see
-    # the performance issue); kept small here so the suite stays within CI's budget. The
-    # all-faults tests above run a 5 % storm with fixed seeds.
-    throttle_storm=st.floats(min_value=0.0, max_value=0.02),
+    # Rate-independent 429s, up to 10 %: the pacer tells them from "over the limit", so they
+    # no longer drag the rate down (a 5 % storm once took this test 221 s).
+    throttle_storm=st.floats(min_value=0.0, max_value=0.10),
     batch_size=st.integers(min_value=1, max_value=16),
     unknown=st.integers(min_value=0, max_value=3),
 )

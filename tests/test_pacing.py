@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 from collections.abc import Callable
 
 from hypothesis import given, settings
@@ -40,18 +41,29 @@ class Sent:
 
 
 def strict_bucket(
-    pacer: AdaptivePacer, clock: Clock, granted: Callable[[float], float], requests: int
+    pacer: AdaptivePacer,
+    clock: Clock,
+    granted: Callable[[float], float],
+    requests: int,
+    *,
+    noise: float = 0.0,
+    seed: int = 0,
 ) -> Sent:
     """Send ``requests`` as the pacer spaces them to a bucket with no burst allowance that
-    grants ``granted(now)`` requests/s, answering each at once."""
+    grants ``granted(now)`` requests/s, answering each at once. ``noise``: the share refused
+    at random before the bucket is asked, as the sandbox's throttle_storm does."""
     sent = Sent()
+    rng = random.Random(seed)
     last_accepted = float("-inf")
     for _ in range(requests):
         interval = (1.0 + pacer.settings.guard) / pacer.rate
         clock.now += interval
-        throttled = clock.now - last_accepted < 1.0 / granted(clock.now) - 1e-9
-        if not throttled:
-            last_accepted = clock.now
+        if rng.random() < noise:
+            throttled = True
+        else:
+            throttled = clock.now - last_accepted < 1.0 / granted(clock.now) - 1e-9
+            if not throttled:
+                last_accepted = clock.now
         sent.refused.append(throttled)
         sent.rates.append(1.0 / interval)
         pacer.on_answer(clock.now, throttled=throttled)
@@ -61,7 +73,9 @@ def strict_bucket(
 def test_a_throttled_answer_lowers_the_rate_and_it_climbs_back_but_never_above_max() -> None:
     clock = Clock()
     pacer = AdaptivePacer(10.0, clock=clock)
-    answer_ok(pacer, clock, 20)
+    # Long enough clean for a lone 429 to stand out from the noise that might be: 20 answers
+    # are not (a 1 % prior noise share makes one 429 in 20 unremarkable).
+    answer_ok(pacer, clock, 100)
     assert pacer.rate == 10.0
     clock.now += 0.1
     pacer.on_answer(clock.now - 0.05, throttled=True)
@@ -145,6 +159,80 @@ def test_the_other_integration_getting_busier_is_followed_down() -> None:
     sent = strict_bucket(pacer, clock, lambda now: 12.0, 600)
     assert sum(sent.refused) <= 12
     assert sent.share_near(12.0, 400, pacer.settings.margin) >= 0.95
+
+
+def test_random_429s_do_not_drag_the_rate_below_what_is_granted() -> None:
+    short = []
+    for noise, seed in itertools.product((0.02, 0.05, 0.1), range(30)):
+        clock = Clock()
+        pacer = AdaptivePacer(20.0, clock=clock)
+        sent = strict_bucket(pacer, clock, lambda now: 20.0, 1500, noise=noise, seed=seed)
+        near = sum(r >= 0.9 * 20.0 for r in sent.rates[-1000:]) >= 900
+        if not near or sum(sent.refused) > 1500 * noise * 1.5 + 15:
+            short.append((noise, seed))
+    # Every 429 read as "over" took 5 % noise down to a few requests a second for good (89 of
+    # these 90 fell short then). Now 12 in 1,200 seeds do, 11 of them at 10 % noise, here
+    # (0.02, 16), (0.1, 7) and (0.1, 20): noise that bunches up before anything is proven is
+    # still cut like a real excess, and the climb back is a doubling step at a time.
+    assert len(short) <= 3, short
+
+
+def test_under_noise_a_real_limit_is_still_found_and_followed() -> None:
+    def granted(now: float) -> float:
+        return 10.0 if now < 100.0 else 6.0  # then the other integration gets busier
+
+    found = followed = 0
+    for seed in range(10):
+        clock = Clock()
+        pacer = AdaptivePacer(20.0, clock=clock)
+        sent = strict_bucket(pacer, clock, granted, 1000, noise=0.05, seed=seed)
+        # Within 5 % under the limit most of the time; probes above it now take two or three
+        # 429s to refute, not one, so the share refused is the noise and a few points more.
+        near = sent.share_near(10.0, 600, 0.025) >= 0.7
+        found += near and sum(sent.refused[-600:]) <= 600 * 0.125
+        sent = strict_bucket(pacer, clock, granted, 600, noise=0.05, seed=seed + 100)
+        followed += sent.share_near(6.0, 400, 0.025) >= 0.75
+    # Not every seed: when the first few 429s at 20/s happen to be noise that bunches up,
+    # nothing is proven yet to tell noise from "over", the cuts go far below 10/s, and a
+    # ceiling that two close 429s set there holds until a cruise ends (seed 1). Every 429
+    # read as "over" (the old pacer) fails all ten.
+    assert found >= 8
+    assert followed >= 9
+
+
+def test_429s_at_a_proven_rate_are_counted_as_noise_and_those_of_a_cut_are_not() -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(20.0, clock=clock)
+    prior = pacer.noise()
+    for _ in range(6):  # a rate refused at once, again and again: over, not noise
+        clock.now += 0.1
+        pacer.on_answer(clock.now - 0.01, throttled=True)
+    assert pacer.noise() == prior
+    answer_ok(pacer, clock, 20)  # proves the rate reached
+    proven = pacer.rate
+    for _ in range(10):  # one 429 in twenty, at the proven rate
+        answer_ok(pacer, clock, 19)
+        clock.now += 0.1
+        pacer.on_answer(clock.now - 0.01, throttled=True)
+    assert pacer.noise() > 0.03
+    assert pacer.rate >= proven  # none of them lowered it
+
+
+def test_a_ceiling_set_by_a_lone_early_429_stops_holding_once_noise_explains_it() -> None:
+    clock = Clock()
+    pacer = AdaptivePacer(20.0, clock=clock)
+    clock.now += 0.1
+    pacer.on_answer(clock.now - 0.01, throttled=True)  # at once: read as "over", cut 10 %
+    assert pacer.rate == 18.0
+    # 18/s then sees one 429 in ten, sparse enough to be noise: the rate is proven there and
+    # the noise learnt, so the lone 429 at 20/s no longer holds the rate under it.
+    for _ in range(30):
+        answer_ok(pacer, clock, 9, step=1 / 18)
+        clock.now += 1 / 18
+        pacer.on_answer(clock.now - 0.01, throttled=True)
+        if pacer.rate == 20.0:
+            break
+    assert pacer.rate == 20.0
 
 
 @settings(max_examples=60, deadline=None)
