@@ -259,6 +259,7 @@ class Answer:
     reply: Reply
     attempts: int
     not_sent: str = ""  # why the gate stopped the request before it got an answer
+    uncertain: int = 0  # attempts after which the server may have applied it (see Call)
 
 
 class _Retryable(Exception):
@@ -302,6 +303,15 @@ class Call:
     attempts: int = 0
     refreshes: int = 0
     started: float = 0.0
+    # Attempts whose answer leaves open whether the server applied them: no answer, a 5xx, an
+    # unexpected 2xx/3xx, or (in_flight) one cut short. A 4xx is a refusal: not applied.
+    uncertain: int = 0
+    in_flight: bool = False
+
+
+def leaves_open(status: int, expected: int) -> bool:
+    """Whether an attempt answered ``status`` may have been applied all the same."""
+    return status == 0 or status >= 500 or (status < 400 and status != expected)
 
 
 class ApiClient:
@@ -358,11 +368,17 @@ class ApiClient:
         except _Retryable as exc:
             reply = exc.reply
         except NotSent as stop:
-            return Answer(Reply(0, "not_sent", stop.reason), call.attempts, not_sent=stop.reason)
+            return Answer(
+                Reply(0, "not_sent", stop.reason),
+                call.attempts,
+                not_sent=stop.reason,
+                uncertain=call.uncertain,
+            )
         except TokenError as exc:
             # No usable token (refresh refused, file unreadable): as final as a 401.
-            return Answer(Reply(401, TOKEN_FAILED, str(exc)), call.attempts)
-        return Answer(reply, call.attempts)
+            reply = Reply(401, TOKEN_FAILED, str(exc))
+            return Answer(reply, call.attempts, uncertain=call.uncertain)
+        return Answer(reply, call.attempts, uncertain=call.uncertain)
 
     async def _attempt(self, call: Call) -> Reply:
         """One try (two after a 401 that a token refresh may cure). Raises to be retried."""
@@ -373,7 +389,11 @@ class ApiClient:
             # After the wait for a slot: the run may have stopped in the meantime.
             self._gate.spend()
             call.attempts += 1
+            call.in_flight = True
             reply = await self._once(call, token)
+            call.in_flight = False
+            if leaves_open(reply.status, call.expected):
+                call.uncertain += 1
             verdict = reply.verdict
             self._pacer.on_answer(
                 sent_at, throttled=reply.status == 429 and verdict is Verdict.RETRY

@@ -450,7 +450,7 @@ class _Run:
                 Outcome.NOT_ATTEMPTED,
                 error_key="interrupted",
                 error_message=f"run stopped ({self.stopped or 'cancelled'}) before an answer "
-                "came" + _maybe_applied(call.attempts),
+                "came" + _maybe_applied(call.uncertain + call.in_flight),
             )
             raise
         self.ledger.attempts[positions] += answer.attempts
@@ -475,7 +475,7 @@ class _Run:
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
-                error_message=self.stopped + _maybe_applied(answer.attempts),
+                error_message=self.stopped + _maybe_applied(answer.uncertain),
             )
             return
         if verdict is Verdict.OK:
@@ -509,19 +509,20 @@ class _Run:
             log.warning("chunk.too_large", **about, batch_size=self.batch_limit)
             return
         elif self.stops_run(reply):
-            # The last attempt was refused; any before it may have been applied unanswered.
+            # The last attempt was refused; one before it may have been applied unanswered.
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
                 **_reply_fields(reply)
-                | {"error_message": self.stopped + _maybe_applied(answer.attempts - 1)},
+                | {"error_message": self.stopped + _maybe_applied(answer.uncertain)},
             )
             return
         else:
             gave_up = "retries exhausted: " if verdict is Verdict.RETRY else ""
             fields = _reply_fields(reply)
             fields["error_message"] = gave_up + (reply.error_message or f"HTTP {reply.status}")
-            if verdict is Verdict.RETRY or 200 <= reply.status < 400:
+            if answer.uncertain:
+                # Retries that only ever met 429s or other refusals changed nothing.
                 fields["error_message"] += "; the server may have applied it, a rerun is harmless"
             self.record(isolator.record_no_verdict(group.id), Outcome.FAILED, **fields)
             log.warning("chunk.failed", **about, status=reply.status, error_key=reply.error_key)

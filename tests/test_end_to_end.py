@@ -8,11 +8,13 @@ import os
 import sys
 from pathlib import Path
 
+import aiohttp
 import openpyxl
 import pandas as pd
 import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
+from batchjob._api import AiohttpTransport, RawResponse
 from batchjob._sandbox import EventState, Sandbox, SandboxSettings, World
 from tests.support import read_report, run, ticket_rows, token_for, write_csv
 
@@ -384,3 +386,43 @@ async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_kee
         assert (outcome == "undone") == (not world.checked_in(str(event_id), str(key)))
         assert outcome in ("undone", "not_attempted")
     assert 0 < (report.outcome == "undone").sum() < len(rows)
+
+
+@pytest.mark.parametrize(
+    ("fault", "hedged"), [("throttle_storm", False), ("error_503", True), ("drop", True)]
+)
+async def test_a_request_that_never_succeeds_says_whether_the_server_may_have_applied_it(
+    sandbox: Sandbox, world: World, tmp_path: Path, fault: str, hedged: bool
+) -> None:
+    # 429s refuse the request (nothing applied); a 503 or a dropped connection leaves it open.
+    rows = ticket_rows(world)[:5]
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
+    config = JobConfig(
+        inputs=(inputs,),
+        report=tmp_path / "report.csv",
+        base_url=sandbox.base_url,
+        batch_size=5,
+        retry_max_tries=2,
+        retry_base=0.01,
+    )
+    session = aiohttp.ClientSession()
+    real = AiohttpTransport(session)
+
+    class FaultyUndo:
+        """The event check gets through; every undo attempt meets the fault."""
+
+        async def request(
+            self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+        ) -> RawResponse:
+            setattr(sandbox.faults, fault, 1.0 if method == "POST" else 0.0)
+            return await real.request(method, url, headers=headers, body=body)
+
+    try:
+        result = await run_job(config, tokens=token_for(sandbox), transport=FaultyUndo())
+    finally:
+        await session.close()
+
+    report = read_report(result.report)
+    assert set(report.outcome) == {"failed"}, result.summary()
+    assert report.error_message.str.startswith("retries exhausted").all()
+    assert report.error_message.str.contains("may have applied").all() == hedged
