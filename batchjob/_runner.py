@@ -197,6 +197,7 @@ class _Run:
         self.exit_code = EXIT_OK
         self.retries = 0
         self.batch_limit = config.batch_size  # lowered run-wide when the server answers 413
+        self.calls: dict[asyncio.Task[Any], Call] = {}  # undo requests under way, by task
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -317,11 +318,20 @@ class _Run:
         if grace > 0 and pending:
             deadline = asyncio.get_running_loop().time() + grace
             while pending and (wake is None or not wake.done()):
+                # A request not on the wire (sleeping out a backoff, waiting for a slot) can
+                # only be refused by the closed gate: no answer to wait for, so it ends now.
+                for task in pending:
+                    call = self.calls.get(task)
+                    if call is not None and not call.in_flight:
+                        task.cancel()
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
                     break
                 watch = pending | ({wake} if wake is not None else set())
-                await asyncio.wait(watch, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                # Woken now and then: a request answered 5xx goes to sleep, not to an end.
+                await asyncio.wait(
+                    watch, timeout=min(left, 0.1), return_when=asyncio.FIRST_COMPLETED
+                )
                 for task in [t for t in pending if t.done()]:
                     self.check_crash(task)
                 pending = {t for t in pending if not t.done()}
@@ -441,6 +451,9 @@ class _Run:
         positions = group.positions
         call = Call()
         keys = self.plan.keys_at(positions)
+        task = asyncio.current_task()
+        if task is not None:
+            self.calls[task] = call  # so that a stopping run can tell who is on the wire
         try:
             answer = await self.client.undo_check_in(event.event_id, keys, call)
         except asyncio.CancelledError:
@@ -453,6 +466,9 @@ class _Run:
                 "came" + _maybe_applied(call.uncertain + call.in_flight),
             )
             raise
+        finally:
+            if task is not None:
+                self.calls.pop(task, None)
         self.ledger.attempts[positions] += answer.attempts
         self.settle(event, isolator, group, answer, keys)
         if event.closed_as is not None:

@@ -426,3 +426,52 @@ async def test_a_request_that_never_succeeds_says_whether_the_server_may_have_ap
     assert set(report.outcome) == {"failed"}, result.summary()
     assert report.error_message.str.startswith("retries exhausted").all()
     assert report.error_message.str.contains("may have applied").all() == hedged
+
+
+async def test_a_run_stopped_by_the_quota_does_not_wait_for_retries_sleeping_in_backoff(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    # One request is told to come back in 15 minutes (503, Retry-After); the next one meets
+    # the daily quota. The sleeping retry could only be refused by then: the run ends at once
+    # instead of waiting out the grace period (here longer than the test's patience).
+    rows = ticket_rows(world)[:10]
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
+    config = JobConfig(
+        inputs=(inputs,),
+        report=tmp_path / "report.csv",
+        base_url=sandbox.base_url,
+        batch_size=5,
+        concurrency=2,
+        grace_period=3600.0,
+    )
+    session = aiohttp.ClientSession()
+    real = AiohttpTransport(session)
+    posts = 0
+    quota = b'[{"error_key":"quota_exceeded","error_message":"Limit Exceeded"}]'
+
+    class BusyThenQuota:
+        async def request(
+            self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+        ) -> RawResponse:
+            nonlocal posts
+            if method != "POST":
+                return await real.request(method, url, headers=headers, body=body)
+            posts += 1
+            if posts == 1:
+                return RawResponse(503, {"Retry-After": "900"}, b"")
+            await asyncio.sleep(0.2)  # the first request is asleep in its backoff by now
+            return RawResponse(429, {}, quota)
+
+    try:
+        result = await asyncio.wait_for(
+            run_job(config, tokens=token_for(sandbox), transport=BusyThenQuota()), 120
+        )
+    finally:
+        await session.close()
+
+    assert result.exit_code == 3 and "quota" in result.stopped, result.summary()
+    report = read_report(result.report)
+    assert set(report.outcome) == {"not_attempted"}
+    # The one answered 503 may have been applied; the one refused for quota was not.
+    hedged = report.error_message.str.contains("may have applied")
+    assert hedged.sum() == 5
