@@ -86,6 +86,16 @@ def parse_error_body(body: bytes) -> tuple[str, str]:
     Usually ``[{"error_key", "error_message"}]``; sometimes one such object; the OAuth server
     uses ``{"error", "error_description"}``; proxies send HTML or nothing.
     """
+    key, message = _parse_error_body(body)
+    return _printable(key), _printable(message)
+
+
+def _printable(text: str) -> str:
+    # JSON may carry a lone surrogate ("\ud800"), which no UTF-8 report can hold.
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _parse_error_body(body: bytes) -> tuple[str, str]:
     if not body:
         return "", ""
     try:

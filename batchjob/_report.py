@@ -63,6 +63,9 @@ class Ledger:
         self.http_status = np.zeros(size, dtype=np.int16)
         self.error = np.zeros(size, dtype=np.int32)
         self.attempts = np.zeros(size, dtype=np.int32)
+        # Attempts after which the server may have applied the key (no answer, a 5xx): a key
+        # that ends other than undone says so, however its group was split afterwards.
+        self.uncertain = np.zeros(size, dtype=np.int32)
         self.finished_at = np.full(size, np.nan, dtype=np.float64)
         self._errors: list[tuple[str, str]] = [("", "")]
         self._error_codes: dict[tuple[str, str], int] = {("", ""): 0}
@@ -238,7 +241,7 @@ class Journal:
         if path.exists():
             _cut_partial_line(path)
         new = not path.exists() or path.stat().st_size == 0
-        self._fh: IO[str] = path.open("a", newline="", encoding="utf-8")
+        self._fh: IO[str] = path.open("a", newline="", encoding="utf-8", errors="backslashreplace")
         self._pending: list[Positions] = []
         self._pending_keys: list[str] | None = []
         self._scheduled = False
@@ -246,7 +249,7 @@ class Journal:
         # A write that failed in a loop callback (disk full) would only be logged by asyncio.
         # Kept here instead: the run stops on it (exit 3), and the ledger, which holds every
         # outcome, goes on to the final report if the disk lets it.
-        self.failed: OSError | None = None
+        self.failed: Exception | None = None
         if new:
             self._fh.write(",".join(REPORT_COLUMNS) + "\n")
             self._fh.flush()
@@ -276,7 +279,7 @@ class Journal:
     def _flush_soon(self) -> None:
         try:
             self.flush()
-        except OSError as exc:
+        except Exception as exc:  # asyncio would only log it: kept, so that the run stops
             self.failed = exc
 
     def flush(self) -> None:
@@ -301,7 +304,7 @@ class Journal:
         try:
             if self.failed is None:
                 self.flush()
-        except OSError as exc:
+        except Exception as exc:  # kept for the runner: the final report comes next
             self.failed = exc
         finally:
             with contextlib.suppress(OSError):
@@ -385,7 +388,7 @@ def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> No
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with tmp.open("w", newline="", encoding="utf-8") as fh:
+        with tmp.open("w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             csv.writer(fh).writerow(REPORT_COLUMNS)
             for part in _chunks(positions):
                 writer.write(fh, part)

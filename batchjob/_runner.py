@@ -202,11 +202,18 @@ class _Run:
     # --- bookkeeping -----------------------------------------------------------------------
 
     def record(
-        self, positions: Positions, outcome: Outcome, keys: list[str] | None = None, **fields: Any
+        self,
+        positions: Positions,
+        outcome: Outcome,
+        keys: list[str] | None = None,
+        *,
+        refused: bool = False,
+        **fields: Any,
     ) -> None:
+        """Set an outcome; ``refused``: the server itself refused these keys (a 4xx)."""
         if len(positions) == 0:
             return
-        self.ledger.set(positions, outcome, finished_at=_now(), **fields)
+        set_outcome(self.ledger, positions, outcome, hedge=not refused, **fields)
         if self.journal is not None:
             self.journal.append(positions, keys)
         self.progress.advance(len(positions), self.pacer.rate)
@@ -458,18 +465,24 @@ class _Run:
             answer = await self.client.undo_check_in(event.event_id, keys, call)
         except asyncio.CancelledError:
             self.ledger.attempts[positions] += call.attempts
+            self.ledger.uncertain[positions] += call.uncertain + call.in_flight
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
                 error_key="interrupted",
                 error_message=f"run stopped ({self.stopped or 'cancelled'}) before an answer "
-                "came" + _maybe_applied(call.uncertain + call.in_flight),
+                "came",
             )
+            raise
+        except Exception:
+            # A bug: the run stops and these keys end "internal error", saying if it was sent.
+            self.ledger.uncertain[positions] += call.uncertain + call.in_flight
             raise
         finally:
             if task is not None:
                 self.calls.pop(task, None)
         self.ledger.attempts[positions] += answer.attempts
+        self.ledger.uncertain[positions] += answer.uncertain
         self.settle(event, isolator, group, answer, keys)
         if event.closed_as is not None:
             self.flush_closed(event)
@@ -491,7 +504,7 @@ class _Run:
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
-                error_message=self.stopped + _maybe_applied(answer.uncertain),
+                error_message=self.stopped,
             )
             return
         if verdict is Verdict.OK:
@@ -530,16 +543,13 @@ class _Run:
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
                 **_reply_fields(reply)
-                | {"error_message": self.stopped + _maybe_applied(answer.uncertain)},
+                | {"error_message": self.stopped},
             )
             return
         else:
             gave_up = "retries exhausted: " if verdict is Verdict.RETRY else ""
             fields = _reply_fields(reply)
             fields["error_message"] = gave_up + (reply.error_message or f"HTTP {reply.status}")
-            if answer.uncertain:
-                # Retries that only ever met 429s or other refusals changed nothing.
-                fields["error_message"] += "; the server may have applied it, a rerun is harmless"
             self.record(isolator.record_no_verdict(group.id), Outcome.FAILED, **fields)
             log.warning("chunk.failed", **about, status=reply.status, error_key=reply.error_key)
             return
@@ -547,6 +557,7 @@ class _Run:
             self.record(
                 np.array([position], dtype=np.int64),
                 Outcome.FAILED,
+                refused=True,
                 **_reply_fields(blame),
             )
 
@@ -573,6 +584,28 @@ class _Run:
                             "and had not been isolated yet"
                         },
                     )
+
+
+def set_outcome(
+    ledger: Ledger, positions: Positions, outcome: Outcome, *, hedge: bool = True, **fields: Any
+) -> None:
+    """Record ``outcome``; a key not undone that was ever sent without a usable answer says
+    so (``hedge``), since the server may have applied it: a rerun is harmless, not needed."""
+    ledger.set(positions, outcome, finished_at=_now(), **fields)
+    if not hedge or outcome is Outcome.UNDONE:
+        return
+    counts = ledger.uncertain[positions]
+    if not counts.any():
+        return
+    message = fields.pop("error_message", "")
+    for count in np.unique(counts[counts > 0]).tolist():
+        ledger.set(
+            positions[counts == count],
+            outcome,
+            finished_at=_now(),
+            error_message=(message + _maybe_applied(count)).removeprefix("; "),
+            **fields,
+        )
 
 
 def _maybe_applied(unanswered_attempts: int) -> str:
@@ -691,7 +724,9 @@ async def run_job(
         unset = ledger.unset()
         if len(unset):
             log.error("ledger.unset_rows", rows=len(unset))
-            ledger.set(unset, Outcome.NOT_ATTEMPTED, error_message="internal error: no outcome")
+            set_outcome(
+                ledger, unset, Outcome.NOT_ATTEMPTED, error_message="internal error: no outcome"
+            )
         failed_count = write_final(paths, writer, ledger)
         if not config.dry_run:
             Journal.remove(paths.journal)

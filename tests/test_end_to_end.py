@@ -7,13 +7,14 @@ import io
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import openpyxl
 import pandas as pd
 import pytest
 
-from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
+from batchjob import REPORT_COLUMNS, JobConfig, ReportError, RunResult, run_job
 from batchjob._api import AiohttpTransport, RawResponse
 from batchjob._sandbox import EventState, Sandbox, SandboxSettings, World
 from tests.support import read_report, run, ticket_rows, token_for, write_csv
@@ -354,8 +355,15 @@ async def test_resume_refuses_inputs_that_would_drop_keys_from_the_report(
         assert after.loc[key, "finished_at"] == finished
 
 
+@pytest.mark.parametrize(
+    "error", [OSError(28, "No space left on device"), ValueError("a bug in the writer")]
+)
 async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_keeps_every_key(
-    sandbox: Sandbox, world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    sandbox: Sandbox,
+    world: World,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
 ) -> None:
     from batchjob._report import Journal
 
@@ -366,7 +374,7 @@ async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_kee
         nonlocal flushes
         flushes += 1
         if flushes == 3:
-            raise OSError(28, "No space left on device")
+            raise error
         real_flush(self)
 
     monkeypatch.setattr(Journal, "flush", disk_fills_up)
@@ -376,7 +384,7 @@ async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_kee
     result = await run(sandbox, [inputs], tmp_path, batch_size=10, concurrency=2)
 
     assert result.exit_code == 3, result.summary()
-    assert "No space left on device" in result.stopped
+    assert str(error) in result.stopped
     report = read_report(result.report)
     assert list(zip(report.event_id, report.order_ticket_key, strict=True)) == rows
     for event_id, key, outcome in zip(
@@ -475,3 +483,75 @@ async def test_a_run_stopped_by_the_quota_does_not_wait_for_retries_sleeping_in_
     # The one answered 503 may have been applied; the one refused for quota was not.
     hedged = report.error_message.str.contains("may have applied")
     assert hedged.sum() == 5
+
+
+class Scripted:
+    """The event check goes to the sandbox; undo requests get the scripted answers in turn."""
+
+    def __init__(self, real: AiohttpTransport, answers: list[RawResponse]) -> None:
+        self.real = real
+        self.answers = answers
+
+    async def request(
+        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        if method != "POST":
+            return await self.real.request(method, url, headers=headers, body=body)
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+async def run_scripted(
+    sandbox: Sandbox, rows: list[tuple[str, str]], tmp_path: Path, answers: list[RawResponse],
+    **settings: Any,
+) -> RunResult:
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
+    config = JobConfig(
+        inputs=(inputs,), report=tmp_path / "report.csv", base_url=sandbox.base_url, **settings
+    )
+    session = aiohttp.ClientSession()
+    try:
+        transport = Scripted(AiohttpTransport(session), answers)
+        return await run_job(config, tokens=token_for(sandbox), transport=transport)
+    finally:
+        await session.close()
+
+
+async def test_a_key_sent_without_an_answer_still_says_so_after_its_request_was_split(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    # 503 (maybe applied), then 400 for a key (the request is split to find it), then the
+    # request budget ends the run: keys never resolved must still say they may be applied.
+    refusal = b'[{"error_key":"ticket.not_found","error_message":"a key is unknown"}]'
+    result = await run_scripted(
+        sandbox,
+        ticket_rows(world)[:4],
+        tmp_path,
+        [RawResponse(503, {}, b""), RawResponse(400, {}, refusal)],
+        batch_size=4,
+        max_requests=3,  # the event check, the 503, the 400
+        retry_base=0.01,
+    )
+
+    assert "budget" in result.stopped, result.summary()
+    report = read_report(result.report)
+    assert set(report.outcome) == {"not_attempted"}
+    assert report.error_message.str.contains("sent once without a usable answer").all()
+
+
+async def test_an_error_message_no_report_can_encode_is_kept_escaped(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    broken = b'[{"error_key":"oops","error_message":"\\ud800 went wrong"}]'
+    result = await run_scripted(
+        sandbox,
+        ticket_rows(world)[:3],
+        tmp_path,
+        [RawResponse(500, {}, broken)],
+        retry_max_tries=2,
+        retry_base=0.01,
+    )
+
+    report = read_report(result.report)
+    assert set(report.outcome) == {"failed"}, result.summary()
+    # The lone surrogate the server sent is shown as its escape, one backslash and "ud800".
+    assert report.error_message.str.contains("\\ud800 went wrong", regex=False).all()
