@@ -34,14 +34,37 @@ rate with 1.2 % of requests refused; the reasons below took it to 99 % with none
 
 * Find the granted rate by bracketing it, not by a fixed cut and a blind climb. A rate found
   over the limit (below) is an upper bound (the ceiling); a rate that got ``proven_after``
-  answers without being found over is a lower bound (proven). The next rate tried is their
-  geometric midpoint, so a wrong guess costs one 429 and a fraction of a second, and the search
-  narrows to within ``margin`` in a handful of steps instead of oscillating around the limit.
+  answers (or, where answers are scarce, ``proven_min`` in ``proven_seconds``: below) without
+  being found over is a lower bound (proven). The next rate tried is their geometric midpoint,
+  so a wrong guess costs one 429 and a fraction of a second, and the search narrows to within
+  ``margin`` in a handful of steps instead of oscillating around the limit.
   A probe above the proven rate that is over goes straight back to it. Over after being proven
   at the current rate means the limit is right here, or dropped: one ``margin`` step down.
   Over soon after a change, with nothing proven, means we are well over: cut ``first_cut``
   and twice as much each time in a row (10, 20, 40, 50 %), so a stray early 429 costs 10 % for
   a few seconds while "sending twice what is granted" is found in three answers.
+
+* Recover from a low rate in bounded time, not in a bounded number of answers. Every answer
+  may cut the rate while climbing back needs answers too, and at a low rate each answer takes
+  long: a 20 s burst of 429s only (another app hammering the shared key) cut 4/s to the
+  0.05/s ``min_rate``, and the climb back to 90 % took 9,368 s in a simulated no-burst bucket
+  at 4/s (ten answers per proof at 20 s each, then a 300-answer cruise under the ceiling).
+  So, in the spirit of AWS's adaptive retry and CUBIC, which head back to the last rate that
+  worked within a time that does not depend on how far they fell: (1) cuts in a row stop at
+  ``collapse_floor`` (1/16) of the last rate proven good (else of the configured one);
+  refusals there only re-start the rate, and it halves once per ``floor_hold`` (30 s) of
+  them, so a limit that really fell that far is still followed, more slowly. (2) A rate is
+  also proven by ``proven_seconds`` (3 s) with ``proven_min`` (3) answers and no sign of
+  being over, whichever comes first; at or above ``proven_after / proven_seconds`` (3.3/s)
+  the answers come first, as before. (3) The highest rate proven outlives the burst that
+  resets the bracket; once a ceiling under it is ``recover_after`` (30 s) old, the climb
+  bisects towards that rate instead of cruising under the ceiling. A probe at or under it
+  that is refused drops it to the proven rate, so a limit that really fell costs one refused
+  probe more, once. In that simulation a 20 s burst is now recovered from in 34 s and a 60 s
+  one in 42 s; a stable limit of 1 to 20/s and 5-10 % noise measure as before, and with 22 %
+  noise at 4/s the unlucky seed gets 0.97 of the possible rate over an hour, not 0.36 (with
+  25 % it gets 0.17, not 0.01: noise that bunches up before anything is proven is still read
+  as "over", below, and is learnt slowly at the low rate that leaves).
 
 * Tell "over the limit" from 429s that come whatever our rate (another app's bursts on the
   shared key, a busy server). Read every 429 as "over" and such noise (5 % of requests, on the
@@ -106,9 +129,14 @@ class PacingSettings:
     min_rate: float = 0.05  # requests/s; never slower, so a run always progresses
     margin: float = 0.01  # the search stops when proven and ceiling are this close (share)
     proven_after: int = 10  # answers at a rate, with no sign of being over, that prove it
+    proven_seconds: float = 3.0  # ... or this long at it, where answers are scarce,
+    proven_min: int = 3  # ... with at least this many answers
     first_cut: float = 0.1  # share cut by a 429 before the rate is proven; doubles in a row
     backoff_floor: float = 0.5  # the most one decrease may cut (x0.5)
     cruise_answers: int = 300  # answers since a ceiling was set before probing above it
+    recover_after: float = 30.0  # ... or this long, when that ceiling is under the last good
+    collapse_floor: float = 1 / 16  # cuts in a row stop at this share of the last good rate
+    floor_hold: float = 30.0  # seconds of refusals at that floor before it halves
     first_step: float = 0.02  # the first probe raises the ceiling this much; doubles on success
     rtt_samples: int = 16  # recent round trips whose fastest bounds an early arrival
     rtt_warmup: int = 8  # round trips needed before the fastest is trusted
@@ -154,6 +182,13 @@ class AdaptivePacer:
         self._step = self.settings.first_step
         self._ceiling_run: tuple[int, int] | None = None  # (429s, answers) that set it
         self._under_ceiling = 0  # answers since it was set
+        self._ceiling_at = float("-inf")  # ... and when
+        # The highest rate proven, kept through a burst of 429s that resets the bracket, so
+        # the climb back has a target; dropped to what is proven once a probe under it fails.
+        self._good: float | None = None
+        # How low the cuts in a row may go, and since when the rate has been held there.
+        self._floor: float | None = None
+        self._floor_since = float("-inf")
         # Answers to requests sent at the current rate (since the last change).
         self._epoch_start = float("-inf")
         self._epoch_answers = 0
@@ -312,7 +347,10 @@ class AdaptivePacer:
         self._step = s.first_step
         proven = self._proven
         if proven is not None and proven < current:
-            # A probe above the proven rate was refused: go back to what worked.
+            # A probe above the proven rate was refused: go back to what worked. If it was
+            # under the last good rate, that rate is not good any more.
+            if self._good is not None and current <= self._good:
+                self._good = proven
             self._set_ceiling(current, blamed)
             self._set(proven, "throttled")
             return
@@ -328,23 +366,63 @@ class AdaptivePacer:
             return
         # Over before the rate was proven: cut, and cut harder each time in a row, so a
         # stray early 429 costs 10 % while "we send twice what is granted" is found in three.
-        self._set_ceiling(current, blamed)
         cut = min(1.0 - s.backoff_floor, s.first_cut * 2.0**self._quick_cuts)
+        new = current * (1.0 - cut)
+        # ... but not, on one run of refusals, below a floor under the last good rate. Every
+        # answer at a rate may cut it, so the cuts go down by answers while the climb back
+        # needs answers too; each one takes 1/rate seconds, so a 20 s burst of 429s (another
+        # app hammering the shared key) cut 4/s to 0.05/s, where climbing back took hours.
+        # Refusals at the floor re-start it (its own answers, not older ones, must show it is
+        # over); only after ``floor_hold`` seconds of them does it halve, so a limit that
+        # really fell that far is still followed, at one halving per ``floor_hold``.
+        now = self._clock()
+        if self._floor is None:
+            self._floor = (self._good or self.max_rate) * s.collapse_floor
+            self._floor_since = now  # already under it (proven there once): held from now
+        if new < self._floor:
+            if current > self._floor:
+                new = self._floor
+                self._floor_since = now
+            elif now - self._floor_since < s.floor_hold:
+                self._set(current, "throttled")  # held: a new epoch at the same rate
+                return
+            else:
+                new = current * s.backoff_floor
+                self._floor = new
+                self._floor_since = now
+        self._set_ceiling(current, blamed)
         self._quick_cuts += 1
-        self._set(current * (1.0 - cut), "throttled")
+        self._set(new, "throttled")
+
+    def _long_enough(self) -> bool:
+        """Whether the current rate has had answers enough to be proven, if nothing is over.
+
+        Enough answers, or where answers are scarce (a rate cut low) enough time with a few:
+        ``proven_after`` answers take 200 s at 0.05/s, and the climb back needs a proof at
+        every step. At and above ``proven_after / proven_seconds`` per second it is answers.
+        """
+        s = self.settings
+        answers = self._epoch_answers
+        if answers >= s.proven_after:
+            return True
+        return answers >= s.proven_min and self._clock() - self._epoch_start >= s.proven_seconds
 
     def _set_ceiling(self, rate: float | None, blamed: tuple[int, int] | None) -> None:
         self._ceiling = rate
         self._ceiling_run = blamed
         self._under_ceiling = 0
+        self._ceiling_at = self._clock()
 
     def _maybe_increase(self) -> None:
         s = self.settings
-        if self._epoch_answers < s.proven_after or self._evidence > 0.0:
+        if not self._long_enough() or self._evidence > 0.0:
             return
         self._evidence = 0.0
         current = self.rate
         self._quick_cuts = 0
+        self._floor = None
+        if self._good is None or current > self._good:
+            self._good = current
         self._epoch_proven = True
         for throttled in self._unproven:
             self._count_noise(throttled)
@@ -359,9 +437,22 @@ class AdaptivePacer:
         # also read as noise, and must not send a probe far over it.
         doubted = self._ceiling is not None and self._ceiling_evidence() < s.credible_ceiling
         ceiling = min(self._ceiling or self.max_rate, self.max_rate)
-        if ceiling - current > s.margin * ceiling and not doubted:
+        # A ceiling under the last good rate was set by a burst of 429s or by a limit that
+        # dropped. Either way the cruise above it counts in seconds too: at a rate cut low,
+        # ``cruise_answers`` would take hours. Then the climb heads for the last good rate
+        # (bisecting towards it, as towards a ceiling), so how long it takes depends on how
+        # far below that rate it fell in log terms, not on how few answers a low rate gets.
+        good = self._good
+        below_good = good is not None and max(ceiling, current) < good * (1.0 - s.margin)
+        cruised = self._under_ceiling >= s.cruise_answers or (
+            below_good and self._clock() - self._ceiling_at >= s.recover_after
+        )
+        if good is not None and below_good and cruised:
+            self._set_ceiling(good, None)
+            self._probe(math.sqrt(current * good))
+        elif ceiling - current > s.margin * ceiling and not doubted:
             self._probe(math.sqrt(current * ceiling))
-        elif doubted or self._step > s.first_step or self._under_ceiling >= s.cruise_answers:
+        elif doubted or self._step > s.first_step or cruised:
             # Settled just under the ceiling for a while: the limit may have risen. When the
             # last raise went through without a 429 it probably has, so go on at once. The
             # while counts every answer since the ceiling was set, not since the last change:

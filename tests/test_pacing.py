@@ -33,6 +33,7 @@ class Sent:
     def __init__(self) -> None:
         self.refused: list[bool] = []
         self.rates: list[float] = []
+        self.times: list[float] = []
 
     def share_near(self, granted: float, last: int, margin: float) -> float:
         """Share of the last ``last`` requests sent within ``2 * margin`` under ``granted``."""
@@ -52,13 +53,35 @@ def strict_bucket(
     """Send ``requests`` as the pacer spaces them to a bucket with no burst allowance that
     grants ``granted(now)`` requests/s, answering each at once. ``noise``: the share refused
     at random before the bucket is asked, as the sandbox's throttle_storm does."""
+    return strict_bucket_until(pacer, clock, granted, requests=requests, noise=noise, seed=seed)
+
+
+def strict_bucket_until(
+    pacer: AdaptivePacer,
+    clock: Clock,
+    granted: Callable[[float], float],
+    *,
+    requests: int | None = None,
+    until: float = float("inf"),
+    noise: float | Callable[[float], float] = 0.0,
+    seed: int = 0,
+) -> Sent:
+    """:func:`strict_bucket` for ``requests`` or until the clock reaches ``until``, whichever
+    comes first; ``noise`` may depend on the time (a burst of 429s is ``1.0`` for a while)."""
     sent = Sent()
     rng = random.Random(seed)
     last_accepted = float("-inf")
-    for _ in range(requests):
+
+    def share(now: float) -> float:
+        return noise(now) if callable(noise) else noise
+
+    for _ in itertools.count() if requests is None else range(requests):
+        if clock.now >= until:
+            break
         interval = (1.0 + pacer.settings.guard) / pacer.rate
         clock.now += interval
-        if rng.random() < noise:
+        sent.times.append(clock.now)
+        if rng.random() < share(clock.now):
             throttled = True
         else:
             throttled = clock.now - last_accepted < 1.0 / granted(clock.now) - 1e-9
@@ -233,6 +256,75 @@ def test_a_ceiling_set_by_a_lone_early_429_stops_holding_once_noise_explains_it(
         if pacer.rate == 20.0:
             break
     assert pacer.rate == 20.0
+
+
+def test_after_a_burst_of_429s_the_rate_is_back_within_two_minutes() -> None:
+    # Another app hammers the shared key for 20 s: every request refused, whatever the rate.
+    # Each refusal may cut, and at a low rate answers (and so proofs) are seconds apart: this
+    # took 9,368 s to get back to 90 % (cut to 0.05/s, then 10 answers a proof and a
+    # 300-answer cruise there). The climb back now heads for the last good rate on time.
+    clock = Clock()
+    pacer = AdaptivePacer(4.0, clock=clock)
+    strict_bucket_until(pacer, clock, lambda now: 4.0, until=30.0)
+    assert pacer.rate == 4.0
+
+    def burst(now: float) -> float:
+        return 1.0 if 30.0 <= now < 50.0 else 0.0
+
+    sent = strict_bucket_until(pacer, clock, lambda now: 4.0, until=50.0, noise=burst)
+    assert min(sent.rates) < 1.0  # the burst did cut it well down
+    sent = strict_bucket_until(pacer, clock, lambda now: 4.0, until=50.0 + 120.0)
+    back = [t for t, r in zip(sent.times, sent.rates, strict=True) if r >= 0.9 * 4.0]
+    assert back, f"still at {pacer.rate:.3f}/s two minutes after the burst"
+    assert not any(sent.refused[-100:])  # and not by going over the limit
+    sent = strict_bucket_until(pacer, clock, lambda now: 4.0, requests=400)
+    assert sent.share_near(4.0, 300, pacer.settings.margin) >= 0.95
+
+
+def test_a_limit_that_really_fell_below_the_burst_floor_is_still_followed() -> None:
+    # The floor that a run of cuts stops at must not hold the rate over a limit that is
+    # really that low: it halves once per floor_hold of refusals there.
+    clock = Clock()
+    pacer = AdaptivePacer(4.0, clock=clock)
+    strict_bucket_until(pacer, clock, lambda now: 4.0, until=30.0)
+    floor = 4.0 * pacer.settings.collapse_floor
+    sent = strict_bucket_until(pacer, clock, lambda now: floor / 3, until=30.0 + 400.0)
+    hold = pacer.settings.floor_hold
+    early = [r for t, r in zip(sent.times, sent.rates, strict=True) if t < 30.0 + 3 * hold]
+    assert min(early) <= floor / 2  # not held at the floor for longer than it says
+    late = [r for t, r in zip(sent.times, sent.rates, strict=True) if t > 300.0]
+    assert sum(r <= floor / 3 for r in late) >= 0.6 * len(late)  # under it, bar probes
+    assert pacer.rate <= floor / 3
+    assert sum(sent.refused) <= 30
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.floats(min_value=0.3, max_value=40.0),
+    st.floats(min_value=1.0, max_value=3.0),
+    st.floats(min_value=1.0, max_value=120.0),
+    st.floats(min_value=0.0, max_value=0.2),
+)
+def test_recovering_from_a_burst_never_goes_above_the_configured_rate(
+    max_rate: float, headroom: float, burst_seconds: float, noise: float
+) -> None:
+    # The climb back heads for the best rate proven earlier, on time rather than answers: it
+    # must still never pass the configured rate, even where the server would allow more.
+    clock = Clock()
+    pacer = AdaptivePacer(max_rate, clock=clock)
+
+    def storm(now: float) -> float:
+        return 1.0 if 20.0 <= now < 20.0 + burst_seconds else noise
+
+    seen: list[float] = []
+    for until in range(5, 400, 5):
+        sent = strict_bucket_until(
+            pacer, clock, lambda now: max_rate * headroom, until=until, noise=storm, seed=until
+        )
+        seen.extend(sent.rates)
+        assert pacer.settings.min_rate <= pacer.rate <= max_rate
+    interval = (1.0 + pacer.settings.guard) / max_rate
+    assert max(seen) == 1.0 / interval  # it did reach the configured rate, and no more
 
 
 @settings(max_examples=60, deadline=None)
