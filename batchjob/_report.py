@@ -144,8 +144,8 @@ def _key_cells(keys: list[str]) -> list[str]:
 class RowWriter:
     """Writes report rows for plan positions: CSV text, spreadsheet-escaped, REPORT_COLUMNS order.
 
-    Built once per run, and fast: a journal block per event-loop turn and a 1,000,000-row
-    report both go through it. Values with few distinct texts (events, files, errors,
+    Built once per run, and fast: every journal block and a 1,000,000-row report both go
+    through it. Values with few distinct texts (events, files, errors,
     statuses) are escaped and CSV-quoted once each; keys are checked a block at a time; each
     row is then one f-string, about four times cheaper than csv.writer, and byte for byte what
     csv.writer would write.
@@ -180,7 +180,7 @@ class RowWriter:
         first = seconds[0]
         if len(seconds) > 256 or math.isnan(first):
             return _format_times(seconds)
-        # A journal block: answers of one loop turn, nearly always within one second.
+        # A small journal block: answers of the last 20 ms, nearly always in one second.
         whole = int(first)
         if not (np.floor(seconds) == whole).all():
             return _format_times(seconds)

@@ -329,7 +329,7 @@ class _Run:
                 # only be refused by the closed gate: no answer to wait for, so it ends now.
                 for task in pending:
                     call = self.calls.get(task)
-                    if call is not None and not call.in_flight:
+                    if call is not None and not call.in_flight and not task.cancelling():
                         task.cancel()
                 left = deadline - asyncio.get_running_loop().time()
                 if left <= 0:
