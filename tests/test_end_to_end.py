@@ -6,6 +6,7 @@ import asyncio
 import io
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -396,6 +397,54 @@ async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_kee
     assert 0 < (report.outcome == "undone").sum() < len(rows)
 
 
+Undo = Callable[[AiohttpTransport, str, dict[str, str], bytes | None], Awaitable[RawResponse]]
+
+
+class UndoThrough:
+    """The event check goes to the sandbox; each undo request goes through ``undo``."""
+
+    def __init__(self, real: AiohttpTransport, undo: Undo) -> None:
+        self.real = real
+        self.undo = undo
+
+    async def request(
+        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        if method != "POST":
+            return await self.real.request(method, url, headers=headers, body=body)
+        return await self.undo(self.real, url, headers, body)
+
+
+async def run_through(
+    sandbox: Sandbox, rows: list[tuple[str, str]], tmp_path: Path, undo: Undo, **settings: Any
+) -> RunResult:
+    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
+    config = JobConfig(
+        inputs=(inputs,), report=tmp_path / "report.csv", base_url=sandbox.base_url, **settings
+    )
+    session = aiohttp.ClientSession()
+    try:
+        transport = UndoThrough(AiohttpTransport(session), undo)
+        # A guard, not a timing: a run that waits where it should not fails instead of hanging.
+        return await asyncio.wait_for(
+            run_job(config, tokens=token_for(sandbox), transport=transport), 120
+        )
+    finally:
+        await session.close()
+
+
+def scripted(*answers: RawResponse) -> Undo:
+    """Undo requests get ``answers`` in turn, the last one for ever after."""
+    queue = list(answers)
+
+    async def undo(
+        real: AiohttpTransport, url: str, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    return undo
+
+
 @pytest.mark.parametrize(
     ("fault", "hedged"), [("throttle_storm", False), ("error_503", True), ("drop", True)]
 )
@@ -403,32 +452,19 @@ async def test_a_request_that_never_succeeds_says_whether_the_server_may_have_ap
     sandbox: Sandbox, world: World, tmp_path: Path, fault: str, hedged: bool
 ) -> None:
     # 429s refuse the request (nothing applied); a 503 or a dropped connection leaves it open.
-    rows = ticket_rows(world)[:5]
-    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
-    config = JobConfig(
-        inputs=(inputs,),
-        report=tmp_path / "report.csv",
-        base_url=sandbox.base_url,
-        batch_size=5,
-        retry_max_tries=2,
-        retry_base=0.01,
-    )
-    session = aiohttp.ClientSession()
-    real = AiohttpTransport(session)
+    async def faulty(
+        real: AiohttpTransport, url: str, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        setattr(sandbox.faults, fault, 1.0)
+        try:
+            return await real.request("POST", url, headers=headers, body=body)
+        finally:
+            setattr(sandbox.faults, fault, 0.0)
 
-    class FaultyUndo:
-        """The event check gets through; every undo attempt meets the fault."""
-
-        async def request(
-            self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
-        ) -> RawResponse:
-            setattr(sandbox.faults, fault, 1.0 if method == "POST" else 0.0)
-            return await real.request(method, url, headers=headers, body=body)
-
-    try:
-        result = await run_job(config, tokens=token_for(sandbox), transport=FaultyUndo())
-    finally:
-        await session.close()
+    result = await run_through(
+        sandbox, ticket_rows(world)[:5], tmp_path, faulty,
+        batch_size=5, retry_max_tries=2, retry_base=0.01,
+    )  # fmt: skip
 
     report = read_report(result.report)
     assert set(report.outcome) == {"failed"}, result.summary()
@@ -442,40 +478,21 @@ async def test_a_run_stopped_by_the_quota_does_not_wait_for_retries_sleeping_in_
     # One request is told to come back in 15 minutes (503, Retry-After); the next one meets
     # the daily quota. The sleeping retry could only be refused by then: the run ends at once
     # instead of waiting out the grace period (here longer than the test's patience).
-    rows = ticket_rows(world)[:10]
-    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
-    config = JobConfig(
-        inputs=(inputs,),
-        report=tmp_path / "report.csv",
-        base_url=sandbox.base_url,
-        batch_size=5,
-        concurrency=2,
-        grace_period=3600.0,
-    )
-    session = aiohttp.ClientSession()
-    real = AiohttpTransport(session)
-    posts = 0
     quota = b'[{"error_key":"quota_exceeded","error_message":"Limit Exceeded"}]'
+    answers = scripted(RawResponse(503, {"Retry-After": "900"}, b""), RawResponse(429, {}, quota))
 
-    class BusyThenQuota:
-        async def request(
-            self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
-        ) -> RawResponse:
-            nonlocal posts
-            if method != "POST":
-                return await real.request(method, url, headers=headers, body=body)
-            posts += 1
-            if posts == 1:
-                return RawResponse(503, {"Retry-After": "900"}, b"")
+    async def busy_then_quota(
+        real: AiohttpTransport, url: str, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        answer = await answers(real, url, headers, body)
+        if answer.status == 429:
             await asyncio.sleep(0.2)  # the first request is asleep in its backoff by now
-            return RawResponse(429, {}, quota)
+        return answer
 
-    try:
-        result = await asyncio.wait_for(
-            run_job(config, tokens=token_for(sandbox), transport=BusyThenQuota()), 120
-        )
-    finally:
-        await session.close()
+    result = await run_through(
+        sandbox, ticket_rows(world)[:10], tmp_path, busy_then_quota,
+        batch_size=5, concurrency=2, grace_period=3600.0,
+    )  # fmt: skip
 
     assert result.exit_code == 3 and "quota" in result.stopped, result.summary()
     report = read_report(result.report)
@@ -485,48 +502,17 @@ async def test_a_run_stopped_by_the_quota_does_not_wait_for_retries_sleeping_in_
     assert hedged.sum() == 5
 
 
-class Scripted:
-    """The event check goes to the sandbox; undo requests get the scripted answers in turn."""
-
-    def __init__(self, real: AiohttpTransport, answers: list[RawResponse]) -> None:
-        self.real = real
-        self.answers = answers
-
-    async def request(
-        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
-    ) -> RawResponse:
-        if method != "POST":
-            return await self.real.request(method, url, headers=headers, body=body)
-        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
-
-
-async def run_scripted(
-    sandbox: Sandbox, rows: list[tuple[str, str]], tmp_path: Path, answers: list[RawResponse],
-    **settings: Any,
-) -> RunResult:
-    inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
-    config = JobConfig(
-        inputs=(inputs,), report=tmp_path / "report.csv", base_url=sandbox.base_url, **settings
-    )
-    session = aiohttp.ClientSession()
-    try:
-        transport = Scripted(AiohttpTransport(session), answers)
-        return await run_job(config, tokens=token_for(sandbox), transport=transport)
-    finally:
-        await session.close()
-
-
 async def test_a_key_sent_without_an_answer_still_says_so_after_its_request_was_split(
     sandbox: Sandbox, world: World, tmp_path: Path
 ) -> None:
     # 503 (maybe applied), then 400 for a key (the request is split to find it), then the
     # request budget ends the run: keys never resolved must still say they may be applied.
     refusal = b'[{"error_key":"ticket.not_found","error_message":"a key is unknown"}]'
-    result = await run_scripted(
+    result = await run_through(
         sandbox,
         ticket_rows(world)[:4],
         tmp_path,
-        [RawResponse(503, {}, b""), RawResponse(400, {}, refusal)],
+        scripted(RawResponse(503, {}, b""), RawResponse(400, {}, refusal)),
         batch_size=4,
         max_requests=3,  # the event check, the 503, the 400
         retry_base=0.01,
@@ -542,11 +528,11 @@ async def test_an_error_message_no_report_can_encode_is_kept_escaped(
     sandbox: Sandbox, world: World, tmp_path: Path
 ) -> None:
     broken = b'[{"error_key":"oops","error_message":"\\ud800 went wrong"}]'
-    result = await run_scripted(
+    result = await run_through(
         sandbox,
         ticket_rows(world)[:3],
         tmp_path,
-        [RawResponse(500, {}, broken)],
+        scripted(RawResponse(500, {}, broken)),
         retry_max_tries=2,
         retry_base=0.01,
     )
