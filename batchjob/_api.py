@@ -269,7 +269,6 @@ class Answer:
     reply: Reply
     attempts: int
     not_sent: str = ""  # why the gate stopped the request before it got an answer
-    uncertain: int = 0  # attempts after which the server may have applied it (see Call)
 
 
 class _Retryable(Exception):
@@ -378,17 +377,11 @@ class ApiClient:
         except _Retryable as exc:
             reply = exc.reply
         except NotSent as stop:
-            return Answer(
-                Reply(0, "not_sent", stop.reason),
-                call.attempts,
-                not_sent=stop.reason,
-                uncertain=call.uncertain,
-            )
+            return Answer(Reply(0, "not_sent", stop.reason), call.attempts, not_sent=stop.reason)
         except TokenError as exc:
             # No usable token (refresh refused, file unreadable): as final as a 401.
-            reply = Reply(401, TOKEN_FAILED, str(exc))
-            return Answer(reply, call.attempts, uncertain=call.uncertain)
-        return Answer(reply, call.attempts, uncertain=call.uncertain)
+            return Answer(Reply(401, TOKEN_FAILED, str(exc)), call.attempts)
+        return Answer(reply, call.attempts)
 
     async def _attempt(self, call: Call) -> Reply:
         """One try (two after a 401 that a token refresh may cure). Raises to be retried."""

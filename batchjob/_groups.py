@@ -121,10 +121,6 @@ class KeyIsolator(Generic[F]):
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    @property
-    def has_ready_group(self) -> bool:
-        return bool(self._to_prove or self._suspects or self._untested_count)
-
     def bad_share(self) -> float:
         """Estimated share of bad keys: found ones, plus one per group known to hold one."""
         suspects = len(self._suspects) + sum(

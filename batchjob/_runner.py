@@ -218,6 +218,10 @@ class _Run:
             self.journal.append(positions, keys)
         self.progress.advance(len(positions), self.pacer.rate)
 
+    def count_tries(self, positions: Positions, call: Call) -> None:
+        self.ledger.attempts[positions] += call.attempts
+        self.ledger.uncertain[positions] += call.uncertain + call.in_flight
+
     def halt(self, reason: str, exit_code: int) -> None:
         if not self.stopped:
             self.stopped, self.exit_code = reason, exit_code
@@ -463,26 +467,23 @@ class _Run:
             self.calls[task] = call  # so that a stopping run can tell who is on the wire
         try:
             answer = await self.client.undo_check_in(event.event_id, keys, call)
-        except asyncio.CancelledError:
-            self.ledger.attempts[positions] += call.attempts
-            self.ledger.uncertain[positions] += call.uncertain + call.in_flight
-            self.record(
-                isolator.record_no_verdict(group.id),
-                Outcome.NOT_ATTEMPTED,
-                error_key="interrupted",
-                error_message=f"run stopped ({self.stopped or 'cancelled'}) before an answer "
-                "came",
-            )
-            raise
-        except Exception:
-            # A bug: the run stops and these keys end "internal error", saying if it was sent.
-            self.ledger.uncertain[positions] += call.uncertain + call.in_flight
+        except BaseException as exc:
+            # Cancelled (a stop) or a bug: the tries made still count, and one cut short on
+            # the wire may have been applied; a bug's keys end "internal error" in run_job.
+            self.count_tries(positions, call)
+            if isinstance(exc, asyncio.CancelledError):
+                self.record(
+                    isolator.record_no_verdict(group.id),
+                    Outcome.NOT_ATTEMPTED,
+                    error_key="interrupted",
+                    error_message=f"run stopped ({self.stopped or 'cancelled'}) before an "
+                    "answer came",
+                )
             raise
         finally:
             if task is not None:
                 self.calls.pop(task, None)
-        self.ledger.attempts[positions] += answer.attempts
-        self.ledger.uncertain[positions] += answer.uncertain
+        self.count_tries(positions, call)
         self.settle(event, isolator, group, answer, keys)
         if event.closed_as is not None:
             self.flush_closed(event)
