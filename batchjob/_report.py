@@ -24,6 +24,7 @@ import math
 import os
 import re
 import stat
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,10 +360,35 @@ def _cut_partial_line(fd: int) -> int:
     return 0
 
 
+def _read_own_file(path: Path) -> bytes | None:
+    """The bytes of ``path``, None if it is not there; never read through a link, never a
+    FIFO (it would block) or anything else but a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ReportError(f"{path} is a symbolic link: batchjob does not follow it") from None
+        raise ReportError(f"{path}: cannot read it to resume: {exc.strerror}") from None
+    with open(fd, "rb") as fh:
+        problem = _not_own_file(os.fstat(fd), in_place=False)
+        if problem:
+            raise ReportError(f"{path} {problem}")
+        return fh.read()
+
+
 def _complete_lines(path: Path) -> bytes:
     """The file up to its last newline: a kill -9 may have cut the last record anywhere."""
-    data = path.read_bytes()
-    return data[: data.rfind(b"\n") + 1]
+    data = _read_own_file(path) or b""
+    end = data.rfind(b"\n") + 1
+    if not end and not _HEADER.startswith(data.rstrip(b"\r")):
+        # Not even a line: only a header cut short by a crash may be that, nothing else.
+        raise ReportError(f"{path}: not a batchjob report or journal (no line, no header)")
+    return data[:end]
+
+
+_HEADER = ",".join(REPORT_COLUMNS).encode()
 
 
 _OUTCOME_VALUES = frozenset(o.value for o in Outcome)
@@ -378,14 +404,13 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
     """
     frames = []
     for path in (paths.report, paths.journal):
-        if path.exists() and path.stat().st_size:
-            data = _complete_lines(path)
-            if not data:
-                continue  # a crash cut even the header: nothing was recorded
-            frame = _read_records(path, data)
-            frame["record_file"] = str(path)
-            frame["record_index"] = np.arange(len(frame))
-            frames.append(frame)
+        data = _complete_lines(path)
+        if not data:
+            continue  # not there, empty, or a crash cut even the header: nothing recorded
+        frame = _read_records(path, data)
+        frame["record_file"] = str(path)
+        frame["record_index"] = np.arange(len(frame))
+        frames.append(frame)
     if not frames:
         return pd.DataFrame(columns=[*REPORT_COLUMNS, "record_file", "record_index"])
     previous = pd.concat(frames, ignore_index=True)
@@ -402,8 +427,11 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
 def _read_records(path: Path, data: bytes) -> pd.DataFrame:
     """One report or journal as text columns; a malformed record is a ReportError."""
     try:
-        frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    except (ValueError, pd.errors.ParserError) as exc:  # UnicodeDecodeError is a ValueError
+        with warnings.catch_warnings():
+            # A first row with a field too many: pandas would drop it with only a warning.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, index_col=False)
+    except (ValueError, pd.errors.ParserWarning) as exc:  # UnicodeDecodeError is a ValueError
         line = _first_bad_line(data)
         if line is None:
             raise ReportError(f"{path}: cannot read it to resume: {exc}") from None
@@ -637,7 +665,7 @@ def _writer_alive(pid: int) -> bool:
         return True  # os.kill(pid, 0) would end the process on Windows: keep the file
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
         return False
     except OSError:  # PermissionError: alive, another user's
         return True
@@ -670,7 +698,7 @@ def remove_stale_temp_files(paths: ReportPaths) -> list[Path]:
                 and not _writer_alive(int(pid))
             ):
                 continue
-            with contextlib.suppress(FileNotFoundError):
+            with contextlib.suppress(OSError):  # best effort: gone, or not ours to remove
                 os.unlink(entry.path)  # a link is removed, not what it points to
                 removed.append(Path(entry.path))
     return removed

@@ -20,7 +20,12 @@ import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
 from batchjob._groups import Positions
-from batchjob._report import RowWriter, _write_atomically
+from batchjob._report import (
+    ReportPaths,
+    RowWriter,
+    _write_atomically,
+    remove_stale_temp_files,
+)
 from batchjob._sandbox import Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     CrashAfter,
@@ -31,6 +36,7 @@ from tests.chaos_support import (
     journal_path,
     no_traceback,
     run_recorded,
+    start_cli,
 )
 from tests.support import read_report, ticket_rows, token_for, write_csv
 
@@ -322,16 +328,18 @@ def insert_line(path: Path, number: int, text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "garbage",
+    ("line", "garbage"),
     [
-        "a line of text, not a record",
-        "{event},not-in-the-inputs,undone,204,,,1,in.csv,9,2024-05-01T10:00:00Z",
-        "{event},{key},undone,204,,,many,in.csv,2,2024-05-01T10:00:00Z",
-        '{event},"{key},undone,204',
+        (4, "a line of text, not a record"),
+        (4, "{event},not-in-the-inputs,undone,204,,,1,in.csv,9,2024-05-01T10:00:00Z"),
+        (4, "{event},{key},undone,204,,,many,in.csv,2,2024-05-01T10:00:00Z"),
+        (4, '{event},"{key},undone,204'),
+        # The first record, a field too many: pandas would take the first column as an index.
+        (2, "{event},{key},undone,204,,,1,in.csv,2,2024-05-01T10:00:00Z,extra"),
     ],
 )
 async def test_resume_names_the_journal_and_the_line_it_cannot_use(
-    tmp_path: Path, garbage: str
+    tmp_path: Path, line: int, garbage: str
 ) -> None:
     world = World.generate(1, 200, seed=5)
     inputs = inputs_for(world, tmp_path)
@@ -342,7 +350,7 @@ async def test_resume_names_the_journal_and_the_line_it_cannot_use(
         await crash_run(
             run_recorded(sandbox, [inputs], report, batch_size=10, progress=CrashAfter(60))
         )
-        insert_line(journal, 4, garbage.format(event=event, key=key))
+        insert_line(journal, line, garbage.format(event=event, key=key))
         before = journal.read_bytes()
         sent = sandbox.counters.total
 
@@ -350,11 +358,83 @@ async def test_resume_names_the_journal_and_the_line_it_cannot_use(
             await run_recorded(sandbox, [inputs], report, resume=True)
 
         assert sandbox.counters.total == sent
-    assert str(refused.value).startswith(f"{journal}, line 4: ")
+    assert str(refused.value).startswith(f"{journal}, line {line}: ")
     assert journal.read_bytes() == before
 
 
+async def test_a_journal_that_is_not_one_is_refused_on_resume_never_emptied(
+    tmp_path: Path,
+) -> None:
+    world = World.generate(1, 5, seed=7)
+    inputs = inputs_for(world, tmp_path)
+    report = tmp_path / "r.csv"
+    journal = journal_path(report)
+    journal.write_bytes(b"someone's notes, one long line with no newline")
+    async with fast_sandbox(world) as sandbox:
+        config = JobConfig(inputs=(inputs,), report=report, base_url=sandbox.base_url,
+                           rate=300.0, resume=True)  # fmt: skip
+        with pytest.raises(ReportError, match="not a batchjob report or journal"):
+            await run_job(config, tokens=token_for(sandbox))
+        assert sandbox.counters.total == 0
+    assert journal.read_bytes() == b"someone's notes, one long line with no newline"
+
+
+async def test_a_fifo_in_the_journal_s_place_is_refused_not_waited_on(tmp_path: Path) -> None:
+    world = World.generate(1, 5, seed=8)
+    inputs = inputs_for(world, tmp_path)
+    report = tmp_path / "r.csv"
+    os.mkfifo(journal_path(report))
+    async with fast_sandbox(world) as sandbox:
+        # A child process: opening a FIFO for writing with no reader blocks for ever.
+        proc = await start_cli("run", str(inputs), "--report", str(report), "--resume",
+                               env=cli_env(sandbox))  # fmt: skip
+        try:
+            done = await finish(proc, within=60)
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert sandbox.counters.total == 0
+    assert done.code == 2, done.err
+    assert "not a regular file" in done.err
+
+
 # --- 4. a kill while writing the report leaves a temporary file: the next run removes it ---------
+
+
+async def test_only_this_report_s_temporary_files_with_a_dead_writer_are_removed(
+    tmp_path: Path,
+) -> None:
+    child = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await child.wait()  # reaped: its pid names no process now
+    dead, alive = child.pid, os.getppid()
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(PRECIOUS)
+    stale = [
+        f".r.csv.{dead}.tmp",
+        f".r.failed.csv.{dead}.tmp",
+        f".r.csv.{os.getpid()}.tmp",  # ours: this process writes its own within one call
+        f".r.csv.{10**30}.tmp",  # no process has such a pid
+    ]
+    kept = [
+        f".r.csv.{alive}.tmp",  # its writer may be at work
+        f".other.csv.{dead}.tmp",  # another report's
+        f".r.csv.x{dead}.tmp",
+        f"r.csv.{dead}.tmp",
+    ]
+    for name in [*stale, *kept]:
+        (tmp_path / name).write_bytes(b"partial")
+    link = f".r.failed.csv.{dead + 10**9}.tmp"  # a link to a victim: the link goes, not it
+    (tmp_path / link).symlink_to(victim)
+    folder = f".r.csv.{dead}1.tmp"  # a folder is never removed
+    (tmp_path / folder).mkdir()
+
+    removed = remove_stale_temp_files(ReportPaths(tmp_path / "r.csv", tmp_path / "r.failed.csv"))
+
+    assert sorted(p.name for p in removed) == sorted([*stale, link])
+    assert names(tmp_path) == sorted([*kept, folder, "victim.txt"])
+    assert victim.read_bytes() == PRECIOUS
+
 
 # The real command line, its final write stalled once rows are in the temporary file, so that
 # a SIGKILL lands in the middle of it every time.
