@@ -811,9 +811,10 @@ def _resume(config: JobConfig, paths: ReportPaths, plan: Plan, ledger: Ledger, l
     if len(missing):
         first = missing.iloc[0]
         raise ReportError(
-            f"{record_place(first)}: key {first['order_ticket_key']!r} of event "
-            f"{first['event_id']} is not in these inputs ({len(missing)} such keys in all); "
-            "resume with the inputs of the run that wrote it, or choose another --report path"
+            f"{record_place(first)}: key {str(first['order_ticket_key'])[:80]!r} of event "
+            f"{str(first['event_id'])[:80]!r} is not in these inputs ({len(missing)} keys of "
+            "the earlier run are not); resume with the inputs of the run that wrote it, or "
+            "choose another --report path"
         )
     merged = merged[merged["outcome"] == Outcome.UNDONE.value]
     positions = merged["position"].to_numpy().astype(np.int64)
