@@ -6,6 +6,11 @@
 * :func:`write_final` writes the report and the failed-rows file in input order, streaming, each
   to a temporary file that is fsynced and renamed over the target: a reader never sees half a
   report, and a crash leaves the journal to resume from.
+
+batchjob writes no file through a link it did not create: the lock file and the journal are
+opened without following a symbolic link and refused if they have other hard links or are not
+regular files; temporary files are created new (``O_EXCL``); the report and failed-rows files
+are replaced by a rename, never written in place, and refused if they are symbolic links.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import io
 import math
 import os
 import re
+import stat
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +46,13 @@ _CODE = {outcome: code for code, outcome in enumerate(OUTCOME_CODES) if outcome 
 
 class ReportError(Exception):
     """The report path cannot be used (exists without --resume, locked, unwritable). Exit 2."""
+
+
+# Flags a system lacks are 0: Windows has no O_NOFOLLOW, O_NONBLOCK or O_CLOEXEC, and needs
+# O_BINARY so that "\r\n" is written as it is.
+_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
+_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # a FIFO put in a file's place must not block
+_OPEN_FLAGS: int = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
 
 
 @dataclass(frozen=True)
@@ -238,10 +252,15 @@ class Journal:
     def __init__(self, path: Path, writer: RowWriter) -> None:
         self.path = path
         self._writer = writer
-        if path.exists():
-            _cut_partial_line(path)
-        new = not path.exists() or path.stat().st_size == 0
-        self._fh: IO[str] = path.open("a", newline="", encoding="utf-8", errors="backslashreplace")
+        fd = _open_in_place(path, os.O_RDWR | os.O_APPEND, "the journal")
+        try:
+            new = _cut_partial_line(fd) == 0
+            self._fh: IO[str] = open(  # noqa: SIM115 (closed in close())
+                fd, "a", newline="", encoding="utf-8", errors="backslashreplace"
+            )
+        except BaseException:
+            os.close(fd)
+            raise
         self._pending: list[Positions] = []
         self._pending_keys: list[str] | None = []
         self._scheduled = False
@@ -317,54 +336,83 @@ class Journal:
             path.unlink()
 
 
-def _cut_partial_line(path: Path) -> None:
-    """Drop a record cut short by a crash, so the next record starts on a line of its own."""
-    with path.open("rb+") as fh:
-        size = fh.seek(0, os.SEEK_END)
-        step = 64 * 1024
-        end = size
-        while end > 0:
-            start = max(0, end - step)
-            fh.seek(start)
-            block = fh.read(end - start)
-            newline = block.rfind(b"\n")
-            if newline >= 0:
-                fh.truncate(start + newline + 1)
-                return
-            end = start
-        fh.truncate(0)
+def _cut_partial_line(fd: int) -> int:
+    """Drop a record cut short by a crash, so the next record starts on a line of its own.
+
+    Returns the size left.
+    """
+    size = os.lseek(fd, 0, os.SEEK_END)
+    step = 64 * 1024
+    end = size
+    while end > 0:
+        start = max(0, end - step)
+        os.lseek(fd, start, os.SEEK_SET)
+        block = os.read(fd, end - start)
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            kept = start + newline + 1
+            if kept != size:
+                os.ftruncate(fd, kept)
+            return kept
+        end = start
+    if size:
+        os.ftruncate(fd, 0)
+    return 0
 
 
-def _complete_lines(path: Path) -> io.BytesIO:
+def _read_own_file(path: Path) -> bytes | None:
+    """The bytes of ``path``, None if it is not there; never read through a link, never a
+    FIFO (it would block) or anything else but a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW | _NONBLOCK | _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ReportError(f"{path} is a symbolic link: batchjob does not follow it") from None
+        raise ReportError(f"{path}: cannot read it to resume: {exc.strerror}") from None
+    with open(fd, "rb") as fh:
+        problem = _not_own_file(os.fstat(fd), in_place=False)
+        if problem:
+            raise ReportError(f"{path} {problem}")
+        return fh.read()
+
+
+def _complete_lines(path: Path) -> bytes:
     """The file up to its last newline: a kill -9 may have cut the last record anywhere."""
-    data = path.read_bytes()
-    return io.BytesIO(data[: data.rfind(b"\n") + 1])
+    data = _read_own_file(path) or b""
+    end = data.rfind(b"\n") + 1
+    if not end and not _HEADER.startswith(data.rstrip(b"\r")):
+        # Not even a line: only a header cut short by a crash may be that, nothing else.
+        raise ReportError(f"{path}: not a batchjob report or journal (no line, no header)")
+    return data[:end]
+
+
+_HEADER = ",".join(REPORT_COLUMNS).encode()
+
+
+_OUTCOME_VALUES = frozenset(o.value for o in Outcome)
 
 
 def read_previous(paths: ReportPaths) -> pd.DataFrame:
     """An earlier run's rows from its report and journal, for --resume.
 
     Text columns as written (event_id and key unescaped), one row per (event, key) among rows
-    that were not ``invalid``; a pair ever recorded ``undone`` keeps that row.
+    that were not ``invalid``; a pair ever recorded ``undone`` keeps that row. Each row says
+    where it came from (``record_file``, ``record_index``: see :func:`record_place`). A record
+    batchjob cannot have written is refused, naming its file and line.
     """
     frames = []
     for path in (paths.report, paths.journal):
-        if path.exists() and path.stat().st_size:
-            lines = _complete_lines(path)
-            if not lines.getbuffer().nbytes:
-                continue  # a crash cut even the header: nothing was recorded
-            try:
-                frame = pd.read_csv(lines, dtype=str, keep_default_na=False, on_bad_lines="skip")
-            except (OSError, ValueError, pd.errors.ParserError) as exc:
-                raise ReportError(f"{path}: cannot read it to resume: {exc}") from None
-            missing = {"event_id", "order_ticket_key", "outcome"} - set(frame.columns)
-            if missing:
-                raise ReportError(
-                    f"{path}: not a batchjob report (no column {', '.join(sorted(missing))})"
-                )
-            frames.append(frame)
+        data = _complete_lines(path)
+        if not data:
+            continue  # not there, empty, or a crash cut even the header: nothing recorded
+        frame = _read_records(path, data)
+        frame["record_file"] = str(path)
+        frame["record_index"] = np.arange(len(frame))
+        frames.append(frame)
     if not frames:
-        return pd.DataFrame(columns=list(REPORT_COLUMNS))
+        return pd.DataFrame(columns=[*REPORT_COLUMNS, "record_file", "record_index"])
     previous = pd.concat(frames, ignore_index=True)
     previous = previous[previous["outcome"] != Outcome.INVALID.value]
     for column in ("event_id", "order_ticket_key"):
@@ -376,6 +424,87 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
     return previous.drop_duplicates(["event_id", "order_ticket_key"], keep="last")
 
 
+def _read_records(path: Path, data: bytes) -> pd.DataFrame:
+    """One report or journal as text columns; a malformed record is a ReportError."""
+    try:
+        with warnings.catch_warnings():
+            # A first row with a field too many: pandas would drop it with only a warning.
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False, index_col=False)
+    except (ValueError, pd.errors.ParserWarning) as exc:  # UnicodeDecodeError is a ValueError
+        line = _first_bad_line(data)
+        if line is None:
+            raise ReportError(f"{path}: cannot read it to resume: {exc}") from None
+        raise ReportError(
+            f"{path}, line {line}: not a record batchjob wrote (not one CSV row of the "
+            "header's columns in UTF-8); fix or delete that line to resume"
+        ) from None
+    missing = {"event_id", "order_ticket_key", "outcome"} - set(frame.columns)
+    if missing:
+        raise ReportError(f"{path}: not a batchjob report (no column {', '.join(sorted(missing))})")
+    bad = ~frame["outcome"].isin(_OUTCOME_VALUES).to_numpy()
+    if "attempts" in frame:
+        # _resume reads it as a number: digits (a count fits in 9) or nothing.
+        attempts = frame["attempts"].fillna("").str.strip()
+        bad |= ~attempts.str.fullmatch("[0-9]{0,9}").fillna(False).to_numpy(dtype=bool)
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        record = frame.iloc[index]
+        raise ReportError(
+            f"{_place(path, data, index)}: not a record batchjob wrote (outcome "
+            f"{str(record['outcome'])[:40]!r}, attempts {str(record.get('attempts', ''))[:40]!r}); "
+            "fix or delete that line to resume"
+        )
+    return frame
+
+
+def _csv_records(data: bytes) -> Iterator[tuple[int, list[str]]]:
+    """(first line, fields) of each record, blank lines skipped as pandas does; lines counted
+    as an editor shows them (\r\n, \n or \r ends one)."""
+    reader = csv.reader(io.StringIO(data.decode("utf-8", errors="replace"), newline=""))
+    line = 1
+    for fields in reader:
+        if fields:
+            yield line, fields
+        line = reader.line_num + 1
+
+
+def _first_bad_line(data: bytes) -> int | None:
+    """The line of the first record that is not valid UTF-8 CSV with the header's width."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return data.count(b"\n", 0, exc.start) + 1
+    records = _csv_records(data)
+    width = None
+    try:
+        for line, fields in records:
+            if width is None:
+                width = len(fields)
+            elif len(fields) != width:
+                return line
+    except csv.Error:
+        return None
+    return None
+
+
+def _place(path: Path, data: bytes, index: int) -> str:
+    """Where data row ``index`` is: "<file>, line N" (row 0 is the first after the header)."""
+    try:
+        for number, (line, _) in enumerate(_csv_records(data)):
+            if number == index + 1:
+                return f"{path}, line {line}"
+    except csv.Error:
+        pass
+    return f"{path}, record {index + 1}"
+
+
+def record_place(record: pd.Series[Any]) -> str:
+    """Where a row of :func:`read_previous` was read: "<file>, line N"."""
+    path = Path(str(record["record_file"]))
+    return _place(path, _complete_lines(path), int(record["record_index"]))
+
+
 # --- the final files ------------------------------------------------------------------------
 
 
@@ -384,11 +513,28 @@ def _chunks(positions: Positions, size: int = 200_000) -> Iterator[Positions]:
         yield positions[start : start + size]
 
 
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _create_new(path: Path) -> int:
+    """Create ``path`` and open it for writing: a new file, never one already there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _OPEN_FLAGS
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        # Our pid is in the name, yet the file is not ours: a dead process that had our pid
+        # left it, or someone put it (or a link) there. Removed, never written through.
+        path.unlink()
+        return os.open(path, flags, 0o666)
+
+
 def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_path(path)
+    fd = _create_new(tmp)
     try:
-        with tmp.open("w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
+        with open(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
             csv.writer(fh).writerow(REPORT_COLUMNS)
             for part in _chunks(positions):
                 writer.write(fh, part)
@@ -416,7 +562,84 @@ def write_final(paths: ReportPaths, writer: RowWriter, ledger: Ledger) -> int:
     return len(failed)
 
 
-# --- one run per report ---------------------------------------------------------------------
+# --- paths checked before a run -------------------------------------------------------------
+
+
+def _identity(path: Path) -> tuple[object, ...]:
+    """What ``path`` names: the file (device, inode) when it exists, so that a hard link, a
+    link or another spelling of it counts as the same; else its absolute, resolved path."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return ("path", os.path.normcase(os.path.realpath(path)))
+    return ("file", info.st_dev, info.st_ino)
+
+
+def _not_own_file(info: os.stat_result, *, in_place: bool) -> str:
+    """Why batchjob must not write to the file ``info`` describes ("" if it may)."""
+    if stat.S_ISDIR(info.st_mode):
+        return "is a directory; give a file path"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a regular file (a FIFO, socket or device); remove it or give another path"
+    if in_place and info.st_nlink > 1:
+        # Written in place, it would change the file's other names too.
+        return (
+            f"has {info.st_nlink - 1} other name(s) (hard links), so batchjob did not create "
+            "it; remove it or give another --report path"
+        )
+    return ""
+
+
+def check_paths(paths: ReportPaths, inputs: Sequence[Path]) -> None:
+    """Refuse, before any file is touched, a run that would write over one of its inputs or
+    over another file of its own, or through a link. Raises :class:`ReportError` (exit 2)."""
+    # The files written, with the option that names each; the failed-rows file is checked
+    # against the other three, as the report's journal and lock sit beside it by construction.
+    outputs = (
+        ("the failed-rows file", paths.failed_rows, "--failed-rows"),
+        ("the report", paths.report, "--report"),
+        ("the report's journal", paths.journal, "--report"),
+        ("the report's lock file", paths.lock, "--report"),
+    )
+    read = {_identity(path): path for path in reversed(inputs)}
+    for what, path, option in outputs:
+        same = read.get(_identity(path))
+        if same is not None:
+            raise ReportError(
+                f"{what} {path} is the input file {same}: it would be overwritten; "
+                f"choose another {option} path"
+            )
+    failed = _identity(paths.failed_rows)
+    for what, path, _ in outputs[1:]:
+        if _identity(path) == failed:
+            raise ReportError(
+                f"--failed-rows {paths.failed_rows} is {what} ({path}); "
+                "choose another --failed-rows path"
+            )
+    for _, path, _ in outputs:
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue  # not there yet (or not reachable: check_writable says why)
+        in_place = path in (paths.journal, paths.lock)
+        if stat.S_ISLNK(info.st_mode):
+            raise ReportError(_link_message(path, in_place=in_place))
+        problem = _not_own_file(info, in_place=in_place)
+        if problem:
+            raise ReportError(f"{path} {problem}")
+
+
+def _link_message(path: Path, *, in_place: bool) -> str:
+    if in_place:
+        return (
+            f"{path} is a symbolic link: batchjob never writes through a link it did not "
+            "create; remove it"
+        )
+    # The rename would replace the link itself and leave the file it points to as it was.
+    return (
+        f"{path} is a symbolic link: batchjob replaces this file rather than writing through "
+        "the link; give the path of a real file"
+    )
 
 
 def check_writable(paths: ReportPaths) -> None:
@@ -432,40 +655,147 @@ def check_writable(paths: ReportPaths) -> None:
             raise ReportError(f"{path}: its folder is not writable")
 
 
+def _writer_alive(pid: int) -> bool:
+    """Whether process ``pid`` may still be writing its temporary file."""
+    if pid == os.getpid():
+        # Ours are written and renamed (or removed) within one call, before this run's
+        # first: a file with our pid is a dead namesake's.
+        return False
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) would end the process on Windows: keep the file
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # OverflowError: no pid is that large
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def remove_stale_temp_files(paths: ReportPaths) -> list[Path]:
+    """Delete the ``.<name>.<pid>.tmp`` files that killed runs left for this report and
+    failed-rows file; returns them. Call while holding the report's lock.
+
+    The lock alone does not prove a temporary file dead: another run (holding another
+    report's lock) may have this report's path as its --failed-rows, or this failed-rows
+    path too. So a file is removed only when the process named in it is gone. One left by a
+    live process (or a pid reused since) stays, and is removed by a later run.
+    """
+    removed = []
+    for target in dict.fromkeys((paths.report, paths.failed_rows)):
+        prefix = f".{target.name}."
+        try:
+            entries = list(os.scandir(target.parent))
+        except OSError:
+            continue  # no folder yet: nothing left in it
+        for entry in entries:
+            pid = entry.name.removeprefix(prefix).removesuffix(".tmp")
+            if not (
+                entry.name == f"{prefix}{pid}.tmp"
+                and pid.isascii()
+                and pid.isdigit()
+                and not entry.is_dir(follow_symlinks=False)
+                and not _writer_alive(int(pid))
+            ):
+                continue
+            with contextlib.suppress(OSError):  # best effort: gone, or not ours to remove
+                os.unlink(entry.path)  # a link is removed, not what it points to
+                removed.append(Path(entry.path))
+    return removed
+
+
+# --- one run per report ---------------------------------------------------------------------
+
+
+def _open_in_place(path: Path, flags: int, what: str) -> int:
+    """Open ``path`` (created if missing) to be written in place; :func:`_not_own_file`."""
+    try:
+        fd = os.open(path, flags | os.O_CREAT | _NOFOLLOW | _NONBLOCK | _OPEN_FLAGS, 0o666)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ReportError(_link_message(path, in_place=True)) from None
+        raise ReportError(f"{path}: cannot open {what}: {exc.strerror}") from None
+    problem = _not_own_file(os.fstat(fd), in_place=True)
+    if problem:
+        os.close(fd)
+        raise ReportError(f"{path} {problem}")
+    return fd
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` (itself, not a link's target) is still the file open as ``fd``."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _small_text(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 64).decode("ascii", errors="replace").strip()
+
+
 class ReportLock:
-    """An exclusive lock on ``<report>.lock`` held for the run; the OS frees it on any exit."""
+    """An exclusive lock on ``<report>.lock`` held for the run; the OS frees it on any exit.
+
+    The file holds the pid of the run holding it. A file that holds anything else was not
+    made by batchjob: it is refused, never emptied.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._fh: IO[str] | None = None
+        self._fd: int | None = None
 
     def acquire(self) -> None:
+        report = self.path.with_suffix("")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fh = self.path.open("a+", encoding="utf-8")
         except OSError as exc:
-            raise ReportError(
-                f"{self.path.with_suffix('')}: cannot write beside the report: {exc.strerror}"
-            ) from None
+            raise ReportError(f"{report}: cannot write beside the report: {exc.strerror}") from None
+        for _ in range(10):
+            fd = _open_in_place(self.path, os.O_RDWR, "the lock file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _small_text(fd)
+                os.close(fd)
+                holder = holder if holder.isascii() and holder.isdigit() else "unknown"
+                raise ReportError(
+                    f"{report}: another batchjob run (pid {holder}) is using this "
+                    "report; wait for it to finish or choose another --report path"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(self.path, fd):
+                break
+            # The run that held it removed it as it ended: lock the file now there.
+            os.close(fd)
+        else:
+            raise ReportError(f"{self.path}: cannot lock it: it keeps being replaced")
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "unknown"
-            fh.close()
-            raise ReportError(
-                f"{self.path.with_suffix('')}: another batchjob run (pid {holder}) is using this "
-                "report; wait for it to finish or choose another --report path"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._fh = fh
+            held = _small_text(fd)
+            pid_or_nothing = not held or (held.isascii() and held.isdigit())
+            if os.fstat(fd).st_size > 32 or not pid_or_nothing:
+                raise ReportError(
+                    f"{self.path} is not a batchjob lock file (it holds other text); "
+                    "batchjob will not empty it: move it away or choose another --report path"
+                )
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, str(os.getpid()).encode())
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def release(self) -> None:
-        if self._fh is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            # Only our own file: if it was replaced meanwhile, the new one is not ours.
+            with contextlib.suppress(OSError):
+                if _same_file(self.path, self._fd):
+                    self.path.unlink()
+            os.close(self._fd)
+            self._fd = None

@@ -52,8 +52,11 @@ from batchjob._report import (
     ReportLock,
     ReportPaths,
     RowWriter,
+    check_paths,
     check_writable,
     read_previous,
+    record_place,
+    remove_stale_temp_files,
     write_final,
 )
 
@@ -649,6 +652,7 @@ async def run_job(
     stop = stop or StopRequest()
     report = config.report_path()
     paths = ReportPaths(report, config.failed_rows_path(report))
+    check_paths(paths, config.inputs)
 
     inputs = read_inputs(config.inputs, aliases=config.columns, default_event_id=config.event_id)
     plan = build_plan(inputs)
@@ -673,6 +677,8 @@ async def run_job(
                 "that run, or choose another --report path"
             )
         check_writable(paths)
+        for stale in remove_stale_temp_files(paths):
+            log.info("report.stale_temp_removed", path=str(stale))
         ledger = Ledger(len(plan.rows))
         writer = RowWriter(plan.rows, plan.keys, ledger)
         ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
@@ -805,9 +811,10 @@ def _resume(config: JobConfig, paths: ReportPaths, plan: Plan, ledger: Ledger, l
     if len(missing):
         first = missing.iloc[0]
         raise ReportError(
-            f"{paths.report} holds {len(missing)} keys that are not in these inputs (such as "
-            f"{first['order_ticket_key']!r} of event {first['event_id']}); resume with the "
-            "inputs of the run that wrote it, or choose another --report path"
+            f"{record_place(first)}: key {str(first['order_ticket_key'])[:80]!r} of event "
+            f"{str(first['event_id'])[:80]!r} is not in these inputs ({len(missing)} keys of "
+            "the earlier run are not); resume with the inputs of the run that wrote it, or "
+            "choose another --report path"
         )
     merged = merged[merged["outcome"] == Outcome.UNDONE.value]
     positions = merged["position"].to_numpy().astype(np.int64)

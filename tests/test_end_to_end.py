@@ -341,8 +341,11 @@ async def test_resume_refuses_inputs_that_would_drop_keys_from_the_report(
     before = first.report.read_bytes()
     sandbox.settings.daily_quota = None
 
+    # A copy: the failed-rows file itself is this run's output, refused as an input.
+    retry = tmp_path / "retry.csv"
+    retry.write_bytes(first.failed_rows.read_bytes())
     with pytest.raises(ReportError, match="not in these inputs"):
-        await run(sandbox, [first.failed_rows], tmp_path, resume=True)
+        await run(sandbox, [retry], tmp_path, resume=True)
     assert first.report.read_bytes() == before
 
     again = await run(sandbox, [inputs], tmp_path, resume=True)
