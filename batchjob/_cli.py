@@ -119,6 +119,9 @@ class _Output(io.TextIOBase):
     def isatty(self) -> bool:
         return self.stream.isatty()
 
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
     def _lost(self) -> None:
         # Over the file descriptor itself, so that whatever else writes there (rich's
         # refresh thread, Python's flush at exit) stops failing too.

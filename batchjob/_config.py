@@ -187,8 +187,8 @@ def relation_problems(config: Any) -> list[tuple[str, tuple[str, ...]]]:
 # --- URLs a token may be sent to ------------------------------------------------------------
 
 _PLAIN_HOST = re.compile(r"[a-z0-9.-]+\Z")
-_CLEAR_TEXT = (
-    "use https://, or http:// only to a loopback host "
+_RULE = (
+    "use a plain https:// URL, or http:// only to a loopback host "
     "(the token would otherwise travel in clear text)"
 )
 
@@ -206,43 +206,48 @@ def is_loopback_host(host: str | None) -> bool:
 
 def display_url(url: str) -> str:
     """``url`` fit for a message: whatever precedes an ``@`` may be a password."""
-    return re.sub(r"//[^/?#]*@", "//***@", url)
+    return re.sub(r"//[^/?#]*@", "//(not shown)@", url)
 
 
 def url_problem(url: object) -> str | None:
-    """Why ``url`` may not receive a bearer token, or None.
+    """Why ``url`` may not receive a bearer token (``is not allowed: <why>; <the rule>``).
 
     aiohttp reads a URL with yarl; anything yarl and urllib could read differently (and any
     part a token URL never needs) is refused rather than guessed at.
     """
+    why = _url_problem(url)
+    return None if why is None else f"is not allowed: it {why}; {_RULE}"
+
+
+def _url_problem(url: object) -> str | None:
     if not isinstance(url, str) or not url:
-        return "is not allowed: it is empty"
+        return "is empty"
     if any(not "!" <= c <= "~" for c in url):
-        return "is not allowed: it holds a space, a control or a non-ASCII character"
+        return "holds a space, a control or a non-ASCII character"
     if "\\" in url:
-        return "is not allowed: it holds a backslash (URL parsers disagree on what it means)"
+        return "holds a backslash (URL parsers disagree on what it means)"
     try:
         split = urlsplit(url)
         split_port = split.port
         parsed = URL(url)
     except ValueError as exc:
-        return f"is not allowed: it cannot be parsed ({exc})"
+        return f"cannot be parsed ({exc})"
     scheme = split.scheme.lower()
     if scheme not in ("http", "https") or parsed.scheme != scheme:
-        return f"is not allowed: {_CLEAR_TEXT}"
+        return "is neither https:// nor http://"
     if "@" in split.netloc or parsed.raw_user is not None or parsed.raw_password is not None:
-        return "is not allowed: it holds a user name or password (user:pass@)"
+        return "holds a user name or password (user:pass@)"
     if "?" in url or "#" in url:
-        return "is not allowed: it holds a query (?) or a fragment (#)"
+        return "holds a query (?) or a fragment (#)"
     host, raw_host = split.hostname, parsed.raw_host
     if not host or not raw_host:
-        return "is not allowed: it has no host"
+        return "has no host"
     if not _same_host(host, raw_host) or split_port != parsed.explicit_port:
-        return f"is not allowed: its host reads as {host!r} to one parser, {raw_host!r} to another"
+        return f"names host {host!r} to urllib but {raw_host!r} to aiohttp (yarl)"
     if not (_is_ip(raw_host) or _PLAIN_HOST.match(raw_host)):
-        return f"is not allowed: host {raw_host!r} is not a plain host name or IP address"
+        return f"has host {raw_host!r}, not a plain host name or IP address"
     if scheme == "http" and not is_loopback_host(raw_host):
-        return f"is not allowed: {_CLEAR_TEXT}"
+        return "is http:// to a host that is not this machine"
     return None
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from batchjob import StopRequest
+from batchjob._runner import install_signal_handlers
 from batchjob._sandbox import Faults, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     Pair,
@@ -233,3 +235,25 @@ async def test_a_run_started_with_nohup_ignores_the_hangup_and_finishes(
 
 def python_m_batchjob() -> tuple[str, ...]:
     return (sys.executable, "-m", "batchjob")
+
+
+async def test_a_second_hangup_does_not_hurry_but_a_ctrl_c_after_it_does() -> None:
+    """One closed terminal can deliver SIGHUP twice (the kernel, then the shell)."""
+    stop = StopRequest()
+    loop = asyncio.get_running_loop()
+    marker = asyncio.Event()  # SIGUSR1, sent after: once it is handled, so is what came before
+    loop.add_signal_handler(signal.SIGUSR1, marker.set)
+    remove = install_signal_handlers(stop)
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        await asyncio.wait_for(stop.event.wait(), 10)
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        await asyncio.wait_for(marker.wait(), 10)
+        assert not stop.hurried.is_set()
+        os.kill(os.getpid(), signal.SIGINT)
+        await asyncio.wait_for(stop.hurried.wait(), 10)
+    finally:
+        remove()
+        loop.remove_signal_handler(signal.SIGUSR1)
+    assert (stop.exit_code, stop.reason) == (129, "interrupted by SIGHUP")
