@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, cast
+
+from rich.console import Console
 
 from batchjob._auth import add_auth_arguments, run_auth_command
 from batchjob._config import ConfigError, JobConfig, load_config
@@ -39,20 +43,6 @@ from batchjob._tokens import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchjob",
@@ -73,9 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--failed-rows", type=Path, help="rows to retry (default <report>.failed.csv)")
     run.add_argument("--config", type=Path, help="TOML settings file (see configs/default.toml)")
     run.add_argument("--base-url", help="API base URL (env CC_BASE_URL)")
-    run.add_argument("--rate", type=_positive_float, help="requests per second, at most (4)")
-    run.add_argument("--batch-size", type=_positive_int, help="keys per request, at most (100)")
-    run.add_argument("--concurrency", type=_positive_int, help="requests in flight, at most (4)")
+    # Numbers are only parsed here: load_config checks every setting, whatever its origin.
+    run.add_argument("--rate", type=float, help="requests per second, at most (4)")
+    run.add_argument("--batch-size", type=int, help="keys per request, at most (100)")
+    run.add_argument("--concurrency", type=int, help="requests in flight, at most (4)")
     run.add_argument("--event-id", help="event for input files that have no event column")
     run.add_argument(
         "--token-file", type=Path, help="token file to use and refresh (env CC_TOKEN_FILE)"
@@ -100,6 +91,56 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sample-dir", type=Path, default=REPO_ROOT / "sample_data")
     demo.add_argument("--report", type=Path)
     return parser
+
+
+class _Output(io.TextIOBase):
+    """stdout or stderr of a run, whose reader may vanish (a closed terminal, an ssh drop).
+
+    Once a write fails, output goes to /dev/null instead: losing log lines is better than
+    losing the run, whose report and exit code are what matter.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            self.stream.write(text)
+        except OSError:
+            self._lost()
+        return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError:
+            self._lost()
+
+    def isatty(self) -> bool:
+        return self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def _lost(self) -> None:
+        # Over the file descriptor itself, so that whatever else writes there (rich's
+        # refresh thread, Python's flush at exit) stops failing too.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        with contextlib.suppress(OSError, ValueError):
+            self.stream.flush()  # the unwritten rest goes to /dev/null now
+
+
+def _tolerant(stream: TextIO) -> TextIO:
+    return cast(TextIO, _Output(stream))
+
+
+def _say(text: str, stream: TextIO) -> None:
+    out = _tolerant(stream)
+    out.write(text + "\n")
+    out.flush()
 
 
 def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
@@ -127,7 +168,10 @@ def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
 async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> RunResult:
     """Run with logging, progress and signals set up for a person or a scheduler."""
     redactor = Redactor()
-    log = make_logger(log_format=config.log_format, level=config.log_level, redactor=redactor)
+    err = _tolerant(sys.stderr)
+    log = make_logger(
+        log_format=config.log_format, level=config.log_level, redactor=redactor, stream=err
+    )
     if tokens is None and not config.dry_run:
         tokens = token_source_from_env(config, os.environ, on_new_secret=redactor.add, log=log)
     for secret in tokens.secrets() if tokens is not None else ():
@@ -140,7 +184,7 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
             config,
             tokens=tokens,
             log=log,
-            progress=ProgressBar() if show_progress else None,
+            progress=ProgressBar(Console(file=err)) if show_progress else None,
             stop=stop,
         )
     finally:
@@ -153,7 +197,7 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _config_from(args)
     result = asyncio.run(_run(config))
-    print(result.summary())
+    _say(result.summary(), sys.stdout)
     return result.exit_code
 
 
@@ -199,17 +243,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_auth_command(args)
         return run_sandbox_command(args)
     except (InputError, ConfigError, ReportError, TokenError) as exc:
-        print(f"batchjob: error: {exc}", file=sys.stderr)
+        _say(f"batchjob: error: {exc}", sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_SIGINT
     except Exception as exc:
         # A bug or an environment failure (disk full...). Not exit 1, which schedulers may
         # treat as a normal night: the journal, if any, still holds every outcome so far.
-        print(
+        _say(
             f"batchjob: internal error: {type(exc).__name__}: {exc}\n"
             "what was done so far is in the report's .journal file: rerun with --resume",
-            file=sys.stderr,
+            sys.stderr,
         )
         return EXIT_STOPPED
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal
 from urllib.parse import urlsplit
+
+from yarl import URL
 
 from batchjob._inputs import ColumnAliases, canonical_event_id
 
@@ -61,24 +66,14 @@ class JobConfig:
     grace_period: float = 10.0  # seconds in-flight requests get after SIGINT/SIGTERM
 
     def __post_init__(self) -> None:
-        _check_positive("rate", self.rate)
-        _check_positive("batch_size", self.batch_size)
-        _check_positive("concurrency", self.concurrency)
-        _check_positive("connect_timeout", self.connect_timeout)
-        _check_positive("request_timeout", self.request_timeout)
-        _check_positive("retry_max_tries", self.retry_max_tries)
-        if self.max_requests is not None and self.max_requests < 0:
-            raise ConfigError(f"max_requests must be 0 or more, not {self.max_requests}")
-        if self.log_format not in (None, "console", "json"):
-            raise ConfigError(f"log_format must be console or json, not {self.log_format!r}")
+        for name in _CHECKED:
+            check_setting(name, getattr(self, name))
+        for message, _ in relation_problems(self):
+            raise ConfigError(message)
         if self.resume and self.report is None:
             raise ConfigError("--resume needs --report: the report of the run to continue")
         if self.resume and self.dry_run:
             raise ConfigError("--dry-run cannot --resume: a dry run never replaces a report")
-        if self.event_id is not None and canonical_event_id(self.event_id) is None:
-            raise ConfigError(f"event_id {self.event_id!r} is not a UUID (--event-id)")
-        check_url_is_safe("base_url", self.base_url)
-        check_url_is_safe("token_url", self.token_url)
 
     def report_path(self, now: datetime | None = None) -> Path:
         if self.report is not None:
@@ -92,9 +87,110 @@ class JobConfig:
         return report.with_name(f"{report.stem}.failed.csv")
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"{name} must be greater than 0, not {value}")
+# --- what each setting may hold -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Range:
+    low: float
+    high: float | None  # None: no upper bound
+    low_included: bool = True
+    whole: bool = False
+
+    def problem(self, value: object) -> str | None:
+        kinds: tuple[type, ...] = (int,) if self.whole else (int, float)
+        if (
+            not isinstance(value, bool)
+            and isinstance(value, kinds)
+            and math.isfinite(value)  # type: ignore[arg-type]
+            and (value >= self.low if self.low_included else value > self.low)  # type: ignore[operator]
+            and (self.high is None or value <= self.high)  # type: ignore[operator]
+        ):
+            return None
+        what = "a whole number" if self.whole else "a number"
+        low = f"from {_num(self.low)}" if self.low_included else f"greater than {_num(self.low)}"
+        if self.high is None:
+            return f"must be {what} {low}"
+        high = f"to {_num(self.high)}" if self.low_included else f"and at most {_num(self.high)}"
+        return f"must be {what} {low} {high}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+_HOUR = 3600.0
+#: Ranges of the numeric settings. Upper bounds stop a typo (an extra zero, ``inf``) from
+#: turning into a flood of requests or a run that never gives up; far above any real need.
+RANGES: Mapping[str, _Range] = {
+    "rate": _Range(0, 1_000_000, low_included=False),  # the benchmarks use 1e6 for "unlimited"
+    "batch_size": _Range(1, 10_000, whole=True),
+    "concurrency": _Range(1, 256, whole=True),
+    "max_requests": _Range(0, None, whole=True),
+    "connect_timeout": _Range(0, _HOUR, low_included=False),
+    "request_timeout": _Range(0, _HOUR, low_included=False),
+    "retry_max_tries": _Range(1, 100, whole=True),
+    "retry_max_time": _Range(0, _HOUR, low_included=False),
+    "retry_base": _Range(0, _HOUR, low_included=False),
+    "retry_cap": _Range(0, _HOUR, low_included=False),
+    "grace_period": _Range(0, _HOUR),  # 0: cancel requests in flight at once on a signal
+}
+LOG_LEVELS = ("debug", "info", "warning")
+LOG_FORMATS = ("console", "json")
+#: Settings checked one by one, wherever they came from.
+_CHECKED = (*RANGES, "log_level", "log_format", "event_id", "base_url", "token_url")
+
+
+def setting_problem(name: str, value: Any) -> str | None:
+    """What is wrong with ``value`` for setting ``name``, or None when it is fine."""
+    if name in RANGES:
+        if name == "max_requests" and value is None:
+            return None
+        return RANGES[name].problem(value)
+    if name == "log_level":
+        ok = isinstance(value, str) and value.lower() in LOG_LEVELS
+        return None if ok else f"must be one of {', '.join(LOG_LEVELS)}"
+    if name == "log_format":
+        ok = value is None or value in LOG_FORMATS
+        return None if ok else f"must be one of {', '.join(LOG_FORMATS)}"
+    if name == "event_id":
+        ok = value is None or (isinstance(value, str) and canonical_event_id(value) is not None)
+        return None if ok else "is not a UUID"
+    if name in ("base_url", "token_url"):
+        return url_problem(value)
+    return None
+
+
+def check_setting(name: str, value: Any, origin: str = "") -> None:
+    """Raise :class:`ConfigError` naming the setting, the value and where it came from."""
+    problem = setting_problem(name, value)
+    if problem is not None:
+        where = f" ({origin})" if origin else ""
+        shown = display_url(value) if name.endswith("_url") and isinstance(value, str) else value
+        raise ConfigError(f"{name} = {shown!r}{where} {problem}")
+
+
+def relation_problems(config: Any) -> list[tuple[str, tuple[str, ...]]]:
+    """Settings that are each fine but wrong together: (message, the settings involved)."""
+    problems: list[tuple[str, tuple[str, ...]]] = []
+    if config.retry_base > config.retry_cap:
+        problems.append(
+            (
+                f"retry_base ({_num(config.retry_base)}) must not be more than retry_cap "
+                f"({_num(config.retry_cap)}): the first backoff wait would exceed the longest",
+                ("retry_base", "retry_cap"),
+            )
+        )
+    return problems
+
+
+# --- URLs a token may be sent to ------------------------------------------------------------
+
+_PLAIN_HOST = re.compile(r"[a-z0-9.-]+\Z")
+_RULE = (
+    "use a plain https:// URL, or http:// only to a loopback host "
+    "(the token would otherwise travel in clear text)"
+)
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -108,17 +204,74 @@ def is_loopback_host(host: str | None) -> bool:
         return False
 
 
-def check_url_is_safe(name: str, url: str) -> None:
-    """Refuse to send a bearer token in clear text anywhere but this machine."""
-    parts = urlsplit(url)
-    if parts.scheme == "https" and parts.hostname:
-        return
-    if parts.scheme == "http" and is_loopback_host(parts.hostname):
-        return
-    raise ConfigError(
-        f"{name} {url!r} is not allowed: use https://, or http:// only to a loopback host "
-        "(the token would otherwise travel in clear text)"
-    )
+def display_url(url: str) -> str:
+    """``url`` fit for a message: whatever precedes an ``@`` may be a password."""
+    return re.sub(r"//[^/?#]*@", "//(not shown)@", url)
+
+
+def url_problem(url: object) -> str | None:
+    """Why ``url`` may not receive a bearer token (``is not allowed: <why>; <the rule>``).
+
+    aiohttp reads a URL with yarl; anything yarl and urllib could read differently (and any
+    part a token URL never needs) is refused rather than guessed at.
+    """
+    why = _url_problem(url)
+    return None if why is None else f"is not allowed: it {why}; {_RULE}"
+
+
+def _url_problem(url: object) -> str | None:
+    if not isinstance(url, str) or not url:
+        return "is empty"
+    if any(not "!" <= c <= "~" for c in url):
+        return "holds a space, a control or a non-ASCII character"
+    if "\\" in url:
+        return "holds a backslash (URL parsers disagree on what it means)"
+    try:
+        split = urlsplit(url)
+        split_port = split.port
+        parsed = URL(url)
+    except ValueError as exc:
+        return f"cannot be parsed ({exc})"
+    scheme = split.scheme.lower()
+    if scheme not in ("http", "https") or parsed.scheme != scheme:
+        return "is neither https:// nor http://"
+    if "@" in split.netloc or parsed.raw_user is not None or parsed.raw_password is not None:
+        return "holds a user name or password (user:pass@)"
+    if "?" in url or "#" in url:
+        return "holds a query (?) or a fragment (#)"
+    host, raw_host = split.hostname, parsed.raw_host
+    if not host or not raw_host:
+        return "has no host"
+    if not _same_host(host, raw_host) or split_port != parsed.explicit_port:
+        return f"names host {host!r} to urllib but {raw_host!r} to aiohttp (yarl)"
+    if not (_is_ip(raw_host) or _PLAIN_HOST.match(raw_host)):
+        return f"has host {raw_host!r}, not a plain host name or IP address"
+    if scheme == "http" and not is_loopback_host(raw_host):
+        return "is http:// to a host that is not this machine"
+    return None
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return "%" not in host  # no IPv6 zone ids
+
+
+def _same_host(a: str, b: str) -> bool:
+    if _is_ip(a) and _is_ip(b):
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    return a.lower() == b.lower()
+
+
+def check_url_is_safe(name: str, url: str, origin: str = "") -> None:
+    """Refuse to send a bearer token in clear text anywhere but this machine, or anywhere
+    ambiguous."""
+    problem = url_problem(url)
+    if problem is not None:
+        where = f" ({origin})" if origin else ""
+        raise ConfigError(f"{name} {display_url(url)!r}{where} {problem}")
 
 
 # --- assembling a config from file, environment and command line ---------------------------
@@ -158,18 +311,23 @@ ENV_VARS: Mapping[str, str] = {
 
 
 def _coerce(name: str, value: Any, origin: str) -> Any:
+    """``value`` as the type of setting ``name``, checked; ConfigError names ``origin``."""
+    expected = "a valid value"
     try:
         if name in _PATH_FIELDS:
             return Path(str(value))
         if name in _INT_FIELDS:
+            expected = "a whole number"
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError(value)
-            return int(value)
-        if name in _FLOAT_FIELDS:
+            typed: Any = int(value)
+        elif name in _FLOAT_FIELDS:
+            expected = "a number"
             if isinstance(value, bool):
                 raise ValueError(value)
-            return float(value)
-        if name in _BOOL_FIELDS:
+            typed = float(value)
+        elif name in _BOOL_FIELDS:
+            expected = "true or false"
             if isinstance(value, bool):
                 return value
             text = str(value).strip().lower()
@@ -178,13 +336,17 @@ def _coerce(name: str, value: Any, origin: str) -> Any:
             if text in {"0", "false", "no", "off"}:
                 return False
             raise ValueError(value)
-        if name in _STR_FIELDS:
+        elif name in _STR_FIELDS:
+            expected = "a string"
             if not isinstance(value, str):
                 raise ValueError(value)
-            return value
-    except ValueError:
-        raise ConfigError(f"{origin}: {name} = {value!r} is not a valid value") from None
-    raise ConfigError(f"{origin}: unknown setting {name!r}")
+            typed = value
+        else:
+            raise ConfigError(f"{origin}: unknown setting {name!r}")
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{name} = {value!r} ({origin}) must be {expected}") from None
+    check_setting(name, typed, origin)
+    return typed
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
@@ -201,7 +363,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
         if name == "columns":
             settings["columns"] = _columns_from(path, value)
         elif name in _FILE_FIELDS:
-            settings[name] = _coerce(name, value, str(path))
+            settings[name] = _coerce(name, value, f"config file {path}")
         else:
             known = ", ".join(sorted(_FILE_FIELDS | {"columns"}))
             raise ConfigError(f"{path}: unknown setting {name!r}; known settings: {known}")
@@ -231,7 +393,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
     for name, var in ENV_VARS.items():
         value = environ.get(var)
         if value:
-            settings[name] = _coerce(name, value, f"environment {var}")
+            settings[name] = _coerce(name, value, f"environment variable {var}")
     return settings
 
 
@@ -243,17 +405,36 @@ def load_config(
 ) -> JobConfig:
     """Merge defaults < config file < environment < command line into one JobConfig.
 
-    ``cli`` holds only the options the user actually gave (None values are ignored).
+    ``cli`` holds only the options the user actually gave (None values are ignored). A bad
+    setting is a :class:`ConfigError` that names it and where it came from.
     """
     settings: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if config_file is not None:
-        settings.update(read_config_file(config_file))
-    settings.update(read_environment(os.environ if environ is None else environ))
-    settings.update({k: v for k, v in cli.items() if v is not None})
-    unknown = set(settings) - set(_FIELDS)
+        from_file = read_config_file(config_file)
+        settings.update(from_file)
+        origins.update(dict.fromkeys(from_file, f"config file {config_file}"))
+    from_env = read_environment(os.environ if environ is None else environ)
+    settings.update(from_env)
+    origins.update({name: f"environment variable {ENV_VARS[name]}" for name in from_env})
+    given = {k: v for k, v in cli.items() if v is not None}
+    unknown = (set(settings) | set(given)) - set(_FIELDS)
     if unknown:
         raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    for name, value in given.items():
+        origins[name] = f"command line --{name.replace('_', '-')}"
+        if name in _CHECKED:
+            check_setting(name, value, origins[name])
+    settings.update(given)
+    # Not a JobConfig yet: its own check would raise without saying where values came from.
+    merged = SimpleNamespace(**{n: settings.get(n, getattr(_DEFAULTS, n)) for n in RANGES})
+    for message, names in relation_problems(merged):
+        where = "; ".join(f"{n} from {origins.get(n, 'the built-in default')}" for n in names)
+        raise ConfigError(f"{message} ({where})")
     try:
         return JobConfig(**settings)
     except TypeError as exc:
         raise ConfigError(str(exc)) from None
+
+
+_DEFAULTS = JobConfig()

@@ -12,6 +12,7 @@ before the report is written, any row still without an outcome (a bug) is report
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import math
 import signal
@@ -69,6 +70,7 @@ EXIT_OK = 0
 EXIT_INCOMPLETE = 1
 EXIT_USAGE = 2
 EXIT_STOPPED = 3
+EXIT_SIGHUP = 129
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
@@ -95,10 +97,15 @@ class _NoProgress:
 
 
 class StopRequest:
-    """Set from a signal handler (or by an orchestrator) to stop the run gracefully."""
+    """Set from a signal handler (or by an orchestrator) to stop the run gracefully.
+
+    :meth:`hurry` (a second Ctrl-C) cuts the grace period short: requests in flight are
+    cancelled, and their keys reported as sent without an answer.
+    """
 
     def __init__(self) -> None:
         self.event = asyncio.Event()
+        self.hurried = asyncio.Event()
         self.reason = ""
         self.exit_code = EXIT_SIGINT
 
@@ -106,6 +113,18 @@ class StopRequest:
         if not self.event.is_set():
             self.reason, self.exit_code = reason, exit_code
             self.event.set()
+
+    def hurry(self) -> None:
+        """Stop now: waiting for answers in flight is not worth it any more."""
+        self.hurried.set()
+
+    def signal(self, reason: str, exit_code: int, *, may_hurry: bool = True) -> None:
+        """A signal: the first stops gracefully, a later one (``may_hurry``) hurries."""
+        if self.event.is_set():
+            if may_hurry:
+                self.hurry()
+        else:
+            self.request(reason, exit_code)
 
 
 @dataclass(frozen=True)
@@ -267,15 +286,16 @@ class _Run:
         # the same however many requests are in flight (asyncio.wait on the set would not).
         stop_wait = asyncio.ensure_future(self.stop.event.wait())
         stop_wait.add_done_callback(lambda _: wake.set())
+        hurry_wait = asyncio.ensure_future(self.stop.hurried.wait())
         drained = False
         try:
             while True:
                 if self.stop.event.is_set() and not drained:
                     # A signal: whatever else stopped the run, in-flight requests get the
-                    # grace period and no more.
+                    # grace period and no more; a second signal (hurry) ends it at once.
                     self.halt(self.stop.reason, self.stop.exit_code)
                     drained = True
-                    await self.drain(tasks, grace=self.config.grace_period)
+                    await self.drain(tasks, grace=self.config.grace_period, wake=hurry_wait)
                     tasks = set()
                 while not self.stopped and len(tasks) < self.config.concurrency:
                     job = self.next_job()
@@ -306,6 +326,7 @@ class _Run:
                     tasks = set()
         finally:
             stop_wait.cancel()
+            hurry_wait.cancel()
             if tasks:
                 await self.drain(tasks, grace=0)
 
@@ -329,6 +350,8 @@ class _Run:
         ``wake`` (the stop signal) cuts the grace short when it fires.
         """
         pending = set(tasks)
+        if wake is not None and wake.done():
+            grace = 0
         if grace > 0 and pending:
             deadline = asyncio.get_running_loop().time() + grace
             while pending and (wake is None or not wake.done()):
@@ -349,10 +372,17 @@ class _Run:
                 for task in [t for t in pending if t.done()]:
                     self.check_crash(task)
                 pending = {t for t in pending if not t.done()}
+        if pending and wake is not None and wake.done():
+            self.cut_short(len(pending))
         for task in pending:
             task.cancel()
         if pending:
             await asyncio.gather(*pending, return_exceptions=True)
+
+    def cut_short(self, requests: int) -> None:
+        """Requests under way are about to be cancelled: say so in every message from now."""
+        self.log.warning("run.hurrying", requests=requests)
+        self.stopped += "; stopped again, so requests in flight were cancelled"
 
     # --- jobs ------------------------------------------------------------------------------
 
@@ -546,8 +576,7 @@ class _Run:
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
-                **_reply_fields(reply)
-                | {"error_message": self.stopped},
+                **_reply_fields(reply) | {"error_message": self.stopped},
             )
             return
         else:
@@ -893,13 +922,31 @@ async def _send_all(
 
 
 def install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
-    """SIGINT/SIGTERM (cron, systemd, Kubernetes) stop the run gracefully. Returns an undo."""
+    """SIGINT/SIGTERM (cron, systemd, Kubernetes) and SIGHUP (a closed terminal, an ssh drop)
+    stop the run gracefully; a second SIGINT or SIGTERM hurries it. Returns an undo.
+
+    A signal this process was started with ignored (``nohup``, ``&`` in a script) stays
+    ignored. SIGHUP never hurries: one hangup can arrive twice (the kernel, then the shell).
+    """
     loop = asyncio.get_running_loop()
-    for sig, code in ((signal.SIGINT, EXIT_SIGINT), (signal.SIGTERM, EXIT_SIGTERM)):
-        loop.add_signal_handler(sig, stop.request, f"interrupted by {sig.name}", code)
+    installed: list[signal.Signals] = []
+    for sig, code in (
+        (signal.SIGINT, EXIT_SIGINT),
+        (signal.SIGTERM, EXIT_SIGTERM),
+        (signal.SIGHUP, EXIT_SIGHUP),
+    ):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        loop.add_signal_handler(
+            sig,
+            functools.partial(
+                stop.signal, f"interrupted by {sig.name}", code, may_hurry=sig != signal.SIGHUP
+            ),
+        )
+        installed.append(sig)
 
     def remove() -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in installed:
             loop.remove_signal_handler(sig)
 
     return remove
