@@ -119,6 +119,8 @@ DEFAULT_CLOSE_TIMEOUT = 35.0
 _EXPIRY_SKEW = 10.0
 #: A token file is a few KiB; a bigger "token file" is not one, and is not read whole.
 MAX_TOKEN_FILE_SIZE = 1 << 20
+#: A token endpoint's answer is read up to this size; a bigger one is not a token answer.
+MAX_TOKEN_ANSWER_SIZE = 256 * 1024
 #: Room taken for the new token file before a refresh token is spent (a JWT pair is ~2 KiB).
 _RESERVED_BYTES = 16 * 1024
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -533,8 +535,17 @@ def find_rescued_tokens(path: Path) -> Path | None:
     found: list[Path] = []
     for directory in rescue_directories(path):
         with contextlib.suppress(OSError):
-            found += [p for p in directory.iterdir() if p.name.startswith(prefix)]
+            found += [p for p in directory.iterdir() if p.name.startswith(prefix) and _ours(p)]
     return max(found, key=lambda p: p.name[len(prefix) :], default=None)
+
+
+def _ours(path: Path) -> bool:
+    """A regular file of this user's: a file someone else left in /tmp is never suggested."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
 
 
 # --- the lock ---------------------------------------------------------------------------------
@@ -669,7 +680,7 @@ async def request_tokens(
                 token_url, data=body, headers=headers, allow_redirects=False
             ) as resp:
                 status = resp.status
-                payload = await resp.read()
+                payload = await _read_capped(resp, MAX_TOKEN_ANSWER_SIZE)
         except (aiohttp.ClientError, TimeoutError) as exc:
             problem = f"no answer ({type(exc).__name__})"
             continue
@@ -681,6 +692,20 @@ async def request_tokens(
         f"token endpoint {token_url} failed {len(retry_waits) + 1} times (last: {problem}); "
         "the token file is unchanged, try again later"
     )
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """At most ``cap`` bytes of the body, and one more if there is more: an endless or huge
+    answer is never buffered whole."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await resp.content.read(min(65536, cap + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
 
 
 async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
@@ -699,6 +724,12 @@ def _parse_token_answer(
     sent_at: float,
     token_url: str,
 ) -> TokenSet:
+    if len(payload) > MAX_TOKEN_ANSWER_SIZE:
+        # Not parsed (it would be cut anyway), and no part of it is repeated in the message.
+        raise TokenError(
+            f"token endpoint {token_url} answered {status} with over "
+            f"{MAX_TOKEN_ANSWER_SIZE} bytes: not a token answer"
+        )
     try:
         data: Any = json.loads(payload) if payload else None
     except (ValueError, UnicodeDecodeError):
@@ -875,6 +906,9 @@ class FileTokenSource:
         the access token runs out in the middle of the run.
         """
         tokens = read_token_file(self._path)
+        lock = lock_path_for(self._path)
+        if lock.is_symlink():
+            raise TokenError(symlink_message(lock, "lock file"))
         check_folder_writable(self._path)
         if self._current is None:
             self._adopt(tokens)

@@ -43,7 +43,9 @@ from batchjob._tokens import (
     TokenSaveError,
     TokenSet,
     default_token_session,
+    find_rescued_tokens,
     read_token_file,
+    rescue_tokens,
     token_source_from_env,
 )
 from tests.support import ticket_rows, write_csv
@@ -1310,3 +1312,36 @@ async def test_long_token_file_name_and_leftover_temp_files(tmp_path: Path, worl
             assert await tokens.token() == sb.access_token
         assert read_token_file(path).refresh_token.value == sb.refresh_token
         assert no_temp_files(tmp_path)
+
+
+async def test_endless_answer_from_the_token_endpoint_is_not_buffered(tmp_path: Path) -> None:
+    finished = False
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal finished
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(1024):  # 64 MiB, unless the client hangs up first
+            await resp.write(b" " * 65536)
+        finished = True
+        return resp
+
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", expires_at=0)
+    before = path.read_bytes()
+    async with token_server(endless) as url, FileTokenSource(path, "cid", token_url=url) as t:
+        with pytest.raises(TokenError, match="not a token answer") as caught:
+            await t.token()
+    assert not finished
+    assert "r0" not in str(caught.value)
+    assert path.read_bytes() == before
+
+
+def test_only_our_own_rescued_files_are_suggested(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "t.json", refresh_token="r0")
+    rescued = rescue_tokens(path, TokenSet(Secret("r1"), Secret("a1")))
+    assert find_rescued_tokens(path) == rescued
+    os.chown(rescued, 12345, 12345)  # as if another user had planted it
+    assert find_rescued_tokens(path) is None
+    (tmp_path / "t.json.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TokenError, match="lock file"):
+        FileTokenSource(path, "cid").check()
