@@ -238,7 +238,8 @@ def _prepare_directory(path: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise _UsageError(f"cannot create {directory}: {exc.strerror or exc}") from None
-    # A real file, not os.access: that says yes to root even on a read-only folder.
+    # A real file, not os.access: that answers from permission bits (root passes them all)
+    # and knows nothing of a full disk.
     try:
         TokenFileWriter(path).discard()
     except OSError as exc:

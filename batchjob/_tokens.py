@@ -397,8 +397,9 @@ class TokenFileWriter:
     """The next version of a token file, begun before a refresh token is spent.
 
     Creating it (O_EXCL|O_NOFOLLOW, mode 0600 from the start) and filling it with room for the
-    new pair proves the folder takes a new file now, root or not (``os.access`` says yes to
-    root even on a read-only folder). :meth:`commit` writes the pair, fsyncs, renames it over
+    new pair proves the folder takes a new file now (``os.access`` cannot tell: it answers from
+    permission bits, which root passes, and knows nothing of a full disk or an NFS server that
+    squashes root). :meth:`commit` writes the pair, fsyncs, renames it over
     the token file and fsyncs the folder; :meth:`discard` removes it unused. Raises OSError.
     """
 
@@ -756,7 +757,7 @@ def _parse_token_answer(
     if (
         isinstance(expires_in, int | float)
         and not isinstance(expires_in, bool)
-        and 0 < expires_in <= _MAX_LIFETIME  # also false for NaN; Infinity would not serialise
+        and 0 < expires_in <= _MAX_LIFETIME  # NaN and Infinity fail it too
     ):
         expires_at, issued_at = sent_at + float(expires_in), sent_at
     token_type = data.get("token_type")

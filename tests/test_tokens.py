@@ -1101,8 +1101,10 @@ async def test_closing_does_not_retry_a_refresh_that_gets_no_answer(tmp_path: Pa
     path = write_raw(tmp_path / "t.json", refresh_token="r0", access_token="a0", expires_at=0)
     before = path.read_bytes()
     async with SilentServer().running() as silent:
+        # Backoff longer than a try: even if the try on the wire times out before close() (a
+        # stalled machine), close() finds the refresh waiting to retry, and it must not.
         tokens = FileTokenSource(
-            path, "cid", token_url=silent.url, session=short_session, retry_waits=(0.01, 0.01)
+            path, "cid", token_url=silent.url, session=short_session, retry_waits=(1.0, 1.0)
         )
         caller = asyncio.ensure_future(tokens.token())
         await until(lambda: silent.accepted == 1)
@@ -1203,7 +1205,8 @@ asyncio.run(main())
 
 
 async def test_two_processes_sharing_a_file_refresh_once(tmp_path: Path, world: World) -> None:
-    async with Sandbox(world, settings(ttl=60)) as sb:
+    # 120 s tokens: within 300 s of expiry from the start, due at half-life (60 s of slack).
+    async with Sandbox(world, settings(ttl=120)) as sb:
         path = write_raw(tmp_path / "t.json", refresh_token=sb.refresh_token)
 
         async def child() -> str:
