@@ -17,7 +17,9 @@ Authorization code flow with PKCE (the default)::
    then the state cannot be checked).
 3. The code is exchanged at the token endpoint (``grant_type=authorization_code`` with the code
    verifier) and the tokens are written to the token file: mode 0600, atomically, under the
-   same lock a run takes to refresh.
+   same lock a run takes to refresh. The folder is proven writable (a file is created and
+   removed there) before anything is exchanged; if the write still fails, the tokens go to a
+   0600 file nearby (see ``batchjob._tokens.rescue_tokens``) and the message says where.
 
 Importing a refresh token you already have::
 
@@ -45,6 +47,7 @@ import getpass
 import hashlib
 import os
 import secrets
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -61,9 +64,12 @@ from batchjob._tokens import (
     Secret,
     TokenEndpointError,
     TokenError,
+    TokenFileWriter,
     TokenSet,
     default_token_session,
     request_tokens,
+    rescue_tokens,
+    symlink_message,
     token_file_lock,
     write_token_file,
 )
@@ -222,6 +228,8 @@ def parse_redirect(text: str, state: str) -> str:
 
 def _prepare_directory(path: Path) -> None:
     """Fail before anything is spent: a refresh token used up by a failed write is lost."""
+    if path.is_symlink():
+        raise _UsageError(symlink_message(path, "--token-file"))
     if path.is_dir():
         raise _UsageError(f"--token-file {path} is a directory")
     directory = path.parent
@@ -230,8 +238,12 @@ def _prepare_directory(path: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError as exc:
         raise _UsageError(f"cannot create {directory}: {exc.strerror or exc}") from None
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise _UsageError(f"cannot write to {directory}")
+    # A real file, not os.access: that answers from permission bits (root passes them all)
+    # and knows nothing of a full disk.
+    try:
+        TokenFileWriter(path).discard()
+    except OSError as exc:
+        raise _UsageError(f"cannot write to {directory}: {exc.strerror or exc}") from None
 
 
 def _read_secret_line(stdin: LineReader, stderr: TextIO, prompt: str) -> str:
@@ -304,10 +316,22 @@ async def _save(settings: AuthSettings, tokens: TokenSet) -> None:
         try:
             write_token_file(path, tokens)
         except OSError as exc:
-            raise TokenError(
-                f"could not write {path} ({exc.strerror or exc}); the tokens just obtained are "
-                "lost: fix the problem and run `batchjob auth` again"
-            ) from None
+            problem = exc.strerror or str(exc)
+        else:
+            return
+    # What was pasted is spent now (a code or a rotating refresh token works once).
+    try:
+        rescued = rescue_tokens(path, tokens)
+    except OSError:
+        raise TokenError(
+            f"could not write {path} ({problem}) nor anywhere else; the tokens just obtained "
+            "are lost: fix the problem and run `batchjob auth` again"
+        ) from None
+    raise TokenError(
+        f"could not write {path} ({problem}); the tokens just obtained are in {rescued} "
+        f"(mode 0600): move that file over the token file: "
+        f"mv {shlex.quote(str(rescued))} {shlex.quote(str(path))}"
+    )
 
 
 async def authorize(

@@ -17,6 +17,7 @@ A JSON object, written by ``batchjob auth`` and rewritten on every refresh::
       "access_token": "...",
       "refresh_token": "...",
       "expires_at": "2025-06-01T02:00:00Z",
+      "issued_at": "2025-05-31T02:00:00Z",
       "token_type": "Bearer",
       "scope": "campaign_data offline_access"
     }
@@ -25,18 +26,28 @@ A JSON object, written by ``batchjob auth`` and rewritten on every refresh::
   the first use then refreshes.
 - ``expires_at`` is when the access token stops working. It is written as ISO 8601 in UTC with
   a ``Z``; on read, ISO 8601 (an offset, or none meaning UTC) and UTC epoch seconds (a JSON
-  number) are both accepted.
+  number) are both accepted. ``issued_at`` (same forms, optional) is when it was issued: with
+  it, every process sharing the file knows the token's lifetime and so plans the same refresh
+  moment (short-lived tokens are refreshed at half-life, not 300 s before expiry).
 - ``token_type`` and ``scope`` are informational.
+- It must be a regular file reached without a symlink (it is refused otherwise), at most
+  1 MiB; its folder must take new files (a run checks this before it starts).
 
-The file is replaced atomically (a temporary file in the same directory, created with mode 0600,
-fsynced, renamed over the old one, then the directory fsynced), so a reader sees the old pair or
-the new pair, never half of one, and a crash never loses the newest refresh token once a refresh
-has returned. Refresh tokens may rotate (each works once), so the new pair is on disk *before*
-the new access token is handed out.
+The file is replaced atomically (a temporary file in the same directory, created with mode 0600
+and O_EXCL|O_NOFOLLOW, fsynced, renamed over the old one, then the directory fsynced), so a
+reader sees the old pair or the new pair, never half of one. That temporary file is created,
+with room for the new pair, *before* the refresh token is sent: a folder that cannot take it
+(read-only, full) stops the refresh with the refresh token unused. Refresh tokens may rotate
+(each works once), so the new pair is on disk *before* the new access token is handed out; if
+it still cannot replace the file, it goes to a new 0600 file (:func:`rescue_tokens`: next to
+the token file, else ``$XDG_STATE_HOME/batchjob``, else the temporary folder), the run stops,
+and the message says where it is and how to put it back. Tokens never go to logs or messages.
 
 Refreshes are serialised twice: an :class:`asyncio.Lock` within a process, and an exclusive
-``flock`` on ``<token file>.lock`` across processes. Whoever gets the lock re-reads the file first
-and uses what another process stored if it is still good, so concurrent runs refresh once.
+``flock`` on ``<token file>.lock`` (opened with O_NOFOLLOW, never written) across processes.
+Whoever gets the lock re-reads the file first and uses what another process stored if it is
+still good, so concurrent runs refresh once. Once :meth:`FileTokenSource.close` is called (the
+run is ending) no refresh starts or retries; one already on the wire is waited for, boundedly.
 """
 
 from __future__ import annotations
@@ -44,11 +55,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
+import re
 import secrets
+import shlex
+import stat
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,10 +86,13 @@ __all__ = [
     "StaticToken",
     "TokenEndpointError",
     "TokenError",
+    "TokenFileWriter",
+    "TokenSaveError",
     "TokenSet",
     "default_token_session",
     "read_token_file",
     "request_tokens",
+    "rescue_tokens",
     "token_file_lock",
     "token_source_from_env",
     "write_token_file",
@@ -92,10 +112,25 @@ DEFAULT_LOCK_TIMEOUT = 60.0
 #: After a failed refresh before expiry, keep using the current token this long before trying
 #: again, so an outage of the token endpoint does not slow every request down.
 DEFAULT_RETRY_HOLDOFF = 30.0
+#: At most this long for a refresh still in flight when the source is closed (the session's own
+#: timeout normally ends it sooner); see :meth:`FileTokenSource.close`.
+DEFAULT_CLOSE_TIMEOUT = 35.0
 #: An access token this close to its expiry is not handed out any more, refresh or not.
 _EXPIRY_SKEW = 10.0
+#: A token file is a few KiB; a bigger "token file" is not one, and is not read whole.
+MAX_TOKEN_FILE_SIZE = 1 << 20
+#: A token endpoint's answer is read up to this size; a bigger one is not a token answer.
+MAX_TOKEN_ANSWER_SIZE = 256 * 1024
+#: Room taken for the new token file before a refresh token is spent (a JWT pair is ~2 KiB).
+_RESERVED_BYTES = 16 * 1024
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW
+#: Where a new pair goes when the token file cannot take it (besides the token file's folder).
+STATE_HOME_ENV = "XDG_STATE_HOME"
 
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+#: A longer ``expires_in`` is not believed (the token is then refreshed after a 401 only).
+_MAX_LIFETIME = 366 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -116,6 +151,13 @@ class TokenError(Exception):
 
     The message says what to do about it and never contains a token.
     """
+
+
+class StoppingError(TokenError):
+    """The token source is closing (the run stops): no refresh is started or retried."""
+
+
+STOPPING_MESSAGE = "the run is stopping: the access token is not refreshed any more"
 
 
 class TokenEndpointError(TokenError):
@@ -171,15 +213,24 @@ class TokenSet:
     expires_at: float | None = None  # UTC epoch seconds
     token_type: str = "Bearer"  # noqa: S105 (a token type name, not a secret)
     scope: str = ""
+    issued_at: float | None = None  # UTC epoch seconds; with expires_at, the token's lifetime
 
     def to_json(self) -> dict[str, Any]:
         return {
             "access_token": self.access_token.value if self.access_token else None,
             "refresh_token": self.refresh_token.value,
             "expires_at": _iso(self.expires_at),
+            "issued_at": _iso(self.issued_at),
             "token_type": self.token_type,
             "scope": self.scope,
         }
+
+    def lifetime(self) -> float | None:
+        """How long the access token was issued for, if the file says."""
+        if self.expires_at is None or self.issued_at is None:
+            return None
+        life = self.expires_at - self.issued_at
+        return life if life > 0 else None
 
     def secret_values(self) -> tuple[str, ...]:
         values = [self.refresh_token.value]
@@ -219,16 +270,66 @@ def _parse_expires_at(value: object) -> float | None:
     raise ValueError(type(value).__name__)
 
 
-def read_token_file(path: Path) -> TokenSet:
-    """The tokens in ``path``. Errors name the file and the problem, never its content."""
+def _parse_time(value: object) -> float | None:
+    """``_parse_expires_at``, also refusing a time that cannot be written back (year 10000)."""
+    epoch = _parse_expires_at(value)
+    if epoch is not None:
+        datetime.fromtimestamp(epoch, UTC)  # raises OverflowError, ValueError or OSError
+    return epoch
+
+
+def _open_regular(path: Path, what: str) -> int:
+    """A read-only fd on ``path``, which must be a regular file reached without a symlink.
+
+    O_NOFOLLOW: batchjob replaces the token file by renaming over it, so a link there would be
+    silently replaced; O_NONBLOCK: a FIFO must not hang the run.
+    """
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW)
     except FileNotFoundError:
         raise TokenError(
-            f"token file {path} not found: create it with `batchjob auth --token-file {path}`"
+            f"{what} {path} not found: create it with `batchjob auth --token-file {path}`"
         ) from None
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TokenError(symlink_message(path, what)) from None
+        raise TokenError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TokenError(f"{what} {path} is not a regular file")
+    return fd
+
+
+def symlink_message(path: Path, what: str = "token file") -> str:
+    return (
+        f"{what} {path} is a symbolic link: batchjob rewrites it on every refresh and never "
+        "through a link; give the path of the file itself"
+    )
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    left = limit
+    while left > 0:
+        chunk = os.read(fd, min(left, 65536))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def read_token_file(path: Path) -> TokenSet:
+    """The tokens in ``path``. Errors name the file and the problem, never its content."""
+    fd = _open_regular(path, "token file")
+    try:
+        raw = _read_at_most(fd, MAX_TOKEN_FILE_SIZE + 1)
+    except OSError as exc:
         raise TokenError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_TOKEN_FILE_SIZE:
+        raise TokenError(f"token file {path} is over {MAX_TOKEN_FILE_SIZE} bytes: not a token file")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -247,11 +348,15 @@ def read_token_file(path: Path) -> TokenSet:
     if access is not None and not isinstance(access, str):
         raise TokenError(f"token file {path}: access_token must be a string or null")
     try:
-        expires_at = _parse_expires_at(data.get("expires_at"))
+        expires_at = _parse_time(data.get("expires_at"))
     except (ValueError, OverflowError, OSError):
         raise TokenError(
             f"token file {path}: expires_at must be UTC epoch seconds or an ISO 8601 time"
         ) from None
+    try:
+        issued_at = _parse_time(data.get("issued_at"))
+    except (ValueError, OverflowError, OSError):
+        issued_at = None  # only sharpens when to refresh: a bad one is no reason to stop
     token_type = data.get("token_type")
     scope = data.get("scope")
     return TokenSet(
@@ -260,34 +365,18 @@ def read_token_file(path: Path) -> TokenSet:
         expires_at=expires_at,
         token_type=token_type if isinstance(token_type, str) else "Bearer",
         scope=scope if isinstance(scope, str) else "",
+        issued_at=issued_at,
     )
 
 
-def write_token_file(path: Path, tokens: TokenSet) -> None:
-    """Replace ``path`` with ``tokens`` atomically and durably; the file is mode 0600.
+def _write_all(fd: int, data: bytes, offset: int = 0) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
-    Raises OSError; the caller knows whether a refresh token was spent and words the error.
-    """
-    payload = (json.dumps(tokens.to_json(), indent=2) + "\n").encode()
-    directory = path.parent
-    tmp = directory / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    # 0600 from creation: a chmod afterwards would leave a moment where others could read it.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o600)
-    try:
-        try:
-            view = memoryview(payload)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    # The rename is only durable once the directory entry is on disk too.
+
+def _fsync_directory(directory: Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(dir_fd)
@@ -295,25 +384,209 @@ def write_token_file(path: Path, tokens: TokenSet) -> None:
         os.close(dir_fd)
 
 
+def _temp_name(path: Path) -> str:
+    # The name is cut so that a long token file name still leaves room for the suffix.
+    return f".{path.name[:128]}.{secrets.token_hex(6)}.tmp"
+
+
+def _is_temp_name(path: Path, name: str) -> bool:
+    return re.fullmatch(re.escape(f".{path.name[:128]}.") + r"[0-9a-f]{12}\.tmp", name) is not None
+
+
+class TokenFileWriter:
+    """The next version of a token file, begun before a refresh token is spent.
+
+    Creating it (O_EXCL|O_NOFOLLOW, mode 0600 from the start) and filling it with room for the
+    new pair proves the folder takes a new file now (``os.access`` cannot tell: it answers from
+    permission bits, which root passes, and knows nothing of a full disk or an NFS server that
+    squashes root). :meth:`commit` writes the pair, fsyncs, renames it over
+    the token file and fsyncs the folder; :meth:`discard` removes it unused. Raises OSError.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.temp = path.parent / _temp_name(path)
+        self._fd: int | None = os.open(self.temp, _NEW_FILE, 0o600)
+        self._settled = False
+        try:
+            _write_all(self._fd, bytes(_RESERVED_BYTES))
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self, tokens: TokenSet) -> None:
+        fd = self._fd
+        if fd is None or self._settled:
+            raise ValueError("token file writer already used")
+        payload = (json.dumps(tokens.to_json(), indent=2) + "\n").encode()
+        try:
+            _write_all(fd, payload)
+            os.ftruncate(fd, len(payload))
+            os.fsync(fd)
+            self._fd = None
+            os.close(fd)
+            # A symlink at ``path`` is replaced, never written through.
+            os.replace(self.temp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        self._settled = True
+        # The rename is only durable once the directory entry is on disk too.
+        _fsync_directory(self.path.parent)
+
+    def discard(self) -> None:
+        """Remove the unused file; nothing once :meth:`commit` has succeeded."""
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+            self._fd = None
+        if not self._settled:
+            self._settled = True
+            with contextlib.suppress(OSError):
+                os.unlink(self.temp)
+
+
+def write_token_file(path: Path, tokens: TokenSet) -> None:
+    """Replace ``path`` with ``tokens`` atomically and durably; the file is mode 0600.
+
+    Raises OSError; the caller knows whether a refresh token was spent and words the error.
+    """
+    TokenFileWriter(path).commit(tokens)
+
+
+def check_folder_writable(path: Path) -> None:
+    """Raise TokenError unless the token file's folder takes a new file now (it is removed)."""
+    try:
+        TokenFileWriter(path).discard()
+    except OSError as exc:
+        raise TokenError(unwritable_message(path, exc)) from None
+
+
+def unwritable_message(path: Path, exc: OSError) -> str:
+    return (
+        f"cannot write a new file in {path.parent} ({exc.strerror or exc}): every refresh "
+        f"rewrites {path.name}, so the refresh token was not used; make the folder writable"
+    )
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Remove temporary token files a killed process left. Call with the token-file lock held."""
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
+        for entry in entries:
+            if _is_temp_name(path, entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)  # unlink removes a link itself, not its target
+
+
+# --- a new pair that cannot be saved ----------------------------------------------------------
+
+
+def rescue_directories(path: Path, environ: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """Where :func:`rescue_tokens` tries, in order: next to the token file, then the user's
+    state folder (``$XDG_STATE_HOME/batchjob``, default ``~/.local/state/batchjob``), then the
+    system's temporary folder."""
+    environ = os.environ if environ is None else environ
+    state = environ.get(STATE_HOME_ENV, "").strip()
+    state_home = Path(state) if state else Path.home() / ".local" / "state"
+    return (path.parent, state_home / "batchjob", Path(tempfile.gettempdir()))
+
+
+def _rescue_prefix(path: Path) -> str:
+    # The absolute path's hash tells two token files of the same name apart in a shared folder.
+    tag = hashlib.sha256(str(path.absolute()).encode()).hexdigest()[:8]
+    return f"{path.name[:64]}.{tag}.rescued-"
+
+
+def rescue_tokens(path: Path, tokens: TokenSet, environ: Mapping[str, str] | None = None) -> Path:
+    """Write ``tokens`` (which could not replace ``path``) to a new 0600 file; its path.
+
+    Created with O_EXCL|O_NOFOLLOW under a random name, so a planted link is never followed,
+    even in a shared temporary folder. Raises OSError when no place takes it.
+    """
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    name = f"{_rescue_prefix(path)}{stamp}-{secrets.token_hex(3)}.json"
+    payload = (json.dumps(tokens.to_json(), indent=2) + "\n").encode()
+    problem: OSError = OSError(errno.ENOENT, "no folder to try")
+    for directory in rescue_directories(path, environ):
+        target = directory / name
+        try:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(target, _NEW_FILE, 0o600)
+        except OSError as exc:
+            problem = exc
+            continue
+        try:
+            try:
+                _write_all(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            problem = exc
+            continue
+        return target
+    raise problem
+
+
+def find_rescued_tokens(path: Path) -> Path | None:
+    """The newest pair an earlier run rescued for ``path``, if one is still there."""
+    prefix = _rescue_prefix(path)
+    found: list[Path] = []
+    for directory in rescue_directories(path):
+        with contextlib.suppress(OSError):
+            found += [p for p in directory.iterdir() if p.name.startswith(prefix) and _ours(p)]
+    return max(found, key=lambda p: p.name[len(prefix) :], default=None)
+
+
+def _ours(path: Path) -> bool:
+    """A regular file of this user's: a file someone else left in /tmp is never suggested."""
+    try:
+        info = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+
+
+# --- the lock ---------------------------------------------------------------------------------
+
+
 def lock_path_for(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
+def _open_lock(lock_path: Path) -> int:
+    # O_NOFOLLOW: never create or open a file through a planted link; nothing is written to it.
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW
+    try:
+        fd = os.open(lock_path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise TokenError(symlink_message(lock_path, "lock file")) from None
+        raise TokenError(f"cannot open lock file {lock_path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TokenError(f"lock file {lock_path} is not a regular file: remove it")
+    return fd
+
+
 @contextlib.asynccontextmanager
 async def token_file_lock(
-    path: Path, *, give_up_after: float = DEFAULT_LOCK_TIMEOUT
+    path: Path,
+    *,
+    give_up_after: float = DEFAULT_LOCK_TIMEOUT,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[None]:
     """Hold an exclusive flock on ``<path>.lock``: one refresh at a time across processes.
 
     Polls with LOCK_NB instead of blocking in a thread: a cancelled waiter then leaves nothing
     behind that could take the lock later and hold it forever. The lock file is never deleted
-    (deleting it would let two processes lock two different files).
+    (deleting it would let two processes lock two different files). ``stop``, once set, ends
+    the wait with a TokenError.
     """
     lock_path = lock_path_for(path)
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise TokenError(f"cannot open lock file {lock_path}: {exc.strerror or exc}") from None
+    fd = _open_lock(lock_path)
     try:
         deadline = time.monotonic() + give_up_after
         delay = 0.005
@@ -322,6 +595,8 @@ async def token_file_lock(
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
+                if stop is not None and stop.is_set():
+                    raise StoppingError(STOPPING_MESSAGE) from None
                 if time.monotonic() >= deadline:
                     raise TokenError(
                         f"another process has held {lock_path} for over {give_up_after:g} s "
@@ -372,12 +647,14 @@ async def request_tokens(
     client_secret: Secret | None,
     clock: Callable[[], float] = time.time,
     retry_waits: Sequence[float] = DEFAULT_RETRY_WAITS,
+    stop: asyncio.Event | None = None,
 ) -> TokenSet:
     """POST one grant to the token endpoint and return the tokens it answers with.
 
     Network faults, 429 and 5xx are retried after each of ``retry_waits``. An OAuth error
     raises :class:`TokenEndpointError` at once; anything else that goes wrong raises TokenError.
-    When the answer has no refresh token (long-lived tokens) the one sent is kept.
+    When the answer has no refresh token (long-lived tokens) the one sent is kept. Once ``stop``
+    is set no new attempt starts (the one on the wire may still bring the answer).
     """
     body = dict(form)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
@@ -391,7 +668,12 @@ async def request_tokens(
     problem = ""
     for attempt in range(len(retry_waits) + 1):
         if attempt:
-            await asyncio.sleep(retry_waits[attempt - 1])
+            await _sleep_unless(stop, retry_waits[attempt - 1])
+        if stop is not None and stop.is_set():
+            raise StoppingError(
+                f"{STOPPING_MESSAGE} (token endpoint {token_url}: {problem or 'not asked'}); "
+                "the token file is unchanged"
+            )
         sent_at = clock()
         try:
             # No redirects: a redirect could carry the form (and the secret) somewhere else.
@@ -399,7 +681,7 @@ async def request_tokens(
                 token_url, data=body, headers=headers, allow_redirects=False
             ) as resp:
                 status = resp.status
-                payload = await resp.read()
+                payload = await _read_capped(resp, MAX_TOKEN_ANSWER_SIZE)
         except (aiohttp.ClientError, TimeoutError) as exc:
             problem = f"no answer ({type(exc).__name__})"
             continue
@@ -413,6 +695,28 @@ async def request_tokens(
     )
 
 
+async def _read_capped(resp: aiohttp.ClientResponse, cap: int) -> bytes:
+    """At most ``cap`` bytes of the body, and one more if there is more: an endless or huge
+    answer is never buffered whole."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= cap:
+        chunk = await resp.content.read(min(65536, cap + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
 def _parse_token_answer(
     status: int,
     payload: bytes,
@@ -421,6 +725,12 @@ def _parse_token_answer(
     sent_at: float,
     token_url: str,
 ) -> TokenSet:
+    if len(payload) > MAX_TOKEN_ANSWER_SIZE:
+        # Not parsed (it would be cut anyway), and no part of it is repeated in the message.
+        raise TokenError(
+            f"token endpoint {token_url} answered {status} with over "
+            f"{MAX_TOKEN_ANSWER_SIZE} bytes: not a token answer"
+        )
     try:
         data: Any = json.loads(payload) if payload else None
     except (ValueError, UnicodeDecodeError):
@@ -443,9 +753,13 @@ def _parse_token_answer(
             "scope offline_access"
         )
     expires_in = data.get("expires_in")
-    expires_at = None
-    if isinstance(expires_in, int | float) and not isinstance(expires_in, bool):
-        expires_at = sent_at + float(expires_in)
+    expires_at = issued_at = None
+    if (
+        isinstance(expires_in, int | float)
+        and not isinstance(expires_in, bool)
+        and 0 < expires_in <= _MAX_LIFETIME  # NaN and Infinity fail it too
+    ):
+        expires_at, issued_at = sent_at + float(expires_in), sent_at
     token_type = data.get("token_type")
     scope = data.get("scope")
     return TokenSet(
@@ -454,6 +768,7 @@ def _parse_token_answer(
         expires_at=expires_at,
         token_type=token_type if isinstance(token_type, str) else "Bearer",
         scope=scope if isinstance(scope, str) else "",
+        issued_at=issued_at,
     )
 
 
@@ -469,6 +784,14 @@ def auth_hint(path: Path, client_id: str) -> str:
 SessionLike = aiohttp.ClientSession | Callable[[], aiohttp.ClientSession]
 
 
+class TokenSaveError(TokenError):
+    """A refresh was answered but the new pair could not replace the token file.
+
+    The refresh token in the file is spent; the message says where the new pair went. It stops
+    the run even while the current access token is still good: someone has to act.
+    """
+
+
 class FileTokenSource:
     """Tokens from a token file, refreshed before expiry and after a 401; see the module doc.
 
@@ -476,12 +799,15 @@ class FileTokenSource:
     source creates on first need and closes in :meth:`close`; None uses a default factory.
     ``on_new_secret`` is called with every token value this source learns (read from the file
     or received), before the value is returned or stored, so a log redactor always knows it.
-    ``log`` (a structlog-style logger) gets ``token.refreshed`` and ``token.refresh_failed``;
-    their fields never hold a token.
+    ``log`` (a structlog-style logger) gets ``token.refreshed``, ``token.refresh_failed`` and
+    ``token.refresh_abandoned``; their fields never hold a token.
 
     When a refresh *before expiry* fails, the current access token is still handed out until
     it actually expires (the failure is logged and kept in :attr:`last_error`): an outage of the
     token endpoint, or even a dead refresh token, need not stop a run the token still covers.
+    For ``retry_holdoff`` seconds after a failed refresh no new one starts: callers get the
+    current token or, once it has expired, that failure (which stops a run at once instead of
+    queueing one doomed refresh after another).
 
     Raises ConfigError for a token URL that is neither https nor loopback http.
     """
@@ -501,6 +827,7 @@ class FileTokenSource:
         on_new_secret: Callable[[str], None] | None = None,
         log: Any = None,
         retry_holdoff: float = DEFAULT_RETRY_HOLDOFF,
+        close_timeout: float = DEFAULT_CLOSE_TIMEOUT,
     ) -> None:
         check_url_is_safe("token_url", token_url)
         if not client_id:
@@ -522,9 +849,11 @@ class FileTokenSource:
         self._on_new_secret = on_new_secret
         self._log = log if log is not None else null_logger()
         self._retry_holdoff = retry_holdoff
+        self._close_timeout = close_timeout
         self._holdoff_until = -math.inf
         self.last_error: TokenError | None = None
         self._lock = asyncio.Lock()
+        self._closing = asyncio.Event()
         self._current: TokenSet | None = None
         self._refresh_at: float | None = None
         self._seen: dict[str, None] = {}  # insertion-ordered set
@@ -555,18 +884,13 @@ class FileTokenSource:
             return still_valid
         try:
             return await self._renew(None)
-        except TokenError as exc:
+        except TokenSaveError:
+            raise
+        except TokenError:
             still_valid = self._unexpired()
             if still_valid is None:
                 raise
-            self._holdoff_until = self._clock() + self._retry_holdoff
-            self._log.warning(
-                "token.refresh_failed",
-                error=str(exc),
-                fallback="using the current access token until it expires",
-                expires_at=_iso(self._current.expires_at if self._current else None),
-            )
-            return still_valid
+            return still_valid  # the failure was logged where it happened
 
     async def refresh(self, rejected: str) -> str:
         """A token other than ``rejected`` (which got a 401), refreshing only if no one has."""
@@ -577,8 +901,16 @@ class FileTokenSource:
     # -- for the CLI -------------------------------------------------------------------------
 
     def check(self) -> None:
-        """Read and validate the token file now, so a bad one fails before a run starts."""
+        """Read and validate the token file and prove its folder writable, before a run starts.
+
+        A folder that cannot take the refreshed file fails now rather than hours later, when
+        the access token runs out in the middle of the run.
+        """
         tokens = read_token_file(self._path)
+        lock = lock_path_for(self._path)
+        if lock.is_symlink():
+            raise TokenError(symlink_message(lock, "lock file"))
+        check_folder_writable(self._path)
         if self._current is None:
             self._adopt(tokens)
 
@@ -587,9 +919,26 @@ class FileTokenSource:
         return tuple(self._seen)
 
     async def close(self) -> None:
-        """Let a refresh in progress store its tokens, then close an owned session."""
+        """Start no more refreshes; let one in flight store its tokens; close an owned session.
+
+        A refresh in flight may already have spent the refresh token, so its answer is waited
+        for, but it makes no further attempt (no retry, no backoff) and the wait ends after
+        ``close_timeout`` at most: normally the session's request timeout ends it first.
+        """
+        self._closing.set()
         if self._pending:
-            await asyncio.gather(*self._pending, return_exceptions=True)
+            _, late = await asyncio.wait(set(self._pending), timeout=self._close_timeout)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+                self._log.warning(
+                    "token.refresh_abandoned",
+                    token_file=str(self._path),
+                    waited=self._close_timeout,
+                    note="the token endpoint had not answered; if the next run's refresh "
+                    "token is refused, run `batchjob auth` again",
+                )
         session = self._session
         if session is not None and self._session_factory is not None:  # owned, not borrowed
             self._session = None
@@ -610,6 +959,7 @@ class FileTokenSource:
                 self._on_new_secret(value)
 
     def _adopt(self, tokens: TokenSet, lifetime: float | None = None) -> None:
+        """Make ``tokens`` current. ``lifetime``: how long the server said they last, if known."""
         if tokens == self._current:
             return
         for value in tokens.secret_values():
@@ -617,12 +967,16 @@ class FileTokenSource:
         self._current = tokens
         if tokens.expires_at is None:
             self._refresh_at = None
-        else:
-            margin = self._margin
-            if lifetime is not None:
-                # A server handing out short-lived tokens must not make every request refresh.
-                margin = min(margin, lifetime / 2)
-            self._refresh_at = tokens.expires_at - margin
+            return
+        margin = self._margin
+        lifetime = tokens.lifetime() if lifetime is None else lifetime
+        if lifetime is not None:
+            # A server handing out short-lived tokens must not make every request refresh. The
+            # file keeps the lifetime (issued_at), so a token another process stored is due at
+            # the same moment as for that process, not at once (a 60 s token is always
+            # "within 300 s" of its expiry), and is not refreshed twice.
+            margin = min(margin, lifetime / 2)
+        self._refresh_at = tokens.expires_at - margin
 
     def _unexpired(self) -> str | None:
         """The current access token if it has not expired yet, margin or not."""
@@ -652,6 +1006,12 @@ class FileTokenSource:
             fresh = self._fresh(rejected)
             if fresh is not None:
                 return fresh  # another task refreshed while this one waited for the lock
+            if self._closing.is_set():
+                raise StoppingError(STOPPING_MESSAGE)
+            if self.last_error is not None and self._clock() < self._holdoff_until:
+                # A refresh failed moments ago (perhaps the one this caller queued behind):
+                # another now would most likely fail the same way, after as long a wait.
+                raise self.last_error
             # Shielded: a caller cancelled mid-refresh (SIGINT) must not stop the new, rotated
             # refresh token from reaching the file. close() waits for it.
             task = asyncio.ensure_future(self._renew_exclusive(rejected))
@@ -665,46 +1025,49 @@ class FileTokenSource:
             task.exception()  # retrieved here: a cancelled caller may never look at it
 
     async def _renew_exclusive(self, rejected: str | None) -> str:
-        async with token_file_lock(self._path, give_up_after=self._lock_timeout):
+        try:
+            token = await self._refresh_under_lock(rejected)
+        except TokenError as exc:
+            if isinstance(exc, StoppingError):
+                raise
+            self.last_error = exc
+            self._holdoff_until = self._clock() + self._retry_holdoff
+            fallback = self._unexpired() is not None and not isinstance(exc, TokenSaveError)
+            self._log.warning(
+                "token.refresh_failed",
+                error=str(exc),
+                fallback="using the current access token until it expires"
+                if fallback
+                else "none: the run stops",
+                expires_at=_iso(self._current.expires_at if self._current else None),
+            )
+            raise
+        self._holdoff_until = -math.inf
+        return token
+
+    async def _refresh_under_lock(self, rejected: str | None) -> str:
+        async with token_file_lock(
+            self._path, give_up_after=self._lock_timeout, stop=self._closing
+        ):
             on_disk = read_token_file(self._path)
             self._adopt(on_disk)
             fresh = self._fresh(rejected)
             if fresh is not None:
                 return fresh  # another process refreshed and stored its tokens
-            session = self._get_session()
-            started = self._clock()
+            if self._closing.is_set():
+                raise StoppingError(STOPPING_MESSAGE)
+            remove_stale_temp_files(self._path)
             try:
-                new = await request_tokens(
-                    session,
-                    self._token_url,
-                    {"grant_type": "refresh_token", "refresh_token": on_disk.refresh_token.value},
-                    client_id=self._client_id,
-                    client_secret=self._client_secret,
-                    clock=self._clock,
-                    retry_waits=self._retry_waits,
-                )
-            except TokenEndpointError as exc:
-                if exc.error in ("invalid_grant", "invalid_client", "unauthorized_client"):
-                    self._failure = self._refused(exc)
-                    self.last_error = self._failure
-                    raise self._failure from None
-                self.last_error = exc
-                raise
-            except TokenError as exc:
-                self.last_error = exc
-                raise
-            for value in new.secret_values():
-                self._remember(value)
-            try:
-                write_token_file(self._path, new)
+                # Before the refresh token is spent: a folder that cannot take the new pair
+                # now would lose it (rotating refresh tokens work once).
+                writer = TokenFileWriter(self._path)
             except OSError as exc:
-                self._failure = TokenError(
-                    f"got new tokens but could not save them to {self._path} "
-                    f"({exc.strerror or exc}); the old refresh token may be spent: "
-                    + auth_hint(self._path, self._client_id)
-                )
-                self.last_error = self._failure
-                raise self._failure from None
+                raise TokenError(unwritable_message(self._path, exc)) from None
+            try:
+                new, started = await self._request(on_disk)
+                self._save(writer, new)
+            finally:
+                writer.discard()
             lifetime = None if new.expires_at is None else new.expires_at - started
             self._adopt(new, lifetime)
             self.refreshes += 1
@@ -714,12 +1077,67 @@ class FileTokenSource:
             assert new.access_token is not None
             return new.access_token.value
 
+    async def _request(self, on_disk: TokenSet) -> tuple[TokenSet, float]:
+        started = self._clock()
+        try:
+            new = await request_tokens(
+                self._get_session(),
+                self._token_url,
+                {"grant_type": "refresh_token", "refresh_token": on_disk.refresh_token.value},
+                client_id=self._client_id,
+                client_secret=self._client_secret,
+                clock=self._clock,
+                retry_waits=self._retry_waits,
+                stop=self._closing,
+            )
+        except TokenEndpointError as exc:
+            if exc.error in ("invalid_grant", "invalid_client", "unauthorized_client"):
+                self._failure = self._refused(exc)
+                raise self._failure from None
+            raise
+        for value in new.secret_values():
+            self._remember(value)
+        return new, started
+
+    def _save(self, writer: TokenFileWriter, new: TokenSet) -> None:
+        """Store ``new`` over the token file, or else somewhere recoverable and raise."""
+        try:
+            writer.commit(new)
+            return
+        except OSError as exc:
+            problem = exc.strerror or str(exc)
+        path = self._path
+        try:
+            rescued = rescue_tokens(path, new)
+        except OSError as exc:
+            where = (
+                f"they could not be written anywhere else either ({exc.strerror or exc}), so "
+                "they are lost: " + auth_hint(path, self._client_id)
+            )
+        else:
+            where = (
+                f"the new pair is in {rescued} (mode 0600): before the next run, move it over "
+                f"the token file: mv {shlex.quote(str(rescued))} {shlex.quote(str(path))}"
+            )
+        self._failure = TokenSaveError(
+            f"got new tokens but could not save them to {path} ({problem}), and the refresh "
+            f"token in that file is spent now; {where}"
+        )
+        raise self._failure
+
     def _refused(self, exc: TokenEndpointError) -> TokenError:
         if exc.error == "invalid_grant":
+            rescued = find_rescued_tokens(self._path)
+            hint = auth_hint(self._path, self._client_id)
+            if rescued is not None:
+                hint = (
+                    f"an earlier run could not save its new pair and left it in {rescued}: "
+                    f"move it over the token file (mv {shlex.quote(str(rescued))} "
+                    f"{shlex.quote(str(self._path))}), or {hint}"
+                )
             return TokenError(
                 f"the refresh token in {self._path} was refused ({exc.detail}): it was used "
-                "already (rotating tokens work once), unused for 180 days, or revoked; "
-                + auth_hint(self._path, self._client_id)
+                "already (rotating tokens work once), unused for 180 days, or revoked; " + hint
             )
         return TokenError(
             f"the token endpoint refused client id {self._client_id!r} ({exc.detail}): check "
@@ -784,6 +1202,8 @@ def token_source_from_env(
         session=session,
         on_new_secret=on_new_secret,
         log=log,
+        # The session's timeout ends a refresh in flight; this only backs it up.
+        close_timeout=config.request_timeout + 5.0,
     )
     source.check()
     return source

@@ -15,7 +15,10 @@ import io
 import json
 import os
 import re
+import shutil
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -28,6 +31,8 @@ import pytest
 from aiohttp import web
 
 from batchjob._auth import add_auth_arguments, parse_redirect, run_auth_command
+from batchjob._cli import _run as cli_run
+from batchjob._cli import main as cli_main
 from batchjob._config import ConfigError, JobConfig
 from batchjob._sandbox import Sandbox, SandboxSettings, World
 from batchjob._tokens import (
@@ -35,12 +40,18 @@ from batchjob._tokens import (
     Secret,
     StaticToken,
     TokenError,
+    TokenSaveError,
     TokenSet,
+    default_token_session,
+    find_rescued_tokens,
     read_token_file,
+    rescue_tokens,
     token_source_from_env,
 )
+from tests.support import ticket_rows, write_csv
 
 FAST_RETRY = (0.01, 0.01)
+KEY_HEADER = ("event_id", "order_ticket_key")
 HOUR = 3600.0
 
 
@@ -72,6 +83,10 @@ def source(path: Path, sb: Sandbox, **kwargs: Any) -> FileTokenSource:
 
 def no_temp_files(directory: Path) -> bool:
     return not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
+def rescued_files(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if ".rescued-" in p.name]
 
 
 def mode(path: Path) -> int:
@@ -494,22 +509,43 @@ async def test_client_secret_goes_in_basic_auth(tmp_path: Path, world: World) ->
             assert await tokens.token() == sb.access_token
 
 
-async def test_failed_write_does_not_hand_out_the_token(
-    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+async def test_failed_save_keeps_the_new_pair_next_to_the_file_and_stops(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch, event_id: str
 ) -> None:
+    # Disk full just as the answer arrives: the refresh token in the file is spent, so the new
+    # pair must land somewhere the user can find it, and the run must stop and say where.
     def refuse(src: Any, dst: Any) -> None:
         raise OSError(28, "No space left on device")
 
-    async with Sandbox(world, settings()) as sb:
-        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    async with Sandbox(world, settings(ttl=HOUR)) as sb:
+        spent = sb.refresh_token
+        # Still good for 60 s, but within the refresh margin: a refresh is due.
+        path = token_file(tmp_path / "t.json", sb, expires_at=time.time() + 60)
         before = path.read_bytes()
-        monkeypatch.setattr("batchjob._tokens.os.replace", refuse)
-        async with source(path, sb) as tokens:
-            with pytest.raises(TokenError, match=r"could not save them.*batchjob auth") as caught:
-                await tokens.token()
-            assert_no_tokens(str(caught.value), sb.access_token, sb.refresh_token)
+        log = RecordingLog()
+        with monkeypatch.context() as patch:
+            patch.setattr("batchjob._tokens.os.replace", refuse)
+            async with source(path, sb, log=log) as tokens:
+                with pytest.raises(TokenSaveError, match="No space left") as caught:
+                    await tokens.token()  # not the still-valid token: the run stops
+                with pytest.raises(TokenSaveError):
+                    await tokens.refresh(sb.access_token)
+        assert sb.counters.token_requests == 1
+        message = str(caught.value)
+        assert_no_tokens(message + repr(log.events), sb.access_token, sb.refresh_token, spent)
         assert path.read_bytes() == before
         assert no_temp_files(tmp_path)
+        (rescued,) = rescued_files(tmp_path)
+        assert f"mv {rescued} {path}" in message
+        assert mode(rescued) == 0o600
+        assert read_token_file(rescued).refresh_token.value == sb.refresh_token
+
+        # Doing what the message says gets the next run going.
+        rescued.replace(path)
+        async with source(path, sb) as tokens, aiohttp.ClientSession() as session:
+            assert await get_event(session, sb, event_id, tokens) == 200
+        assert sb.counters.token_requests == 1
 
 
 async def test_cancelled_caller_does_not_lose_the_rotated_token(tmp_path: Path) -> None:
@@ -796,3 +832,519 @@ def test_auth_usage_problems(argv: tuple[str, ...], environ: dict[str, str], pro
     )
     assert code == 2
     assert problem in stderr.getvalue()
+
+
+# --- a token file whose folder cannot take the new pair ---------------------------------------
+
+
+def chattr(directory: Path, flag: str) -> bool:
+    """Set or clear the immutable attribute: the one "read-only folder" that stops root too."""
+    program = shutil.which("chattr")
+    if program is None:
+        return False
+    done = subprocess.run([program, flag, str(directory)], capture_output=True, check=False)  # noqa: S603
+    return done.returncode == 0
+
+
+@contextmanager
+def immutable(directory: Path) -> Iterator[None]:
+    if not chattr(directory, "+i"):
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        chattr(directory, "-i")
+
+
+async def test_unwritable_folder_never_spends_the_refresh_token(
+    tmp_path: Path, world: World
+) -> None:
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(folder / "t.json", sb, expires_at=0)
+        (folder / "t.json.lock").touch()  # left by an earlier run
+        before = path.read_bytes()
+        with immutable(folder):
+            async with source(path, sb) as tokens:
+                with pytest.raises(TokenError, match="cannot write a new file in") as caught:
+                    await tokens.token()
+                with pytest.raises(TokenError, match="not used"):
+                    tokens.check()  # what a run does before it starts
+        assert sb.counters.token_requests == 0
+        assert_no_tokens(str(caught.value), sb.access_token, sb.refresh_token)
+        assert path.read_bytes() == before
+        assert not list(folder.glob(".*tmp"))
+        status, _ = await refresh_directly(sb, sb.refresh_token)
+        assert status == 200  # still unspent
+
+
+async def test_folder_refusing_new_files_is_found_before_the_refresh(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same without chattr: only creating a file in the folder fails (a read-only mount).
+    real_open = os.open
+
+    def read_only_folder(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_EXCL and Path(file).parent == tmp_path:
+            raise OSError(30, "Read-only file system")
+        return real_open(file, flags, *args, **kwargs)
+
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        monkeypatch.setattr("batchjob._tokens.os.open", read_only_folder)
+        async with source(path, sb) as tokens:
+            with pytest.raises(TokenError, match=r"Read-only file system.*not used"):
+                await tokens.token()
+        assert sb.counters.token_requests == 0
+
+
+async def test_a_run_refuses_an_unwritable_token_folder_before_sending(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    async with Sandbox(world, settings()) as sb:
+        # A token good for a day: the run would not even need a refresh, but its nightly
+        # successor would, and could not save it.
+        path = token_file(folder / "t.json", sb, expires_at=time.time() + 86_400)
+        inputs = write_csv(tmp_path / "in.csv", ticket_rows(world)[:3], KEY_HEADER)
+        monkeypatch.setenv("CC_TOKEN_FILE", str(path))
+        monkeypatch.setenv("CC_CLIENT_ID", sb.client_id)
+        argv = ["run", str(inputs), "--report", str(tmp_path / "r.csv"), "--base-url", sb.base_url]
+        with immutable(folder):
+            code = await asyncio.to_thread(cli_main, argv)
+        assert code == 2
+        assert sb.counters.total == 0 and sb.counters.token_requests == 0
+
+
+async def test_save_failing_after_the_answer_rescues_the_pair(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch, event_id: str
+) -> None:
+    # The folder turns read-only while the refresh is on the wire: proven writable before,
+    # refused after. The new pair goes to the state folder; the next run points at it.
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    folder = tmp_path / "tokens"
+    folder.mkdir()
+    if not chattr(folder, "-i"):
+        pytest.skip("chattr is not available here")
+    async with Sandbox(world, settings()) as sb:
+
+        async def lock_folder_then_answer(request: web.Request) -> web.StreamResponse:
+            form = {k: str(v) for k, v in (await request.post()).items()}
+            async with aiohttp.ClientSession() as s, s.post(sb.token_url, data=form) as resp:
+                status, body = resp.status, await resp.read()
+            assert chattr(folder, "+i")
+            return web.Response(status=status, body=body, content_type="application/json")
+
+        spent = sb.refresh_token
+        path = token_file(folder / "t.json", sb, expires_at=0)
+        before = path.read_bytes()
+        try:
+            async with (
+                token_server(lock_folder_then_answer) as url,
+                FileTokenSource(path, sb.client_id, token_url=url) as tokens,
+            ):
+                with pytest.raises(TokenSaveError) as caught:
+                    await tokens.token()
+        finally:
+            chattr(folder, "-i")
+        assert path.read_bytes() == before
+        (rescued,) = rescued_files(tmp_path / "state" / "batchjob")
+        message = str(caught.value)
+        assert str(rescued) in message and "spent" in message
+        assert_no_tokens(message, spent, sb.refresh_token, sb.access_token)
+        assert mode(rescued) == 0o600
+        assert read_token_file(rescued).refresh_token.value == sb.refresh_token
+
+        # The next run finds the spent token refused, and is told where the good one is.
+        async with source(path, sb) as tokens:
+            with pytest.raises(TokenError, match="invalid_grant") as refused:
+                await tokens.token()
+        assert f"mv {rescued} {path}" in str(refused.value)
+        rescued.replace(path)
+        async with source(path, sb) as tokens, aiohttp.ClientSession() as session:
+            assert await get_event(session, sb, event_id, tokens) == 200
+
+
+async def test_pair_that_fits_nowhere_says_it_is_lost(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        monkeypatch.setattr("batchjob._tokens.os.replace", refuse)
+        monkeypatch.setattr("batchjob._tokens.rescue_directories", lambda path, env=None: ())
+        async with source(path, sb) as tokens:
+            with pytest.raises(TokenSaveError, match=r"lost.*batchjob auth") as caught:
+                await tokens.token()
+        assert_no_tokens(str(caught.value), sb.access_token, sb.refresh_token)
+
+
+async def test_auth_refuses_a_folder_that_takes_no_new_file_before_spending_anything(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Root passes os.access on a folder where creating a file then fails (a full disk here);
+    # only creating a file there proves it. The pasted refresh token must stay unspent.
+    real_open = os.open
+
+    def disk_full(file: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if flags & os.O_EXCL and Path(file).parent == tmp_path:
+            raise OSError(28, "No space left on device")
+        return real_open(file, flags, *args, **kwargs)
+
+    async with Sandbox(world, settings()) as sb:
+        pasted = sb.refresh_token
+        stderr = io.StringIO()
+        args = auth_args("--import-refresh-token", "--token-file", str(tmp_path / "t.json"))
+        env = {"CC_CLIENT_ID": sb.client_id, "CC_TOKEN_URL": sb.token_url}
+        monkeypatch.setattr("batchjob._tokens.os.open", disk_full)
+        code = await asyncio.to_thread(
+            run_auth_command,
+            args,
+            stdin=io.StringIO(pasted + "\n"),
+            stdout=io.StringIO(),
+            stderr=stderr,
+            environ=env,
+        )
+        assert code == 2, stderr.getvalue()
+        assert "No space left" in stderr.getvalue()
+        assert sb.counters.token_requests == 0  # the pasted token is still good
+
+
+async def test_auth_rescues_tokens_it_cannot_save(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    async with Sandbox(world, settings()) as sb:
+        pasted = sb.refresh_token
+        path = tmp_path / "t.json"
+        stderr = io.StringIO()
+        args = auth_args("--import-refresh-token", "--token-file", str(path))
+        env = {"CC_CLIENT_ID": sb.client_id, "CC_TOKEN_URL": sb.token_url}
+        monkeypatch.setattr("batchjob._tokens.os.replace", refuse)
+        code = await asyncio.to_thread(
+            run_auth_command,
+            args,
+            stdin=io.StringIO(pasted + "\n"),
+            stdout=io.StringIO(),
+            stderr=stderr,
+            environ=env,
+        )
+        assert code == 1
+        (rescued,) = rescued_files(tmp_path)
+        assert f"mv {rescued} {path}" in stderr.getvalue()
+        assert_no_tokens(stderr.getvalue(), pasted, sb.refresh_token, sb.access_token)
+        assert read_token_file(rescued).refresh_token.value == sb.refresh_token
+        assert mode(rescued) == 0o600
+
+
+# --- a token endpoint that never answers ------------------------------------------------------
+
+
+class SilentServer:
+    """Accepts connections and reads whatever comes, but never answers."""
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.url = ""
+
+    async def _hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        try:
+            while await reader.read(65536):
+                pass
+        finally:
+            writer.close()
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[SilentServer]:
+        server = await asyncio.start_server(self._hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}/oauth2/default/v1/token"
+        try:
+            yield self
+        finally:
+            server.close()
+
+
+def short_session() -> aiohttp.ClientSession:
+    return default_token_session(connect_timeout=0.3, request_timeout=0.3)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition never came true")
+
+
+async def test_callers_queued_behind_a_failed_refresh_share_its_failure(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", access_token="a0", expires_at=0)
+    async with SilentServer().running() as silent:
+        async with FileTokenSource(
+            path, "cid", token_url=silent.url, session=short_session, retry_waits=FAST_RETRY
+        ) as tokens:
+            results = await asyncio.gather(
+                *(tokens.token() for _ in range(5)), return_exceptions=True
+            )
+        assert all(isinstance(r, TokenError) for r in results)
+        assert silent.accepted == 3  # one refresh (three tries), not one per caller
+
+
+async def test_closing_does_not_retry_a_refresh_that_gets_no_answer(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", access_token="a0", expires_at=0)
+    before = path.read_bytes()
+    async with SilentServer().running() as silent:
+        # Backoff longer than a try: even if the try on the wire times out before close() (a
+        # stalled machine), close() finds the refresh waiting to retry, and it must not.
+        tokens = FileTokenSource(
+            path, "cid", token_url=silent.url, session=short_session, retry_waits=(1.0, 1.0)
+        )
+        caller = asyncio.ensure_future(tokens.token())
+        await until(lambda: silent.accepted == 1)
+        caller.cancel()  # the run stops (SIGINT) while the refresh waits for its answer
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await tokens.close()  # waits out the try on the wire (0.3 s), starts no other
+        assert silent.accepted == 1
+        with pytest.raises(TokenError, match="stopping"):
+            await tokens.refresh("a0")
+    assert path.read_bytes() == before
+
+
+async def test_close_gives_up_on_a_refresh_after_close_timeout(tmp_path: Path) -> None:
+    # A borrowed session without any timeout: close() still returns, and says so in the log.
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", access_token="a0", expires_at=0)
+    log = RecordingLog()
+    async with SilentServer().running() as silent, aiohttp.ClientSession() as session:
+        tokens = FileTokenSource(
+            path, "cid", token_url=silent.url, session=session, close_timeout=0.2, log=log
+        )
+        caller = asyncio.ensure_future(tokens.token())
+        await until(lambda: silent.accepted == 1)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        async with asyncio.timeout(60):  # only a guard against hanging: far above 0.2 s
+            await tokens.close()
+    assert [e[:2] for e in log.events] == [("warning", "token.refresh_abandoned")]
+    assert_no_tokens(repr(log.events), "r0", "a0")
+    assert no_temp_files(tmp_path)
+
+
+async def test_run_stops_after_one_refresh_when_the_endpoint_never_answers(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Three events are checked at once, so three requests wait for the token: the first
+    # refresh's failure stops the run, and shutdown waits for no second one.
+    async with Sandbox(world, settings()) as sb, SilentServer().running() as silent:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        before = path.read_bytes()
+        inputs = write_csv(tmp_path / "in.csv", ticket_rows(world), KEY_HEADER)
+        monkeypatch.setenv("CC_TOKEN_FILE", str(path))
+        monkeypatch.setenv("CC_CLIENT_ID", sb.client_id)
+        config = JobConfig(
+            inputs=(inputs,),
+            report=tmp_path / "r.csv",
+            base_url=sb.base_url,
+            token_url=silent.url,
+            connect_timeout=0.3,
+            request_timeout=0.3,
+            log_format="json",
+        )
+        result = await cli_run(config)
+        assert silent.accepted == 3  # one refresh of three tries; none after the stop
+        assert result.exit_code == 3
+        assert "token endpoint" in result.stopped
+        assert result.counts["not_attempted"] == len(ticket_rows(world))
+        assert sb.counters.total == 0
+        assert path.read_bytes() == before
+
+
+# --- two processes on one token file ----------------------------------------------------------
+
+
+async def test_two_sources_refresh_once_per_expiry_between_them(
+    tmp_path: Path, world: World
+) -> None:
+    # 60 s tokens are refreshed at half-life. Two runs sharing the file must take turns: the
+    # one that comes second uses the token the first stored, for the rest of its life.
+    clock = Clock()
+    async with Sandbox(world, settings(ttl=60)) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token=sb.refresh_token)
+        async with source(path, sb, clock=clock) as a, source(path, sb, clock=clock) as b:
+            for period in range(1, 5):
+                got = await asyncio.gather(
+                    asyncio.ensure_future(a.token()), asyncio.ensure_future(b.token())
+                )
+                assert sb.counters.token_requests == period
+                assert list(got) == [sb.access_token] * 2
+                clock.now += 31
+        assert a.refreshes + b.refreshes == 4
+    assert json.loads(path.read_text())["issued_at"] is not None
+
+
+CHILD = """
+import asyncio, hashlib, sys
+from pathlib import Path
+from batchjob._tokens import FileTokenSource
+
+async def main() -> None:
+    path, client_id, url = sys.argv[1:4]
+    async with FileTokenSource(Path(path), client_id, token_url=url) as tokens:
+        print(hashlib.sha256((await tokens.token()).encode()).hexdigest())
+
+asyncio.run(main())
+"""
+
+
+async def test_two_processes_sharing_a_file_refresh_once(tmp_path: Path, world: World) -> None:
+    # 120 s tokens: within 300 s of expiry from the start, due at half-life (60 s of slack).
+    async with Sandbox(world, settings(ttl=120)) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token=sb.refresh_token)
+
+        async def child() -> str:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", CHILD, str(path), sb.client_id, sb.token_url,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await proc.communicate()
+            assert proc.returncode == 0, err.decode()
+            return out.decode().strip()
+
+        first, second = await asyncio.gather(child(), child())
+        assert first == second == hashlib.sha256(sb.access_token.encode()).hexdigest()
+        assert sb.counters.token_requests == 1
+        assert read_token_file(path).refresh_token.value == sb.refresh_token
+
+
+# --- hostile paths, files and answers ---------------------------------------------------------
+
+
+async def test_token_file_that_is_a_symlink_is_refused(tmp_path: Path, world: World) -> None:
+    async with Sandbox(world, settings()) as sb:
+        real = token_file(tmp_path / "real.json", sb, expires_at=0)
+        before = real.read_bytes()
+        link = tmp_path / "t.json"
+        link.symlink_to(real)
+        async with source(link, sb) as tokens:
+            with pytest.raises(TokenError, match="symbolic link") as caught:
+                await tokens.token()
+        assert link.is_symlink() and real.read_bytes() == before
+        assert sb.counters.token_requests == 0
+        assert_no_tokens(str(caught.value), sb.access_token, sb.refresh_token)
+
+        args = auth_args("--client-id", "c", "--token-file", str(link), "--token-url", sb.token_url)
+        err = io.StringIO()
+        code = await asyncio.to_thread(
+            run_auth_command,
+            args,
+            stdin=io.StringIO(),
+            stdout=io.StringIO(),
+            stderr=err,
+            environ={},
+        )
+        assert code == 2 and "symbolic link" in err.getvalue()
+
+
+async def test_lock_file_that_is_a_symlink_is_refused(tmp_path: Path, world: World) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        victim = tmp_path / "victim"
+        (tmp_path / "t.json.lock").symlink_to(victim)  # dangling: opening it would create it
+        async with source(path, sb) as tokens:
+            with pytest.raises(TokenError, match=r"lock file .* symbolic link") as caught:
+                await tokens.token()
+        assert not victim.exists()
+        assert sb.counters.token_requests == 0
+        assert_no_tokens(str(caught.value), sb.access_token, sb.refresh_token)
+
+
+def test_token_file_that_is_a_fifo_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "t.json"
+    os.mkfifo(fifo)
+    code = (
+        "import sys, pathlib, batchjob._tokens as t; t.read_token_file(pathlib.Path(sys.argv[1]))"
+    )
+    try:
+        done = subprocess.run(  # noqa: S603 (our own interpreter and code)
+            [sys.executable, "-c", code, str(fifo)],
+            capture_output=True,
+            text=True,
+            timeout=60,  # only a guard: the answer takes well under a second
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading a FIFO token file hung")
+    assert "not a regular file" in done.stderr
+
+
+def test_huge_token_file_is_not_read_whole(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_text('{"refresh_token": "r"}' + " " * (2 << 20))
+    with pytest.raises(TokenError, match=r"over .* bytes"):
+        read_token_file(path)
+
+
+@pytest.mark.parametrize("expires_in", ["Infinity", "1e300", "-5", "NaN"])
+async def test_absurd_expires_in_still_saves_the_new_pair(tmp_path: Path, expires_in: str) -> None:
+    # The refresh token is spent the moment the answer arrives: nothing in it may stop the save.
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = f'{{"access_token": "a1", "refresh_token": "r1", "expires_in": {expires_in}}}'
+        return web.Response(text=body, content_type="application/json")
+
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", expires_at=0)
+    async with token_server(handler) as url, FileTokenSource(path, "cid", token_url=url) as t:
+        assert await t.token() == "a1"
+    stored = read_token_file(path)
+    assert stored.refresh_token.value == "r1" and stored.expires_at is None
+
+
+async def test_long_token_file_name_and_leftover_temp_files(tmp_path: Path, world: World) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / ("t" * 240 + ".json"), sb, expires_at=0)
+        leftover = tmp_path / f".{path.name[:128]}.0123456789ab.tmp"  # from a killed run
+        leftover.write_text("{}")
+        async with source(path, sb) as tokens:
+            assert await tokens.token() == sb.access_token
+        assert read_token_file(path).refresh_token.value == sb.refresh_token
+        assert no_temp_files(tmp_path)
+
+
+async def test_endless_answer_from_the_token_endpoint_is_not_buffered(tmp_path: Path) -> None:
+    finished = False
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        nonlocal finished
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        for _ in range(1024):  # 64 MiB, unless the client hangs up first
+            await resp.write(b" " * 65536)
+        finished = True
+        return resp
+
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", expires_at=0)
+    before = path.read_bytes()
+    async with token_server(endless) as url, FileTokenSource(path, "cid", token_url=url) as t:
+        with pytest.raises(TokenError, match="not a token answer") as caught:
+            await t.token()
+    assert not finished
+    assert "r0" not in str(caught.value)
+    assert path.read_bytes() == before
+
+
+def test_only_our_own_rescued_files_are_suggested(tmp_path: Path) -> None:
+    path = write_raw(tmp_path / "t.json", refresh_token="r0")
+    rescued = rescue_tokens(path, TokenSet(Secret("r1"), Secret("a1")))
+    assert find_rescued_tokens(path) == rescued
+    os.chown(rescued, 12345, 12345)  # as if another user had planted it
+    assert find_rescued_tokens(path) is None
+    (tmp_path / "t.json.lock").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(TokenError, match="lock file"):
+        FileTokenSource(path, "cid").check()
