@@ -142,6 +142,7 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
             log=log,
             progress=ProgressBar() if show_progress else None,
             stop=stop,
+            redactor=redactor,
         )
     finally:
         remove()

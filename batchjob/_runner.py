@@ -41,7 +41,7 @@ from batchjob._api import (
 from batchjob._config import JobConfig
 from batchjob._groups import Group, KeyIsolator, Positions
 from batchjob._inputs import read_inputs
-from batchjob._logging import null_logger
+from batchjob._logging import MAX_REPORT_TEXT, Redactor, null_logger, printable
 from batchjob._model import Outcome
 from batchjob._pacing import AdaptivePacer
 from batchjob._plan import Plan, build_plan
@@ -140,7 +140,7 @@ class RunResult:
             )
         lines.append(f"elapsed:     {self.elapsed:.1f}s")
         if self.stopped:
-            lines.append(f"stopped:     {self.stopped}")
+            lines.append(f"stopped:     {printable(self.stopped)}")
         return "\n".join(lines)
 
 
@@ -182,6 +182,7 @@ class _Run:
         log: Any,
         progress: Progress,
     ) -> None:
+        self.redactor = client.redactor  # knows every secret of the run
         self.config = config
         self.plan = plan
         self.ledger = ledger
@@ -224,6 +225,8 @@ class _Run:
 
     def halt(self, reason: str, exit_code: int) -> None:
         if not self.stopped:
+            # It reaches the summary on stdout and every key left: no secret, one line.
+            reason = self.redactor.clean(reason, MAX_REPORT_TEXT)
             self.stopped, self.exit_code = reason, exit_code
             self.gate.close(reason)
             self.log.warning("run.stopping", reason=reason)
@@ -376,7 +379,7 @@ class _Run:
             return
         verdict = reply.verdict
         if verdict is Verdict.OK:
-            status = _event_status(reply.body)
+            status = self.redactor.clean(_event_status(reply.body), 100)
             if status in ACTIVE_STATUSES:
                 event.state = "ready"
                 if event.isolator is None:
@@ -447,8 +450,9 @@ class _Run:
                 EXIT_STOPPED,
             )
         elif verdict is Verdict.FORBIDDEN:
+            said = f" {reply.error_key}" if reply.error_key else ""
             self.halt(
-                "forbidden (403): the token lacks scope campaign_data or privilege "
+                f"forbidden (403{said}): the token lacks scope campaign_data or privilege "
                 "campaign:write, or the app is deactivated",
                 EXIT_STOPPED,
             )
@@ -543,8 +547,7 @@ class _Run:
             self.record(
                 isolator.record_no_verdict(group.id),
                 Outcome.NOT_ATTEMPTED,
-                **_reply_fields(reply)
-                | {"error_message": self.stopped},
+                **_reply_fields(reply) | {"error_message": self.stopped},
             )
             return
         else:
@@ -623,9 +626,9 @@ def _maybe_applied(unanswered_attempts: int) -> str:
 def _event_status(body: bytes) -> str:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        return str(data.get("status", "")).upper() if isinstance(data, dict) else ""
+    except (ValueError, UnicodeDecodeError, RecursionError):  # a server's body: anything goes
         return ""
-    return str(data.get("status", "")).upper() if isinstance(data, dict) else ""
 
 
 async def run_job(
@@ -636,14 +639,19 @@ async def run_job(
     log: Any = None,
     progress: Progress | None = None,
     stop: StopRequest | None = None,
+    redactor: Redactor | None = None,
 ) -> RunResult:
     """Run one batch job as configured and return what happened.
 
     Raises :class:`~batchjob.InputError`, :class:`~batchjob.ConfigError` or
     :class:`~batchjob.ReportError` before anything is sent when the inputs or the report path
     cannot be used.
+
+    ``redactor`` (the one ``log`` uses, if any) learns every token sent and the secrets of
+    ``tokens``; no file written and no text returned holds one, whether it is passed or not.
     """
     started = time.monotonic()
+    redactor = redactor if redactor is not None else Redactor()
     log = log or null_logger()
     progress = progress or _NoProgress()
     stop = stop or StopRequest()
@@ -673,7 +681,7 @@ async def run_job(
                 "that run, or choose another --report path"
             )
         check_writable(paths)
-        ledger = Ledger(len(plan.rows))
+        ledger = Ledger(len(plan.rows), redactor)
         writer = RowWriter(plan.rows, plan.keys, ledger)
         ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
         _mark_invalid_messages(plan, ledger)
@@ -716,6 +724,7 @@ async def run_job(
                     log,
                     progress,
                     total,
+                    redactor,
                 )
             finally:
                 journal.close()
@@ -847,6 +856,7 @@ async def _send_all(
     log: Any,
     progress: Progress,
     total: int,
+    redactor: Redactor,
 ) -> _Run:
     session = None
     if transport is None:
@@ -871,6 +881,7 @@ async def _send_all(
         gate,
         policy,
         on_attempt=lambda reply, attempt: run.on_attempt(reply, attempt),
+        redactor=redactor,
     )
     run = _Run(config, plan, ledger, journal, client, pacer, gate, stop, log, progress)
     run.events = [_Event(event_id, positions) for event_id, positions in pending.items()]
