@@ -75,7 +75,7 @@ class Hostile:
     refresh_token: str = field(default_factory=lambda: new_secret("refresh"))
     client_secret: str = field(default_factory=lambda: new_secret("client"))
     issued: list[str] = field(default_factory=list)  # access tokens handed out by /token
-    valid: set[str] = field(default_factory=set)  # None of it: any token goes
+    valid: set[str] = field(default_factory=set)  # tokens accepted; empty: any
     _runner: web.AppRunner | None = None
 
     async def __aenter__(self) -> Hostile:
@@ -620,7 +620,8 @@ async def test_two_runs_on_one_api_key_at_once_both_undo_every_key(
     sandbox = shared_bucket
     rows = ticket_rows(sandbox.world)
     halves = [rows[: len(rows) // 2], rows[len(rows) // 2 :]]
-    settings = FAST | {"rate": 50.0, "batch_size": 1, "concurrency": 4, "retry_max_tries": 2}
+    settings: dict[str, Any] = FAST | {"rate": 50.0, "batch_size": 1, "concurrency": 4}
+    settings["retry_max_tries"] = 2
 
     async def one(name: str, part: list[tuple[str, str]]) -> RunResult:
         inputs = write_csv(tmp_path / f"{name}.csv", part, HEADER)
