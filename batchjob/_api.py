@@ -7,6 +7,7 @@ with the same ``request`` coroutine. Classification of answers is a pure functio
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import random
@@ -18,8 +19,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 import aiohttp
-import backoff
 
+from batchjob._logging import MAX_REPORT_TEXT, MAX_SERVER_TEXT, Redactor
 from batchjob._pacing import AdaptivePacer
 from batchjob._tokens import TokenError
 
@@ -30,7 +31,7 @@ class Verdict(Enum):
     OK = "ok"  # 2xx: every key in the request is undone
     KEY_FAULT = "key_fault"  # 400/404/409/422: some key in the request is at fault
     TOO_LARGE = "too_large"  # 413: send fewer keys per request
-    RETRY = "retry"  # transient: network, timeout, 5xx, 429 throttled
+    RETRY = "retry"  # transient: network, timeout, 5xx, 429 throttled, 403 over the rate
     QUOTA = "quota"  # 429 quota_exceeded: nothing more today
     AUTH = "auth"  # 401: token invalid or expired
     FORBIDDEN = "forbidden"  # 403: scope, privilege or app deactivated
@@ -42,6 +43,13 @@ MAX_REFRESHES_PER_REQUEST = 3
 TOKEN_FAILED = "token_unavailable"  # noqa: S105 - error_key of a synthetic 401 when no token can be had
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 KEY_FAULT_STATUSES = frozenset({400, 404, 409, 422})
+#: Most bytes of an answer's body read: an error body is shown cut to MAX_SERVER_TEXT
+#: characters anyway, and a server may send one that never ends.
+MAX_BODY = 64 * 1024
+#: ... but a GET's success body (the event) must be read whole to find its status.
+MAX_SUCCESS_BODY = 1024 * 1024
+#: A run stops when every answer for this many times ``retry_max_time`` was throttling.
+THROTTLED_STRETCH = 5.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +67,10 @@ class Reply:
     def verdict(self) -> Verdict:
         return classify(self.status, self.error_key, expected=self.expected)
 
+    @property
+    def throttled(self) -> bool:
+        return is_throttling(self.status, self.error_key)
+
 
 def classify(status: int, error_key: str = "", *, expected: int = 204) -> Verdict:
     """What an answer means. Only the documented success status counts as success: a 200
@@ -72,7 +84,7 @@ def classify(status: int, error_key: str = "", *, expected: int = 204) -> Verdic
     if status == 401:
         return Verdict.AUTH
     if status == 403:
-        return Verdict.FORBIDDEN
+        return Verdict.RETRY if is_throttling(status, error_key) else Verdict.FORBIDDEN
     if status == 413:
         return Verdict.TOO_LARGE
     if status in KEY_FAULT_STATUSES:
@@ -80,38 +92,69 @@ def classify(status: int, error_key: str = "", *, expected: int = 204) -> Verdic
     return Verdict.REFUSED
 
 
-def parse_error_body(body: bytes) -> tuple[str, str]:
+def is_throttling(status: int, error_key: str = "") -> bool:
+    """Whether an answer says "too fast": 429 but the daily quota, or a 403 from the older
+    gateway whose error key speaks of the request rate or QPS. Never a key's fault, nor a stop.
+    """
+    if status == 429:
+        return error_key != "quota_exceeded"
+    if status != 403 or not error_key:
+        return False
+    # "rate_limit", "requestRateExceeded", "QPS.exceeded", "throttled"; not "corporate".
+    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", error_key).lower()
+    words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
+    squashed = "".join(words)
+    return (
+        "qps" in squashed
+        or "toomanyrequests" in squashed
+        or any(w.startswith(("rate", "throttl")) for w in words)
+    )
+
+
+#: Most characters of a body that is not JSON (an HTML error page) shown as its message.
+_NON_JSON_TEXT = 200
+
+
+def parse_error_body(body: bytes, redactor: Redactor | None = None) -> tuple[str, str]:
     """``(error_key, error_message)`` from any error body the platform sends.
 
     Usually ``[{"error_key", "error_message"}]``; sometimes one such object; the OAuth server
-    uses ``{"error", "error_description"}``; proxies send HTML or nothing.
+    uses ``{"error", "error_description"}``; proxies send HTML or nothing. Both texts come
+    back clean (see :meth:`Redactor.clean`): ``redactor``'s secrets replaced by ``***``,
+    control characters escaped, at most MAX_SERVER_TEXT characters.
     """
-    key, message = _parse_error_body(body)
-    return _printable(key), _printable(message)
-
-
-def _printable(text: str) -> str:
-    # JSON may carry a lone surrogate ("\ud800"), which no UTF-8 report can hold.
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _parse_error_body(body: bytes) -> tuple[str, str]:
+    clean = (redactor or Redactor()).clean
     if not body:
         return "", ""
     try:
         data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        text = body[:200].decode("utf-8", "replace").strip()
-        return "", " ".join(text.split())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # All of it decoded and cleaned before the cut: a cut must not leave half a secret.
+        text = " ".join(body.decode("utf-8", "replace").split())
+        return "", clean(text, _NON_JSON_TEXT)
+    key, message = _error_fields(data)
+    return clean(key, 200), clean(message, MAX_SERVER_TEXT)
+
+
+def _error_fields(data: Any) -> tuple[str, str]:
     if isinstance(data, list) and data and isinstance(data[0], dict):
-        keys = [str(d.get("error_key", "")) for d in data if isinstance(d, dict)]
-        messages = [str(d.get("error_message", "")) for d in data if isinstance(d, dict)]
+        keys = [_text(d.get("error_key", "")) for d in data if isinstance(d, dict)]
+        messages = [_text(d.get("error_message", "")) for d in data if isinstance(d, dict)]
         return keys[0], "; ".join(m for m in messages if m)
     if isinstance(data, dict):
         key = data.get("error_key", data.get("error", ""))
         message = data.get("error_message", data.get("error_description", ""))
-        return str(key), str(message)
+        return _text(key), _text(message)
     return "", ""
+
+
+def _text(value: Any) -> str:
+    # str() of a deeply nested list could itself recurse too deep; a server's odd value is
+    # shown by its type then.
+    try:
+        return str(value)
+    except RecursionError:
+        return f"<{type(value).__name__}>"
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -167,7 +210,11 @@ class Transport(Protocol):
 
 
 class AiohttpTransport:
-    """The real transport: one aiohttp session for the run."""
+    """The real transport: one aiohttp session for the run.
+
+    Reads at most MAX_BODY bytes of a body (MAX_SUCCESS_BODY of a GET's 2xx): the rest is
+    never read, and the connection is closed rather than reused.
+    """
 
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
@@ -181,11 +228,27 @@ class AiohttpTransport:
             async with self._session.request(
                 method, url, headers=headers, data=body, allow_redirects=False
             ) as resp:
-                payload = await resp.read()
+                success = method == "GET" and 200 <= resp.status < 300
+                limit = MAX_SUCCESS_BODY if success else MAX_BODY
+                payload = await read_at_most(resp.content, limit)
                 return RawResponse(resp.status, dict(resp.headers), payload)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # aiohttp's messages name the URL at most; the type is what a reader needs.
+            # aiohttp's messages name the URL at most; the type is what a reader needs. They
+            # may quote what the server sent (a header): the client cleans the text.
             raise TransportError(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
+
+
+async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
+    """The body's first ``limit`` bytes, or all of it if shorter."""
+    parts: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
 
 
 def make_session(
@@ -260,6 +323,15 @@ class RetryPolicy:
     base: float = 0.5
     cap: float = 30.0
     max_retry_after: float = 300.0  # a larger Retry-After is not waited for within a run
+    #: Seconds in which every answer, run-wide, was throttling, after which the run stops;
+    #: None: THROTTLED_STRETCH times max_time (10 minutes by default).
+    max_throttled: float | None = None
+
+    @property
+    def throttled_limit(self) -> float:
+        if self.max_throttled is not None:
+            return self.max_throttled
+        return THROTTLED_STRETCH * self.max_time
 
 
 @dataclass(frozen=True)
@@ -271,31 +343,20 @@ class Answer:
     not_sent: str = ""  # why the gate stopped the request before it got an answer
 
 
-class _Retryable(Exception):
-    def __init__(self, reply: Reply) -> None:
-        super().__init__(reply.status)
-        self.reply = reply
-        self.retry_after = reply.retry_after
+def retry_waits(policy: RetryPolicy, rng: random.Random) -> Generator[float, Reply, None]:
+    """Waits before each retry: full-jitter exponential, or the server's Retry-After.
 
-
-def retry_waits(
-    policy: RetryPolicy, rng: random.Random
-) -> Callable[[], Generator[float, BaseException | None, None]]:
-    """A backoff wait generator: full-jitter exponential, or the server's Retry-After."""
-
-    def waits() -> Generator[float, BaseException | None, None]:
-        attempt = 0
-        exc = yield 0.0  # backoff primes the generator; this value is discarded
-        while True:
-            retry_after = getattr(exc, "retry_after", None)
-            if retry_after is not None:
-                wait = min(float(retry_after), policy.max_retry_after)
-            else:
-                wait = rng.uniform(0.0, min(policy.cap, policy.base * 2.0**attempt))
-            attempt += 1
-            exc = yield wait
-
-    return waits
+    Send it each answer that is retried (the first send primes it with nothing).
+    """
+    attempt = 0
+    reply = yield 0.0
+    while True:
+        if reply.retry_after is not None:
+            wait = min(reply.retry_after, policy.max_retry_after)
+        else:
+            wait = rng.uniform(0.0, min(policy.cap, policy.base * 2.0**attempt))
+        attempt += 1
+        reply = yield wait
 
 
 AttemptListener = Callable[[Reply, int], None]
@@ -324,7 +385,18 @@ def leaves_open(status: int, expected: int) -> bool:
 
 
 class ApiClient:
-    """Sends the two requests batchjob needs, paced, budgeted and retried."""
+    """Sends the two requests batchjob needs, paced, budgeted and retried.
+
+    Every text that comes from the server (error keys and messages, a network error's text)
+    leaves here cleaned by ``redactor`` (see :meth:`Redactor.clean`), which learns each token
+    this client sends and every secret its token source knows (``tokens.secrets()``, if any).
+
+    Throttling (429 ``throttled``, or a 403 about the rate) is never a request's failure: the
+    pacer slows down, the request waits its slot (and any Retry-After) and goes again, and
+    neither the try nor its time counts against ``policy.max_tries``/``max_time``. If every
+    answer, run-wide, has been throttling for ``policy.throttled_limit`` seconds, the request
+    ends ``not_sent`` and the gate closes: the run stops, its keys left for the next one.
+    """
 
     def __init__(
         self,
@@ -337,6 +409,7 @@ class ApiClient:
         *,
         on_attempt: AttemptListener | None = None,
         rng: random.Random | None = None,
+        redactor: Redactor | None = None,
     ) -> None:
         self._transport = transport
         self._base = base_url.rstrip("/")
@@ -346,13 +419,10 @@ class ApiClient:
         self._policy = policy
         self._on_attempt = on_attempt
         self._rng = rng or random.Random()
-        self._retrying = backoff.on_exception(
-            retry_waits(policy, self._rng),
-            _Retryable,
-            max_tries=policy.max_tries,
-            max_time=policy.max_time,
-            jitter=None,
-        )(self._attempt)
+        self.redactor = redactor if redactor is not None else Redactor()
+        self._last_token = ""
+        self._learn_secrets()
+        self._throttled_since: float | None = None  # the first throttling since another answer
 
     async def get_event(self, event_id: str, call: Call | None = None) -> Answer:
         url = f"{self._base}/events/{event_id}"
@@ -371,24 +441,51 @@ class ApiClient:
         return await self._send(call)
 
     async def _send(self, call: Call) -> Answer:
+        policy = self._policy
         call.started = time.monotonic()
+        waits = retry_waits(policy, self._rng)
+        next(waits)
+        tries = 0  # tries that count against the retry budget: throttled ones do not
+        excused = 0.0  # seconds spent on throttled tries, left out of max_time too
         try:
-            reply = await self._retrying(call)
-        except _Retryable as exc:
-            reply = exc.reply
+            while True:
+                began = time.monotonic()
+                reply = await self._attempt(call)
+                if reply.verdict is not Verdict.RETRY:
+                    return Answer(reply, call.attempts)
+                if reply.throttled:
+                    stop = self._throttled_too_long()
+                    if stop:
+                        self._gate.close(stop)
+                        return Answer(reply, call.attempts, not_sent=stop)
+                    # The pacer has slowed down: the next slot is the wait.
+                    if reply.retry_after is not None:
+                        await asyncio.sleep(min(reply.retry_after, policy.max_retry_after))
+                    excused += time.monotonic() - began
+                    continue
+                tries += 1
+                elapsed = time.monotonic() - call.started - excused
+                if tries >= policy.max_tries or elapsed >= policy.max_time:
+                    return Answer(reply, call.attempts)
+                # A Retry-After longer than the time left is cut to it: one more try at the
+                # end of the budget beats failing at once every key of a maintenance window.
+                await asyncio.sleep(min(waits.send(reply), policy.max_time - elapsed))
         except NotSent as stop:
             return Answer(Reply(0, "not_sent", stop.reason), call.attempts, not_sent=stop.reason)
         except TokenError as exc:
             # No usable token (refresh refused, file unreadable): as final as a 401.
-            return Answer(Reply(401, TOKEN_FAILED, str(exc)), call.attempts)
-        return Answer(reply, call.attempts)
+            message = self.redactor.clean(str(exc), MAX_REPORT_TEXT)
+            return Answer(Reply(401, TOKEN_FAILED, message), call.attempts)
 
     async def _attempt(self, call: Call) -> Reply:
-        """One try (two after a 401 that a token refresh may cure). Raises to be retried."""
+        """One try (two after a 401 that a token refresh may cure)."""
         while True:
             sent_at = await self._pacer.acquire()
             # A token first: a TokenError must not count as a request sent.
             token = await self._tokens.token()
+            if token != self._last_token:
+                self._last_token = token
+                self._learn_secrets(token)
             # After the wait for a slot: the run may have stopped in the meantime.
             self._gate.spend()
             call.attempts += 1
@@ -397,24 +494,43 @@ class ApiClient:
             call.in_flight = False
             if leaves_open(reply.status, call.expected):
                 call.uncertain += 1
-            verdict = reply.verdict
-            self._pacer.on_answer(
-                sent_at, throttled=reply.status == 429 and verdict is Verdict.RETRY
-            )
+            throttled = reply.throttled
+            if not throttled:
+                self._throttled_since = None
+            elif self._throttled_since is None:
+                self._throttled_since = time.monotonic()
+            self._pacer.on_answer(sent_at, throttled=throttled)
             if self._on_attempt is not None:
                 self._on_attempt(reply, call.attempts)
-            if verdict is Verdict.AUTH and call.refreshes < MAX_REFRESHES_PER_REQUEST:
+            if reply.verdict is Verdict.AUTH and call.refreshes < MAX_REFRESHES_PER_REQUEST:
                 # The token may simply have expired mid-run (or while this request waited).
                 # A source that cannot refresh, or hands back the same token, ends it here.
                 call.refreshes += 1
                 fresh = await self._tokens.refresh(token)
                 if fresh is not None and fresh != token:
                     continue
-            if verdict is not Verdict.RETRY:
-                return reply
-            # A Retry-After longer than the time left is cut to it by backoff: one more try
-            # at the end of the budget beats failing at once every key of a maintenance window.
-            raise _Retryable(reply)
+            return reply
+
+    def _throttled_too_long(self) -> str:
+        """Why the run must stop, if every answer for ``throttled_limit`` was throttling."""
+        since = self._throttled_since
+        limit = self._policy.throttled_limit
+        if since is None or time.monotonic() - since < limit:
+            return ""
+        return (
+            f"every answer for {limit:g} s was 429 throttled: another app may be using up the "
+            "API key's rate limit; left for the next run"
+        )
+
+    def _learn_secrets(self, token: str = "") -> None:
+        """Tell the redactor the token about to be sent, and what the source knows (a
+        refreshed token comes with a new refresh token)."""
+        self.redactor.add(token)
+        secrets = getattr(self._tokens, "secrets", None)
+        if callable(secrets):
+            for secret in secrets():
+                if isinstance(secret, str):
+                    self.redactor.add(secret)
 
     async def _once(self, call: Call, token: str) -> Reply:
         headers = {"Authorization": f"Bearer {token}"}
@@ -425,10 +541,11 @@ class ApiClient:
                 call.method, call.url, headers=headers, body=call.body
             )
         except TransportError as exc:
-            return Reply(0, "network", str(exc), expected=call.expected)
+            # The text may quote what the server sent, a header echoing the token included.
+            return Reply(0, "network", self.redactor.clean(str(exc)), expected=call.expected)
         if raw.status == call.expected:
             return Reply(raw.status, body=raw.body, expected=call.expected)
-        error_key, message = parse_error_body(raw.body)
+        error_key, message = parse_error_body(raw.body, self.redactor)
         if not error_key and not message and 200 <= raw.status < 400:
             message = f"unexpected HTTP {raw.status} (expected {call.expected})"
         retry_after = parse_retry_after(

@@ -186,6 +186,7 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
             log=log,
             progress=ProgressBar(Console(file=err)) if show_progress else None,
             stop=stop,
+            redactor=redactor,
         )
     finally:
         remove()

@@ -7,6 +7,7 @@ orchestrator) keeps its own logging setup and two runs in one process do not int
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -17,21 +18,70 @@ from structlog.typing import EventDict, WrappedLogger
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
 
 
+#: Most characters of one server text (an error key or message) kept: a server may send
+#: megabytes, and every key of a request gets a copy in its report row.
+MAX_SERVER_TEXT = 1000
+#: Most characters of any text in a report row: the backstop for messages batchjob composes
+#: around a server's text ("retries exhausted: ...; it was sent 3 times ...").
+MAX_REPORT_TEXT = 2000
+TRUNCATED = "...[truncated]"
+
+# Control characters (C0, DEL, C1), lone surrogates, line separators and bidi controls: a NUL
+# makes a CSV unreadable as input, a newline breaks a journal line, ESC drives a terminal,
+# a bidi override reorders what a reader sees.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\x00``): one line,
+    valid UTF-8, and readable back by batchjob as input."""
+    return _UNSAFE.sub(_escape, text)
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, ending ``...[truncated]`` when cut."""
+    if len(text) <= limit:
+        return text
+    return text[: max(0, limit - len(TRUNCATED))] + TRUNCATED
+
+
 class Redactor:
-    """Replaces every known secret with ``***`` anywhere in an event's values."""
+    """Knows a run's secrets and keeps them out of every text it cleans.
+
+    Replaces every known secret with ``***`` anywhere in a log event's values (it is a
+    structlog processor) and in any text passed to :meth:`scrub` or :meth:`clean`.
+    """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        self._secrets: set[str] = {s for s in secrets if s}
+        self._secrets: set[str] = set()
+        self._ordered: tuple[str, ...] = ()
+        for secret in secrets:
+            self.add(secret)
 
     def add(self, secret: str) -> None:
-        if secret:
+        if secret and secret not in self._secrets:
             self._secrets.add(secret)
+            # Longest first: a secret that holds another is replaced whole.
+            self._ordered = tuple(sorted(self._secrets, key=len, reverse=True))
+
+    def __contains__(self, secret: str) -> bool:
+        return secret in self._secrets
 
     def scrub(self, text: str) -> str:
-        for secret in self._secrets:
+        for secret in self._ordered:
             if secret in text:
                 text = text.replace(secret, "***")
         return text
+
+    def clean(self, text: str, limit: int = MAX_SERVER_TEXT) -> str:
+        """``text`` safe to write anywhere: no secret, no control character, at most ``limit``
+        characters. Secrets go first, so a cut can never leave part of one."""
+        return clip(printable(self.scrub(text)), limit)
 
     def __call__(self, _: WrappedLogger, __: str, event: EventDict) -> EventDict:
         if not self._secrets:
@@ -87,4 +137,13 @@ def null_logger() -> Any:
     ).bind()
 
 
-__all__ = ["Redactor", "make_logger", "null_logger"]
+__all__ = [
+    "MAX_REPORT_TEXT",
+    "MAX_SERVER_TEXT",
+    "TRUNCATED",
+    "Redactor",
+    "clip",
+    "make_logger",
+    "null_logger",
+    "printable",
+]

@@ -37,6 +37,7 @@ import pyarrow as pa
 
 from batchjob._cells import escape_cell, unescape_cell
 from batchjob._groups import Positions
+from batchjob._logging import MAX_REPORT_TEXT, Redactor
 from batchjob._model import REPORT_COLUMNS, RETRYABLE_OUTCOMES, Outcome
 
 #: Ledger codes: 0 means "no outcome yet", which the final report never contains.
@@ -70,9 +71,15 @@ class ReportPaths:
 
 
 class Ledger:
-    """Each report row's outcome, as compact columns indexed by plan position."""
+    """Each report row's outcome, as compact columns indexed by plan position.
 
-    def __init__(self, size: int) -> None:
+    Every error text is cleaned once, as it first comes (``redactor``, see Redactor.clean): a
+    safety net, so no secret, control character or endless text reaches a row whatever path
+    a message took.
+    """
+
+    def __init__(self, size: int, redactor: Redactor | None = None) -> None:
+        self._redactor = redactor or Redactor()
         self.outcome = np.zeros(size, dtype=np.int8)
         self.http_status = np.zeros(size, dtype=np.int16)
         self.error = np.zeros(size, dtype=np.int32)
@@ -101,7 +108,8 @@ class Ledger:
         code = self._error_codes.get(error)
         if code is None:
             code = self._error_codes[error] = len(self._errors)
-            self._errors.append(error)
+            clean = self._redactor.clean
+            self._errors.append((clean(error_key, 200), clean(error_message, MAX_REPORT_TEXT)))
         self.outcome[positions] = _CODE[outcome]
         self.http_status[positions] = http_status
         self.error[positions] = code

@@ -42,7 +42,7 @@ from batchjob._api import (
 from batchjob._config import JobConfig
 from batchjob._groups import Group, KeyIsolator, Positions
 from batchjob._inputs import read_inputs
-from batchjob._logging import null_logger
+from batchjob._logging import MAX_REPORT_TEXT, Redactor, null_logger, printable
 from batchjob._model import Outcome
 from batchjob._pacing import AdaptivePacer
 from batchjob._plan import Plan, build_plan
@@ -162,7 +162,7 @@ class RunResult:
             )
         lines.append(f"elapsed:     {self.elapsed:.1f}s")
         if self.stopped:
-            lines.append(f"stopped:     {self.stopped}")
+            lines.append(f"stopped:     {printable(self.stopped)}")
         return "\n".join(lines)
 
 
@@ -204,6 +204,7 @@ class _Run:
         log: Any,
         progress: Progress,
     ) -> None:
+        self.redactor = client.redactor  # knows every secret of the run
         self.config = config
         self.plan = plan
         self.ledger = ledger
@@ -246,6 +247,8 @@ class _Run:
 
     def halt(self, reason: str, exit_code: int) -> None:
         if not self.stopped:
+            # It reaches the summary on stdout and every key left: no secret, one line.
+            reason = self.redactor.clean(reason, MAX_REPORT_TEXT)
             self.stopped, self.exit_code = reason, exit_code
             self.gate.close(reason)
             self.log.warning("run.stopping", reason=reason)
@@ -409,7 +412,7 @@ class _Run:
             return
         verdict = reply.verdict
         if verdict is Verdict.OK:
-            status = _event_status(reply.body)
+            status = self.redactor.clean(_event_status(reply.body), 100)
             if status in ACTIVE_STATUSES:
                 event.state = "ready"
                 if event.isolator is None:
@@ -480,8 +483,9 @@ class _Run:
                 EXIT_STOPPED,
             )
         elif verdict is Verdict.FORBIDDEN:
+            said = f" {reply.error_key}" if reply.error_key else ""
             self.halt(
-                "forbidden (403): the token lacks scope campaign_data or privilege "
+                f"forbidden (403{said}): the token lacks scope campaign_data or privilege "
                 "campaign:write, or the app is deactivated",
                 EXIT_STOPPED,
             )
@@ -655,9 +659,9 @@ def _maybe_applied(unanswered_attempts: int) -> str:
 def _event_status(body: bytes) -> str:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        return str(data.get("status", "")).upper() if isinstance(data, dict) else ""
+    except (ValueError, UnicodeDecodeError, RecursionError):  # a server's body: anything goes
         return ""
-    return str(data.get("status", "")).upper() if isinstance(data, dict) else ""
 
 
 async def run_job(
@@ -668,14 +672,19 @@ async def run_job(
     log: Any = None,
     progress: Progress | None = None,
     stop: StopRequest | None = None,
+    redactor: Redactor | None = None,
 ) -> RunResult:
     """Run one batch job as configured and return what happened.
 
     Raises :class:`~batchjob.InputError`, :class:`~batchjob.ConfigError` or
     :class:`~batchjob.ReportError` before anything is sent when the inputs or the report path
     cannot be used.
+
+    ``redactor`` (the one ``log`` uses, if any) learns every token sent and the secrets of
+    ``tokens``; no file written and no text returned holds one, whether it is passed or not.
     """
     started = time.monotonic()
+    redactor = redactor if redactor is not None else Redactor()
     log = log or null_logger()
     progress = progress or _NoProgress()
     stop = stop or StopRequest()
@@ -708,7 +717,7 @@ async def run_job(
         check_writable(paths)
         for stale in remove_stale_temp_files(paths):
             log.info("report.stale_temp_removed", path=str(stale))
-        ledger = Ledger(len(plan.rows))
+        ledger = Ledger(len(plan.rows), redactor)
         writer = RowWriter(plan.rows, plan.keys, ledger)
         ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
         _mark_invalid_messages(plan, ledger)
@@ -751,6 +760,7 @@ async def run_job(
                     log,
                     progress,
                     total,
+                    redactor,
                 )
             finally:
                 journal.close()
@@ -883,6 +893,7 @@ async def _send_all(
     log: Any,
     progress: Progress,
     total: int,
+    redactor: Redactor,
 ) -> _Run:
     session = None
     if transport is None:
@@ -907,6 +918,7 @@ async def _send_all(
         gate,
         policy,
         on_attempt=lambda reply, attempt: run.on_attempt(reply, attempt),
+        redactor=redactor,
     )
     run = _Run(config, plan, ledger, journal, client, pacer, gate, stop, log, progress)
     run.events = [_Event(event_id, positions) for event_id, positions in pending.items()]

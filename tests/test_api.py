@@ -21,6 +21,7 @@ from batchjob._api import (
     parse_error_body,
     parse_retry_after,
 )
+from batchjob._logging import MAX_SERVER_TEXT, TRUNCATED, Redactor
 from batchjob._pacing import AdaptivePacer
 from batchjob._tokens import Secret, StaticToken
 
@@ -37,6 +38,13 @@ UNDO = re.compile(rf"^{re.escape(BASE)}/events/{EVENT}/undo_check_in/tickets$")
         (404, "ticket.not_found", Verdict.KEY_FAULT),
         (401, "unauthorized", Verdict.AUTH),
         (403, "forbidden", Verdict.FORBIDDEN),
+        # The older gateway's over-QPS answer: throttling, not a stop.
+        (403, "rate_limit_exceeded", Verdict.RETRY),
+        (403, "requestRateExceeded", Verdict.RETRY),
+        (403, "QPS.exceeded", Verdict.RETRY),
+        (403, "throttled", Verdict.RETRY),
+        (403, "corporate_policy", Verdict.FORBIDDEN),
+        (403, "unauthorized.scope", Verdict.FORBIDDEN),
         (413, "", Verdict.TOO_LARGE),
         (415, "", Verdict.REFUSED),
         (429, "throttled", Verdict.RETRY),
@@ -74,6 +82,40 @@ def test_error_bodies_of_every_shape_are_read(body: bytes, expected: tuple[str, 
     assert parse_error_body(body) == expected
 
 
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # A NUL, a newline or ESC in a report row breaks reading it back (or a terminal).
+        (
+            b'[{"error_key":"k\\u0000","error_message":"a\\u0000b\\r\\nc\\u001b[2J\\u202e"}]',
+            ("k\\x00", "a\\x00b\\x0d\\x0ac\\x1b[2J\\u202e"),
+        ),
+        (b"\x00\xffbinary\x01", ("", "\\x00\ufffdbinary\\x01")),
+        (b"[" * 100_000, ("", "[" * (200 - len(TRUNCATED)) + TRUNCATED)),
+        (b'{"error_key": {"a": [1]}, "error_message": 12}', ("{'a': [1]}", "12")),
+    ],
+)
+def test_error_bodies_come_back_printable(body: bytes, expected: tuple[str, str]) -> None:
+    assert parse_error_body(body) == expected
+
+
+def test_a_huge_error_message_is_cut_saying_so() -> None:
+    body = b'[{"error_key":"big","error_message":"' + b"m" * 60_000 + b'"}]'
+    key, message = parse_error_body(body)
+    assert key == "big"
+    assert len(message) == MAX_SERVER_TEXT and message.endswith(TRUNCATED)
+
+
+def test_secrets_are_redacted_before_any_cut() -> None:
+    secret = "s3cr3t-token-value"
+    redactor = Redactor([secret])
+    # Whole, the secret would straddle the 200 characters an HTML page is cut to.
+    html = b"<html>" + b"x" * 170 + b" Bearer " + secret.encode() + b"</html>"
+    escaped = b'[{"error_key":"echo","error_message":"Bearer s3cr3t\\u002dtoken-value"}]'
+    assert parse_error_body(html, redactor)[1].endswith("Bearer ***</html>")
+    assert parse_error_body(escaped, redactor)[1] == "Bearer ***"
+
+
 def test_retry_after_seconds_and_dates() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
@@ -88,15 +130,22 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 def _client(
-    session: aiohttp.ClientSession, *, budget: int | None = None, max_time: float = 10
+    session: aiohttp.ClientSession,
+    *,
+    budget: int | None = None,
+    max_time: float = 10,
+    max_throttled: float | None = None,
+    gate: RequestGate | None = None,
 ) -> ApiClient:
     return ApiClient(
         AiohttpTransport(session),
         BASE,
         StaticToken(Secret("tok-secret")),
         AdaptivePacer(1000.0),
-        RequestGate(budget),
-        RetryPolicy(max_tries=4, max_time=max_time, base=0.001, cap=0.01),
+        gate or RequestGate(budget),
+        RetryPolicy(
+            max_tries=4, max_time=max_time, base=0.001, cap=0.01, max_throttled=max_throttled
+        ),
         rng=random.Random(1),
     )
 
@@ -191,3 +240,52 @@ async def test_a_retry_after_beyond_the_retry_budget_still_gets_one_more_try(
         mock.post(UNDO, status=204)
         answer = await _client(session, max_time=0.3).undo_check_in(EVENT, ["a"])
     assert answer.reply.status == 204 and answer.attempts == 2
+
+
+THROTTLED = [{"error_key": "throttled", "error_message": "Too Many Requests"}]
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [(429, THROTTLED), (403, [{"error_key": "rate_limit_exceeded", "error_message": "slow"}])],
+)
+async def test_throttled_tries_do_not_use_up_the_retry_budget(
+    session: aiohttp.ClientSession, status: int, body: list[dict[str, str]]
+) -> None:
+    # Ten throttled answers, a budget of four tries: the request still succeeds.
+    with aioresponses() as mock:
+        for _ in range(10):
+            mock.post(UNDO, status=status, payload=body)
+        mock.post(UNDO, status=503)
+        mock.post(UNDO, status=204)
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+    assert answer.reply.status == 204
+    assert answer.attempts == 12
+
+
+async def test_endless_throttling_ends_the_request_as_not_sent_and_closes_the_gate(
+    session: aiohttp.ClientSession,
+) -> None:
+    gate = RequestGate()
+    with aioresponses() as mock:
+        mock.post(UNDO, status=429, payload=THROTTLED, repeat=True)
+        answer = await _client(session, max_throttled=0.05, gate=gate).undo_check_in(EVENT, ["a"])
+    assert answer.reply.status == 429
+    assert "429 throttled" in answer.not_sent
+    assert gate.closed == answer.not_sent
+
+
+async def test_the_client_learns_every_secret_it_sends_and_cleans_server_text(
+    session: aiohttp.ClientSession,
+) -> None:
+    client = _client(session)
+    echo = [{"error_key": "echo", "error_message": "you sent Bearer tok-secret"}]
+    with aioresponses() as mock:
+        mock.post(UNDO, status=400, payload=echo)
+        mock.post(UNDO, exception=aiohttp.ServerDisconnectedError("X-Echo: Bearer tok-secret"))
+        mock.post(UNDO, status=204)
+        refused = await client.undo_check_in(EVENT, ["a"])
+        cut = await client.undo_check_in(EVENT, ["a"])
+    assert refused.reply.error_message == "you sent Bearer ***"
+    assert cut.reply.status == 204  # retried after the cut
+    assert "tok-secret" in client.redactor
