@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 import aiohttp
+import backoff
 
 from batchjob._logging import MAX_REPORT_TEXT, MAX_SERVER_TEXT, Redactor
 from batchjob._pacing import AdaptivePacer
@@ -284,9 +285,10 @@ class TokenSource(Protocol):
 class NotSent(Exception):
     """The gate allows no more requests: budget spent, or the run is stopping."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, reply: Reply | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.reply = reply  # the last answer, when the request had one
 
 
 class RequestGate:
@@ -343,20 +345,39 @@ class Answer:
     not_sent: str = ""  # why the gate stopped the request before it got an answer
 
 
-def retry_waits(policy: RetryPolicy, rng: random.Random) -> Generator[float, Reply, None]:
-    """Waits before each retry: full-jitter exponential, or the server's Retry-After.
+class _Retryable(Exception):
+    """An answer worth another try: raised for backoff, which counts the tries."""
 
-    Send it each answer that is retried (the first send primes it with nothing).
-    """
-    attempt = 0
-    reply = yield 0.0
-    while True:
-        if reply.retry_after is not None:
-            wait = min(reply.retry_after, policy.max_retry_after)
-        else:
-            wait = rng.uniform(0.0, min(policy.cap, policy.base * 2.0**attempt))
-        attempt += 1
-        reply = yield wait
+    def __init__(self, reply: Reply, call: Call) -> None:
+        super().__init__(reply.status)
+        self.reply = reply
+        self.call = call
+
+
+def retry_waits(
+    policy: RetryPolicy, rng: random.Random
+) -> Callable[[], Generator[float, BaseException | None, None]]:
+    """A backoff wait generator: full-jitter exponential, or the server's Retry-After, cut to
+    the request's time left (time spent on throttled tries does not count)."""
+
+    def waits() -> Generator[float, BaseException | None, None]:
+        attempt = 0
+        exc = yield 0.0  # backoff primes the generator; this value is discarded
+        while True:
+            reply = getattr(exc, "reply", None)
+            if reply is not None and reply.retry_after is not None:
+                wait = min(reply.retry_after, policy.max_retry_after)
+            else:
+                wait = rng.uniform(0.0, min(policy.cap, policy.base * 2.0**attempt))
+            call = getattr(exc, "call", None)
+            if call is not None:
+                # A Retry-After longer than the time left is cut to it: one more try at the
+                # end of the budget beats failing at once every key of a maintenance window.
+                wait = max(0.0, min(wait, policy.max_time - call.budget_elapsed()))
+            attempt += 1
+            exc = yield wait
+
+    return waits
 
 
 AttemptListener = Callable[[Reply, int], None]
@@ -377,6 +398,11 @@ class Call:
     # unexpected 2xx/3xx, or (in_flight) one cut short. A 4xx is a refusal: not applied.
     uncertain: int = 0
     in_flight: bool = False
+    throttled_time: float = 0.0  # seconds spent on throttled tries: not the retry budget's
+
+    def budget_elapsed(self) -> float:
+        """Seconds of the retry budget (``RetryPolicy.max_time``) this request has used."""
+        return time.monotonic() - self.started - self.throttled_time
 
 
 def leaves_open(status: int, expected: int) -> bool:
@@ -423,6 +449,17 @@ class ApiClient:
         self._last_token = ""
         self._learn_secrets()
         self._throttled_since: float | None = None  # the first throttling since another answer
+        # backoff counts the tries of _until_not_throttled: throttled tries happen inside one
+        # of them, so they never use up max_tries, and max_time is checked in _out_of_time
+        # without the time they took.
+        self._retrying = backoff.on_exception(
+            retry_waits(policy, self._rng),
+            _Retryable,
+            max_tries=policy.max_tries,
+            giveup=self._out_of_time,
+            jitter=None,
+            logger=None,
+        )(self._until_not_throttled)
 
     async def get_event(self, event_id: str, call: Call | None = None) -> Answer:
         url = f"{self._base}/events/{event_id}"
@@ -441,41 +478,42 @@ class ApiClient:
         return await self._send(call)
 
     async def _send(self, call: Call) -> Answer:
-        policy = self._policy
         call.started = time.monotonic()
-        waits = retry_waits(policy, self._rng)
-        next(waits)
-        tries = 0  # tries that count against the retry budget: throttled ones do not
-        excused = 0.0  # seconds spent on throttled tries, left out of max_time too
         try:
-            while True:
-                began = time.monotonic()
-                reply = await self._attempt(call)
-                if reply.verdict is not Verdict.RETRY:
-                    return Answer(reply, call.attempts)
-                if reply.throttled:
-                    stop = self._throttled_too_long()
-                    if stop:
-                        self._gate.close(stop)
-                        return Answer(reply, call.attempts, not_sent=stop)
-                    # The pacer has slowed down: the next slot is the wait.
-                    if reply.retry_after is not None:
-                        await asyncio.sleep(min(reply.retry_after, policy.max_retry_after))
-                    excused += time.monotonic() - began
-                    continue
-                tries += 1
-                elapsed = time.monotonic() - call.started - excused
-                if tries >= policy.max_tries or elapsed >= policy.max_time:
-                    return Answer(reply, call.attempts)
-                # A Retry-After longer than the time left is cut to it: one more try at the
-                # end of the budget beats failing at once every key of a maintenance window.
-                await asyncio.sleep(min(waits.send(reply), policy.max_time - elapsed))
+            reply = await self._retrying(call)
+        except _Retryable as exc:
+            reply = exc.reply
         except NotSent as stop:
-            return Answer(Reply(0, "not_sent", stop.reason), call.attempts, not_sent=stop.reason)
+            reply = stop.reply or Reply(0, "not_sent", stop.reason)
+            return Answer(reply, call.attempts, not_sent=stop.reason)
         except TokenError as exc:
             # No usable token (refresh refused, file unreadable): as final as a 401.
             message = self.redactor.clean(str(exc), MAX_REPORT_TEXT)
             return Answer(Reply(401, TOKEN_FAILED, message), call.attempts)
+        return Answer(reply, call.attempts)
+
+    def _out_of_time(self, exc: Exception) -> bool:
+        call = getattr(exc, "call", None)
+        return call is not None and call.budget_elapsed() >= self._policy.max_time
+
+    async def _until_not_throttled(self, call: Call) -> Reply:
+        """Tries until an answer other than throttling; raises _Retryable to be retried."""
+        policy = self._policy
+        while True:
+            began = time.monotonic()
+            reply = await self._attempt(call)
+            if reply.verdict is not Verdict.RETRY:
+                return reply
+            if not reply.throttled:
+                raise _Retryable(reply, call)
+            stop = self._throttled_too_long()
+            if stop:
+                self._gate.close(stop)
+                raise NotSent(stop, reply)
+            # The pacer has slowed down: its next slot is the wait, plus any Retry-After.
+            if reply.retry_after is not None:
+                await asyncio.sleep(min(reply.retry_after, policy.max_retry_after))
+            call.throttled_time += time.monotonic() - began
 
     async def _attempt(self, call: Call) -> Reply:
         """One try (two after a 401 that a token refresh may cure)."""
