@@ -377,7 +377,7 @@ def _refuse_mixed_encodings(path: str, layout: _CsvLayout) -> None:
     other = _first_non_utf8(path)
     if other is None:  # cannot happen: the caller found the file is not UTF-8
         return
-    other_row, utf8_row = _record_numbers(path, layout.delimiter, (other, utf8))
+    other_row, utf8_row = _record_numbers(path, (other, utf8))
     raise InputError(
         f"{path}: mixes two encodings: row {other_row} is not UTF-8 (Windows-1252?) while row "
         f"{utf8_row} is UTF-8, so some text would be misread whichever is chosen; save the "
@@ -418,36 +418,38 @@ def _first_non_utf8(path: str) -> int | None:
                 continue
             base += len(data)
             carry = b""
-    return base - len(carry) if carry else None
+    return base if carry else None
 
 
-def _record_numbers(path: str, delimiter: str, offsets: Sequence[int]) -> list[int]:
+def _record_numbers(path: str, offsets: Sequence[int]) -> list[int]:
     """The record (spreadsheet row) holding each byte offset, counting as the readers do.
 
-    An error path: streams the file once through the csv module, as Latin-1 so that every
-    byte is one character and offsets stay byte offsets.
+    A line break ends a record unless it is inside quotes, that is after an odd number of '"'
+    (a doubled quote inside a value keeps the count even); CR, LF and CRLF are each one break.
+    An error path, but numpy still: no field is ever too long to count past.
     """
-    found = [0] * len(offsets)
-    wanted = sorted(range(len(offsets)), key=lambda i: offsets[i])
-    position = 0
-
-    def lines(handle: Iterable[str]) -> Iterable[str]:
-        nonlocal position
-        for line in handle:
-            position += len(line)
-            yield line
-
-    with open(path, encoding="latin-1", newline="") as handle:
-        number = 0
-        reader = csv.reader(lines(handle), delimiter=delimiter)
-        for number, _ in enumerate(reader, 1):
-            while wanted and offsets[wanted[0]] < position:
-                found[wanted.pop(0)] = number
-            if not wanted:
-                break
-        for index in wanted:  # past the last record the reader saw (an open quote)
-            found[index] = number
-    return found
+    found: list[int] = []
+    wanted = sorted(offsets)
+    quotes = 0  # '"' so far
+    breaks = 0  # record breaks so far
+    base = 0
+    previous_cr = False
+    with open(path, "rb") as handle:
+        while wanted and (chunk := handle.read(_CHUNK_BYTES)):
+            a = np.frombuffer(chunk, dtype=np.uint8)
+            outside = (quotes + np.cumsum(a == ord('"'))) % 2 == 0
+            cr, lf = a == ord("\r"), a == ord("\n")
+            after_cr = np.concatenate([[previous_cr], cr[:-1]])
+            ends = np.cumsum((cr | (lf & ~after_cr)) & outside)
+            while wanted and wanted[0] < base + len(a):
+                at = wanted.pop(0) - base
+                found.append(1 + breaks + (int(ends[at - 1]) if at else 0))
+            quotes += int(np.count_nonzero(a == ord('"')))
+            breaks += int(ends[-1])
+            previous_cr = bool(cr[-1] and outside[-1])
+            base += len(a)
+    found.extend(1 + breaks for _ in wanted)
+    return [found[sorted(offsets).index(offset)] for offset in offsets]
 
 
 def _undecodable(path: str, encoding: str) -> InputError:
@@ -789,6 +791,7 @@ MAX_UNPACKED_BYTES: Final = 1 << 30
 MAX_SHEET_CELLS: Final = 1 << 24
 
 _ZIP_READ: Final = 1 << 20
+_MAX_PARTS: Final = 10_000
 _LOCAL_HEADER: Final = struct.Struct("<4s22xHH")
 _XML_CELL = re.compile(rb"<(?:[\w.-]+:)?(c|row)(?=[\s/>])")
 # An attribute of a start tag: a name, then a value in either quote (which may hold '>').
@@ -856,13 +859,16 @@ def _check_workbook_size(path: str, suffix: str, head: bytes) -> None:
 
 def _check_zip_workbook(path: str, suffix: str, archive: zipfile.ZipFile, raw: Any) -> None:
     members = archive.infolist()
+    if len(members) > _MAX_PARTS:
+        raise _too_big(path, f"has {len(members):,} parts")
     declared = sum(member.file_size for member in members)
     if declared > MAX_UNPACKED_BYTES:
         raise _too_big(path, f"declares {declared:,} bytes unpacked")
     names = _xlsx_sheet_names(archive) if suffix != ".ods" else {}
+    binary_sheets = _xlsb_sheet_parts(archive) if suffix == ".xlsb" else set()
     left = MAX_UNPACKED_BYTES
     for member in members:
-        scan = _member_scanner(suffix, member.filename)
+        scan = _member_scanner(suffix, member.filename, binary_sheets)
         sheet = names.get(member.filename, member.filename)
         produced = 0
         try:
@@ -959,15 +965,41 @@ class _Scanner:
         raise NotImplementedError
 
 
-def _member_scanner(suffix: str, name: str) -> _Scanner | None:
-    lower = name.lower()
+def _member_scanner(suffix: str, name: str, binary_sheets: set[str]) -> _Scanner | None:
     if suffix == ".ods":
-        return _OdsScanner() if lower.endswith("content.xml") else None
+        return _OdsScanner() if name == "content.xml" else None  # the engine reads only that
     if suffix == ".xlsb":
-        return _XlsbScanner() if lower.endswith(".bin") and "worksheets/" in lower else None
-    # Every XML part, not only those the workbook names as sheets: that is what the engine
-    # reads, and another part holds no cells to find.
-    return _XlsxScanner() if lower.endswith(".xml") else None
+        return _XlsbScanner() if name in binary_sheets else None
+    # Every part, whatever its name: a sheet can be any part the workbook points to, and no
+    # other part holds <c> or <row> tags by chance.
+    return _XlsxScanner()
+
+
+def _xlsb_sheet_parts(archive: zipfile.ZipFile) -> set[str]:
+    """Every part the binary workbook's relationships point to: its sheets are among them.
+
+    (Other parts may be XML or images, which are no record streams: those are skipped.)
+    """
+    try:
+        rels = archive.read("xl/_rels/workbook.bin.rels")
+    except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, zlib.error):
+        rels = b""
+    parts = {name for name in archive.namelist() if "worksheets/" in name}
+    for tag in _RELATIONSHIP.finditer(rels[: 16 * _ZIP_READ]):
+        target = _attribute(rels, tag.end(), b"Target")
+        if target:
+            text = target.decode(errors="replace")
+            parts.add(text.lstrip("/") if text.startswith("/") else "xl/" + text)
+    # A relationship may also point to XML (a theme): not a record stream.
+    return {name for name in parts if not _starts_like_xml(archive, name)}
+
+
+def _starts_like_xml(archive: zipfile.ZipFile, name: str) -> bool:
+    try:
+        with archive.open(name) as part:
+            return part.read(4).lstrip(codecs.BOM_UTF8).startswith(b"<")
+    except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, zlib.error):
+        return False
 
 
 class _XlsxScanner(_Scanner):
@@ -1279,6 +1311,9 @@ _BIFF_SHEET: Final = 0x0085
 def _check_xls(path: str) -> None:
     """Bound an old-format workbook's sheets (rows and columns are 16-bit there, so one stray
     cell can still ask for 65,536 x 65,536 cells)."""
+    size = Path(path).stat().st_size
+    if size > MAX_UNPACKED_BYTES:
+        raise _too_big(path, f"holds {size:,} bytes")
     try:
         stream = _cfb_stream(Path(path).read_bytes(), ("workbook", "book"))
     except (ValueError, IndexError, struct.error):
@@ -1469,7 +1504,7 @@ _KEY_TOO_LONG: Final = 2
 _KEY_CONTROL: Final = 3
 _KEY_APOSTROPHE: Final = 4
 _APOSTROPHE: Final = ord("'")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL: Final = "[\x00-\x1f\x7f-\x9f]"
 
 
 def _key_problem_texts(name: str) -> list[str]:

@@ -433,6 +433,24 @@ async def test_a_workbook_with_a_far_away_cell_exits_2_naming_file_and_sheet(
     assert not (tmp_path / "r.csv").exists()
 
 
+async def test_a_far_away_cell_in_a_sheet_part_with_an_odd_name_is_found(tmp_path: Path) -> None:
+    """The engine reads whatever part the workbook points to; so does the check."""
+    path = _far_cell_book(tmp_path, _without_dimension)
+    with zipfile.ZipFile(path) as source:
+        parts = [(info.filename, source.read(info.filename)) for info in source.infolist()]
+    renamed = {"xl/worksheets/sheet2.xml": "xl/media/image1.png"}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for name, data in parts:
+            if name == "xl/_rels/workbook.xml.rels":
+                data = data.replace(b"/xl/worksheets/sheet2.xml", b"/xl/media/image1.png")
+            target.writestr(renamed.get(name, name), data)
+
+    done = await cli("run", str(path), "--dry-run", "--report", str(tmp_path / "r.csv"),
+                     env=cli_env())  # fmt: skip
+
+    assert_refused(done, str(path), "sheet 'Late & far' has cells as far as XFD1048576")
+
+
 def _xls(cells: list[tuple[int, int]]) -> bytes:
     """A minimal old-format workbook: one sheet, a NUMBER record per cell (row, column)."""
 

@@ -891,15 +891,17 @@ def test_key_checks_hold_for_workbooks_too(tmp_path: Path) -> None:
         ([b"Zo\xc3\xab,x", b"k2,Ren\xe9e"], 3, 2),  # UTF-8 in the key, 1252 in another column
         ([b"k1,Zo\xc3\xab", *[b"k,x"] * 9000, b"k2,Ren\xe9e"], 9003, 2),  # past 256 KiB
         ([*[b"k,x"] * 9000, b'"Zo\xc3\xab\n",Ren\xe9e'], 9002, 9002),  # one quoted multi-line row
+        ([b"k1,Zo\xc3\xab" + b"x" * 300_000, b"k2,Ren\xe9"], 3, 2),  # a huge field; 1252 last
     ],
-    ids=["utf8-then-1252", "1252-then-utf8", "key-and-other-column", "late", "same-row"],
+    ids=["utf8-then-1252", "1252-then-utf8", "key-and-other-column", "late", "same-row", "huge"],
 )
 def test_a_file_mixing_utf8_and_windows_1252_is_refused_naming_rows(
     tmp_path: Path, rows: list[bytes], bad_row: int, utf8_row: int
 ) -> None:
     """Read whole as Windows-1252, "Zoë" would silently become "ZoÃ«"."""
     path = tmp_path / "a.csv"
-    path.write_bytes(b"Ticket Key,Name\n" + b"\n".join(rows) + b"\n")
+    last = b"" if rows[-1].endswith(b"\xe9") else b"\n"  # the bad byte is the file's last
+    path.write_bytes(b"Ticket Key,Name\n" + b"\n".join(rows) + last)
 
     with pytest.raises(InputError) as caught:
         read_inputs([path], default_event_id=EVENT)
