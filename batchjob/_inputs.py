@@ -15,11 +15,16 @@ from __future__ import annotations
 import codecs
 import contextlib
 import csv
+import html
 import importlib
 import io
 import math
 import mmap
 import re
+import struct
+import xml.parsers.expat
+import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +35,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from batchjob._cells import unescape_cell
-from batchjob._keybytes import KeyBytes
+from batchjob._keybytes import KeyBytes, Positions
 
 # pyarrow ships no type information and the project's mypy config has no override for it.
 pa: Any = importlib.import_module("pyarrow")
@@ -42,16 +47,15 @@ CSV_SUFFIXES: Final = frozenset({".csv", ".tsv", ".txt"})
 EXCEL_SUFFIXES: Final = frozenset({".xlsx", ".xlsm", ".xlsb", ".xls", ".ods"})
 _SUPPORTED: Final = ", ".join(sorted(CSV_SUFFIXES | EXCEL_SUFFIXES))
 
-# A header holding all of these was written by this tool (report or failed-rows file), so its
-# cells went through escape_cell and must be unescaped to get the original keys back.
-_REPORT_MARKERS: Final = frozenset(
-    {"event_id", "order_ticket_key", "outcome", "source_file", "source_row"}
-)
+#: Keys longer than this many characters are invalid (real ticket keys are a dozen or so).
+MAX_KEY_CHARS: Final = 256
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _HEADER_NOISE = re.compile(r"[\s_\-]+")
 _LINE = re.compile(r"([^\r\n]*)(\r\n|\r|\n|)")
 _QUOTED = re.compile(r'"[^"]*"')
+# The first line holding anything but separators and spaces: the header.
+_HEADER_LINE = re.compile(rb"(?:[ \t,;]*(?:\r\n|\r|\n))*([^\r\n]*)")
 
 _SNIFF_BYTES: Final = 256 * 1024
 _CHUNK_BYTES: Final = 4 * 1024 * 1024
@@ -146,7 +150,6 @@ class _Columns:
     names: tuple[str, ...]
     key: int
     event: int | None
-    report: bool
 
     @property
     def key_name(self) -> str:
@@ -162,6 +165,7 @@ class _Matcher:
         self._event = frozenset(normalise_header(a) for a in aliases.event_id)
         self._key = frozenset(normalise_header(a) for a in aliases.order_ticket_key)
         self.key_aliases = aliases.order_ticket_key
+        self.event_aliases = aliases.event_id
 
     def find(self, where: str, names: Sequence[str]) -> _Columns | None:
         """Locate the columns in a header; None when it has no key column."""
@@ -185,13 +189,39 @@ class _Matcher:
             names=tuple(names),
             key=keys[0],
             event=events[0] if events else None,
-            report=set(names) >= _REPORT_MARKERS,
+        )
+
+    def no_event_hint(self) -> str:
+        return (
+            f"Expected a column named one of: {', '.join(self.event_aliases)} "
+            "(case, spaces, '_' and '-' are ignored)"
         )
 
     def no_key_hint(self) -> str:
         return (
             f"Expected a column named one of: {', '.join(self.key_aliases)} "
             "(case, spaces, '_' and '-' are ignored)"
+        )
+
+
+def _check_event_source(
+    where: str, columns: _Columns, default: str | None, matcher: _Matcher
+) -> None:
+    """Every row's event comes from the file's event column or from ``--event-id``: exactly one.
+
+    Both are refused rather than one silently winning: a key sent to the wrong event is a
+    request spent for nothing, and the run cannot tell which of the two the user meant.
+    """
+    if columns.event is None and default is None:
+        raise InputError(
+            f"{where}: no event id column and no --event-id; its columns are: "
+            f"{_list_names(columns.names)}. {matcher.no_event_hint()}, or give --event-id UUID"
+        )
+    if columns.event is not None and default is not None:
+        raise InputError(
+            f"{where}: has an event id column ('{columns.event_name}') and --event-id was "
+            "given too; --event-id is only for files without one: drop it, or read this file "
+            "in a separate run"
         )
 
 
@@ -248,6 +278,9 @@ class _CsvLayout:
 def _read_csv(path: str, head: bytes, whole: bool, matcher: _Matcher, default: str | None) -> _Part:
     encoding = _csv_encoding(path, head, whole)
     layout = _csv_layout(path, head, whole, encoding, matcher)
+    _check_event_source(path, layout.columns, default, matcher)
+    if encoding == "cp1252":
+        _refuse_mixed_encodings(path, layout)
     try:
         event, key, overflow = _read_csv_fast(path, layout)
     except (pa.lib.ArrowException, UnicodeError):
@@ -257,6 +290,7 @@ def _read_csv(path: str, head: bytes, whole: bool, matcher: _Matcher, default: s
                     f"{path}: starts with a UTF-8 byte order mark but is not valid UTF-8"
                 ) from None
             layout = _csv_layout(path, head, whole, "cp1252", matcher)
+            _refuse_mixed_encodings(path, layout)
         event, key, overflow = _read_csv_tolerant(path, layout)
     return _normalise(
         source=path,
@@ -291,7 +325,8 @@ def _csv_encoding(path: str, head: bytes, whole: bool) -> str:
         raise InputError(
             f"{path}: is an old-format Excel workbook, not CSV text; give it an .xls extension"
         )
-    if b"\x00" in head:
+    if b"\x00" in _HEADER_LINE.match(head).group(1):  # type: ignore[union-attr]
+        # Only the header decides: a NUL in a row makes that row invalid, wherever it is.
         raise InputError(
             f"{path}: contains binary data (NUL bytes), not CSV text "
             "(UTF-16 text needs a byte order mark)"
@@ -318,6 +353,103 @@ def _decodes(path: str, encoding: str) -> bool:
     except UnicodeDecodeError:
         return False
     return True
+
+
+# A well-formed UTF-8 sequence of two to four bytes (RFC 3629: no overlong forms, surrogates or
+# code points past U+10FFFF).
+_UTF8_SEQUENCE = re.compile(
+    rb"[\xc2-\xdf][\x80-\xbf]|\xe0[\xa0-\xbf][\x80-\xbf]|[\xe1-\xec\xee\xef][\x80-\xbf]{2}"
+    rb"|\xed[\x80-\x9f][\x80-\xbf]|\xf0[\x90-\xbf][\x80-\xbf]{2}|[\xf1-\xf3][\x80-\xbf]{3}"
+    rb"|\xf4[\x80-\x8f][\x80-\xbf]{2}"
+)
+
+
+def _refuse_mixed_encodings(path: str, layout: _CsvLayout) -> None:
+    """Refuse a file that is not UTF-8 but holds UTF-8 text: it mixes two encodings.
+
+    Read as Windows-1252, its UTF-8 would turn into other text ("Zoë" into "ZoÃ«") with no
+    error, changing keys silently. Only files that are not UTF-8 get here, so clean UTF-8 files
+    never pay for this pass.
+    """
+    utf8 = _first_match(path, _UTF8_SEQUENCE)
+    if utf8 is None:
+        return
+    other = _first_non_utf8(path)
+    if other is None:  # cannot happen: the caller found the file is not UTF-8
+        return
+    other_row, utf8_row = _record_numbers(path, (other, utf8))
+    raise InputError(
+        f"{path}: mixes two encodings: row {other_row} is not UTF-8 (Windows-1252?) while row "
+        f"{utf8_row} is UTF-8, so some text would be misread whichever is chosen; save the "
+        "file again as UTF-8 (Excel: 'CSV UTF-8') and rerun"
+    )
+
+
+def _first_match(path: str, pattern: re.Pattern[bytes]) -> int | None:
+    """The offset of ``pattern``'s first match in the file (matches are at most 4 bytes)."""
+    base = 0
+    carry = b""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            data = carry + chunk
+            if not data.isascii():
+                found = pattern.search(data)
+                if found is not None:
+                    return base + found.start()
+            carry = data[-3:]
+            base += len(data) - len(carry)
+    return None
+
+
+def _first_non_utf8(path: str) -> int | None:
+    """The offset of the first byte that is not part of valid UTF-8, if any."""
+    base = 0
+    carry = b""
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            data = carry + chunk
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                if exc.end < len(data):  # not merely a sequence cut at the chunk's end
+                    return base + exc.start
+                data, carry = data[: exc.start], data[exc.start :]
+                base += len(data)
+                continue
+            base += len(data)
+            carry = b""
+    return base if carry else None
+
+
+def _record_numbers(path: str, offsets: Sequence[int]) -> list[int]:
+    """The record (spreadsheet row) holding each byte offset, counting as the readers do.
+
+    A line break ends a record unless it is inside quotes, that is after an odd number of '"'
+    (a doubled quote inside a value keeps the count even); CR, LF and CRLF are each one break.
+    An error path, but numpy still: no field is ever too long to count past.
+    """
+    found: list[int] = []
+    wanted = sorted(offsets)
+    quotes = 0  # '"' so far
+    breaks = 0  # record breaks so far
+    base = 0
+    previous_cr = False
+    with open(path, "rb") as handle:
+        while wanted and (chunk := handle.read(_CHUNK_BYTES)):
+            a = np.frombuffer(chunk, dtype=np.uint8)
+            outside = (quotes + np.cumsum(a == ord('"'))) % 2 == 0
+            cr, lf = a == ord("\r"), a == ord("\n")
+            after_cr = np.concatenate([[previous_cr], cr[:-1]])
+            ends = np.cumsum((cr | (lf & ~after_cr)) & outside)
+            while wanted and wanted[0] < base + len(a):
+                at = wanted.pop(0) - base
+                found.append(1 + breaks + (int(ends[at - 1]) if at else 0))
+            quotes += int(np.count_nonzero(a == ord('"')))
+            breaks += int(ends[-1])
+            previous_cr = bool(cr[-1] and outside[-1])
+            base += len(a)
+    found.extend(1 + breaks for _ in wanted)
+    return [found[sorted(offsets).index(offset)] for offset in offsets]
 
 
 def _undecodable(path: str, encoding: str) -> InputError:
@@ -350,9 +482,10 @@ def _csv_layout(
     names = [name.strip() for name in next(reader)]
     columns = matcher.find(path, names)
     if columns is None:
+        binary = " (it holds NUL bytes: is it a text file?)" if b"\x00" in head else ""
         raise InputError(
-            f"{path}: no order ticket key column; its columns are: {_list_names(names)}. "
-            f"{matcher.no_key_hint()}"
+            f"{path}: no order ticket key column{binary}; its columns are: "
+            f"{_list_names(names)}. {matcher.no_key_hint()}"
         )
     return _CsvLayout(encoding=encoding, delimiter=delimiter, skip=skip, columns=columns)
 
@@ -403,6 +536,10 @@ def _read_csv_fast(path: str, layout: _CsvLayout) -> tuple[pd.Series | None, pd.
             quoted_strings_can_be_null=False,
         ),
     )
+    if layout.encoding != "cp1252" and not _ascii(mapped) and not _decodes(path, layout.encoding):
+        # pyarrow checked only the columns we use: another one that is not UTF-8 means the file
+        # mixes encodings (see _refuse_mixed_encodings) or is Windows-1252 after all.
+        raise UnicodeError(f"{path}: not {layout.encoding} outside the columns used")
     # One chunk: the planner reads the keys' bytes, and takes keys by position, from it.
     key = pd.Series(pd.array(table.column(names[columns.key]).combine_chunks(), dtype="str"))
     event = None
@@ -434,6 +571,11 @@ def _read_options(layout: _CsvLayout, names: list[str], *, use_threads: bool) ->
         skip_rows_after_names=1,
         encoding=encoding,
     )
+
+
+def _ascii(mapped: mmap.mmap | None) -> bool:
+    """Whether a mapped file is all ASCII: one vectorised pass over pages the parse just read."""
+    return mapped is not None and int(np.frombuffer(mapped, dtype=np.uint8).max()) < 0x80
 
 
 def _map(path: str) -> mmap.mmap | None:
@@ -538,6 +680,10 @@ def _read_excel(
 ) -> list[_Part]:
     _check_workbook_magic(path, suffix, head)
     try:
+        _check_workbook_size(path, suffix, head)
+    except (ValueError, zlib.error, xml.parsers.expat.ExpatError) as exc:
+        raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
+    try:
         sheets = pd.read_excel(
             path,
             sheet_name=None,
@@ -561,6 +707,7 @@ def _read_excel(
         if columns is None:
             seen.append(f"sheet '{sheet_name}' has columns: {_list_names(names)}")
             continue
+        _check_event_source(where, columns, default, matcher)
         body = sheet.iloc[header_index + 1 :]
         key = pd.Series(body.iloc[:, columns.key].map(_excel_text).tolist(), dtype="str")
         event = None
@@ -635,6 +782,634 @@ def _excel_text(value: object) -> str:
     return str(value)
 
 
+# --- workbooks that attack the reader ------------------------------------------------------------
+
+#: A workbook's parts may unpack to at most this many bytes, all together (a zip bomb stops here).
+MAX_UNPACKED_BYTES: Final = 1 << 30
+#: A sheet may span at most this many cells, from A1 to its last row and column (calamine and
+#: pandas hold every cell of that rectangle, empty or not: ~100 bytes each).
+MAX_SHEET_CELLS: Final = 1 << 24
+
+_ZIP_READ: Final = 1 << 20
+_MAX_PARTS: Final = 10_000
+_LOCAL_HEADER: Final = struct.Struct("<4s22xHH")
+_XML_CELL = re.compile(rb"<(?:[\w.-]+:)?(c|row)(?=[\s/>])")
+# An attribute of a start tag: a name, then a value in either quote (which may hold '>').
+_XML_ATTRIBUTE = re.compile(rb"""\s*([\w.:-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+_XML_TAG_END = re.compile(rb"\s*/?>")
+_CELL_REF = re.compile(rb"([A-Za-z]*)0*([0-9]*)")
+_SHEET_ENTRY = re.compile(rb"<(?:[\w.-]+:)?sheet(?=\s)")
+_RELATIONSHIP = re.compile(rb"<(?:[\w.-]+:)?Relationship(?=\s)")
+_NAME_ENDS: Final = np.frombuffer(b" \t\n\r/>", dtype=np.uint8)
+
+
+@dataclass
+class _Extent:
+    """How far a sheet's cells reach (1-based: the rectangle from A1 that holds them all)."""
+
+    rows: int = 0
+    columns: int = 0
+
+    def reach(self, row: int, column: int) -> None:
+        self.rows = max(self.rows, row)
+        self.columns = max(self.columns, column)
+
+    @property
+    def cells(self) -> int:
+        return self.rows * self.columns
+
+
+def _column_letters(number: int) -> str:
+    letters = ""
+    while number > 0:
+        number, rest = divmod(number - 1, 26)
+        letters = chr(ord("A") + rest) + letters
+    return letters
+
+
+def _check_extent(path: str, sheet: str, extent: _Extent) -> None:
+    if extent.cells <= MAX_SHEET_CELLS:
+        return
+    corner = f"{_column_letters(extent.columns)}{extent.rows}"
+    raise InputError(
+        f"{path}: sheet {sheet!r} has cells as far as {corner} ({extent.rows:,} rows x "
+        f"{extent.columns:,} columns = {extent.cells:,} cells from A1), more than the "
+        f"{MAX_SHEET_CELLS:,} batchjob reads; delete the cells far from the data (Ctrl+End "
+        "shows the last one) or copy the data to a new workbook"
+    )
+
+
+def _check_workbook_size(path: str, suffix: str, head: bytes) -> None:
+    """Refuse a workbook whose reading would exhaust memory, before the engine sees it.
+
+    calamine holds a sheet as one rectangle from its first to its last cell: a 5 KB file with
+    one cell at XFD1048576 asks for 512 GiB and aborts the process. So every part of the
+    archive is unpacked here first, counting the bytes it really yields (its declared size can
+    lie), and the cells of every sheet are located without building them.
+    """
+    if head.startswith(_OLE2_MAGIC):
+        _check_xls(path)
+        return
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
+            _check_zip_workbook(path, suffix, archive, raw)
+    except zipfile.BadZipFile as exc:
+        raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
+
+
+def _check_zip_workbook(path: str, suffix: str, archive: zipfile.ZipFile, raw: Any) -> None:
+    members = archive.infolist()
+    if len(members) > _MAX_PARTS:
+        raise _too_big(path, f"has {len(members):,} parts")
+    declared = sum(member.file_size for member in members)
+    if declared > MAX_UNPACKED_BYTES:
+        raise _too_big(path, f"declares {declared:,} bytes unpacked")
+    names = _xlsx_sheet_names(archive) if suffix != ".ods" else {}
+    binary_sheets = _xlsb_sheet_parts(archive) if suffix == ".xlsb" else set()
+    left = MAX_UNPACKED_BYTES
+    for member in members:
+        scan = _member_scanner(suffix, member.filename, binary_sheets)
+        sheet = names.get(member.filename, member.filename)
+        produced = 0
+        try:
+            for chunk in _unpack(path, raw, member, left):
+                produced += len(chunk)
+                if scan is not None:
+                    scan.feed(chunk)
+            found = scan.close() if scan is not None else []
+        except _SheetTooBig as exc:
+            found = [(exc.sheet, exc.extent)]
+        left -= produced
+        for name, extent in found:
+            _check_extent(path, name or sheet, extent)
+
+
+def _too_big(path: str, what: str) -> InputError:
+    return InputError(
+        f"{path}: {what}, more than the {MAX_UNPACKED_BYTES:,} batchjob reads from a workbook "
+        "(a zip bomb?); export the data as CSV instead"
+    )
+
+
+def _unpack(path: str, raw: Any, member: zipfile.ZipInfo, limit: int) -> Iterable[bytes]:
+    """A member's bytes as the archive really holds them, whatever its header says."""
+    if member.flag_bits & 0x1:
+        raise InputError(f"{path}: is password-protected; save it again without a password")
+    raw.seek(member.header_offset)
+    signature, name_length, extra_length = _LOCAL_HEADER.unpack(raw.read(_LOCAL_HEADER.size))
+    if signature != b"PK\x03\x04":
+        raise InputError(f"{path}: is a damaged workbook (a part's header is missing)")
+    raw.seek(name_length + extra_length, io.SEEK_CUR)
+    left = member.compress_size
+    if member.compress_type == zipfile.ZIP_STORED:
+        inflate = None
+    elif member.compress_type == zipfile.ZIP_DEFLATED:
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    else:
+        raise InputError(
+            f"{path}: part {member.filename!r} uses compression method "
+            f"{member.compress_type}, which batchjob does not read; save it again from Excel"
+        )
+    produced = 0
+    while left > 0 or (inflate is not None and inflate.unconsumed_tail):
+        if inflate is None or not inflate.unconsumed_tail:
+            data = raw.read(min(left, _ZIP_READ))
+            if not data:
+                break
+            left -= len(data)
+        else:
+            data = inflate.unconsumed_tail
+        out = data if inflate is None else inflate.decompress(data, _ZIP_READ)
+        produced += len(out)
+        if produced > member.file_size:
+            raise InputError(
+                f"{path}: part {member.filename!r} unpacks to more than the {member.file_size:,} "
+                "bytes it declares: the workbook is damaged or built to attack readers"
+            )
+        if produced > limit:
+            raise _too_big(path, "unpacks to more bytes than that")
+        yield out
+
+
+def _xlsx_sheet_names(archive: zipfile.ZipFile) -> dict[str, str]:
+    """Part name -> sheet name, from the workbook's relationships; {} when they are unreadable.
+
+    Only for messages: every part is scanned whatever these say.
+    """
+    try:
+        rels = archive.read("xl/_rels/workbook.xml.rels")
+        book = archive.read("xl/workbook.xml")
+    except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, zlib.error):
+        return {}
+    if len(rels) > _ZIP_READ or len(book) > 16 * _ZIP_READ:
+        return {}
+    targets: dict[bytes, str] = {}
+    for tag in _RELATIONSHIP.finditer(rels):
+        ident, target = _attribute(rels, tag.end(), b"Id"), _attribute(rels, tag.end(), b"Target")
+        if ident is not None and target:
+            text = target.decode(errors="replace")
+            targets[ident] = text.lstrip("/") if text.startswith("/") else "xl/" + text
+    names: dict[str, str] = {}
+    for tag in _SHEET_ENTRY.finditer(book):
+        name, ident = _attribute(book, tag.end(), b"name"), _attribute(book, tag.end(), b"r:id")
+        if name is not None and ident in targets:
+            names[targets[ident]] = html.unescape(name.decode(errors="replace"))
+    return names
+
+
+class _Scanner:
+    def feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def close(self) -> list[tuple[str | None, _Extent]]:
+        raise NotImplementedError
+
+
+def _member_scanner(suffix: str, name: str, binary_sheets: set[str]) -> _Scanner | None:
+    if suffix == ".ods":
+        return _OdsScanner() if name == "content.xml" else None  # the engine reads only that
+    if suffix == ".xlsb":
+        return _XlsbScanner() if name in binary_sheets else None
+    # Every part, whatever its name: a sheet can be any part the workbook points to, and no
+    # other part holds <c> or <row> tags by chance.
+    return _XlsxScanner()
+
+
+def _xlsb_sheet_parts(archive: zipfile.ZipFile) -> set[str]:
+    """Every part the binary workbook's relationships point to: its sheets are among them.
+
+    (Other parts may be XML or images, which are no record streams: those are skipped.)
+    """
+    try:
+        rels = archive.read("xl/_rels/workbook.bin.rels")
+    except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, zlib.error):
+        rels = b""
+    parts = {name for name in archive.namelist() if "worksheets/" in name}
+    for tag in _RELATIONSHIP.finditer(rels[: 16 * _ZIP_READ]):
+        target = _attribute(rels, tag.end(), b"Target")
+        if target:
+            text = target.decode(errors="replace")
+            parts.add(text.lstrip("/") if text.startswith("/") else "xl/" + text)
+    # A relationship may also point to XML (a theme): not a record stream.
+    return {name for name in parts if not _starts_like_xml(archive, name)}
+
+
+def _starts_like_xml(archive: zipfile.ZipFile, name: str) -> bool:
+    try:
+        with archive.open(name) as part:
+            return part.read(4).lstrip(codecs.BOM_UTF8).startswith(b"<")
+    except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, zlib.error):
+        return False
+
+
+class _XlsxScanner(_Scanner):
+    """Where a sheet's ``<c r="...">`` cells reach, as calamine places them.
+
+    A cell without ``r`` follows the previous one in its row; a row without ``r`` follows the
+    previous row. Only ``<row>`` and ``<c>`` start tags are looked at, found by one regex
+    search each, so a sheet costs a fraction of what parsing it does.
+    """
+
+    def __init__(self) -> None:
+        self.extent = _Extent()
+        self.row = 0  # 1-based; the current row
+        self.column = 0
+        self.carry = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self.carry + data
+        # No tag holds a '<', so tags never straddle the cut.
+        cut = data.rfind(b"<")
+        if cut < 0:
+            self.carry = b""
+            return
+        self.carry = data[cut:]
+        if len(self.carry) > _ZIP_READ:
+            raise ValueError("a tag longer than 1 MiB")
+        self._scan(data, cut)
+
+    def _scan(self, data: bytes, end: int) -> None:
+        if not self._scan_plain(data, end):
+            self._scan_any(data, end)
+
+    def _scan_plain(self, data: bytes, end: int) -> bool:
+        """The usual sheet, where every tag reads ``<row r="N"`` or ``<c r="AN"``: numpy passes,
+        no per-cell Python. False, having changed nothing, for any other sheet."""
+        a = np.frombuffer(data, dtype=np.uint8, count=end)
+        opening = np.flatnonzero(a == ord("<"))
+        if not len(opening):
+            return True
+        colons = np.flatnonzero(a == ord(":"))
+        a = np.concatenate([a, np.zeros(16, dtype=np.uint8)])  # reads past a tag stay inside
+
+        def byte(offset: int, at: Positions) -> npt.NDArray[np.uint8]:
+            found: npt.NDArray[np.uint8] = a[at + offset]
+            return found
+
+        # A namespace prefix (<x:c ...>) is legal and rare: such a sheet takes the slow scan.
+        if (
+            (byte(1, colons) == ord("c")) & np.isin(byte(2, colons), _NAME_ENDS)
+            | (byte(1, colons) == ord("r")) & (byte(2, colons) == ord("o"))
+        ).any():
+            return False
+
+        first = byte(1, opening)
+        opening = opening[(first == ord("c")) | (first == ord("r"))]
+        cell = (byte(1, opening) == ord("c")) & np.isin(byte(2, opening), _NAME_ENDS)
+        row = (
+            (byte(1, opening) == ord("r"))
+            & (byte(2, opening) == ord("o"))
+            & (byte(3, opening) == ord("w"))
+            & np.isin(byte(4, opening), _NAME_ENDS)
+        )
+        cells, rows = opening[cell], opening[row]
+        if not (_follows(a, cells + 2, b' r="') and _follows(a, rows + 4, b' r="')):
+            return False
+        columns, cell_rows = _references(a, cells + 6, letters=True)
+        _, row_numbers = _references(a, rows + 8, letters=False)
+        if columns is None or cell_rows is None or row_numbers is None:
+            return False
+        if len(cells):
+            self.extent.reach(int(cell_rows.max()), int(columns.max()))
+        if len(rows):
+            self.extent.reach(int(row_numbers.max()), 0)
+            self.row = int(row_numbers[-1])
+        # The state a cell without "r" in the next chunk would continue from.
+        after_row = not len(cells) or (len(rows) and rows[-1] > cells[-1])
+        self.column = 0 if after_row else int(columns[-1])
+        return True
+
+    def _scan_any(self, data: bytes, end: int) -> None:
+        for found in _XML_CELL.finditer(data, 0, end):
+            reference = _attribute(data, found.end(), b"r")
+            if found.group(1) == b"row":
+                self.row = int(reference) if reference and reference.isdigit() else self.row + 1
+                self.column = 0
+                continue
+            if reference is None:
+                self.column += 1
+                row = max(self.row, 1)
+            else:
+                letters, digits = _CELL_REF.fullmatch(reference).groups()  # type: ignore[union-attr]
+                self.column = _column_number(letters) if letters else self.column + 1
+                row = int(digits) if digits else max(self.row, 1)
+            self.extent.reach(row, self.column)
+
+    def close(self) -> list[tuple[str | None, _Extent]]:
+        self._scan(self.carry, len(self.carry))
+        return [(None, self.extent)]
+
+
+def _follows(a: npt.NDArray[np.uint8], at: Positions, text: bytes) -> bool:
+    """Whether ``text`` is at every one of ``at``."""
+    return all(bool((a[at + i] == char).all()) for i, char in enumerate(text))
+
+
+def _references(
+    a: npt.NDArray[np.uint8], at: Positions, *, letters: bool
+) -> tuple[npt.NDArray[np.int64] | None, npt.NDArray[np.int64] | None]:
+    """Column (1-based, from up to three letters) and row of each ``"AB12"`` value at ``at``;
+    None when any is unusual (more letters or digits, no closing quote): the slow scan decides.
+    """
+    columns = np.zeros(len(at), dtype=np.int64)
+    if letters:
+        active = np.ones(len(at), dtype=np.bool_)
+        for _ in range(3):
+            upper = a[at] & 0xDF
+            letter = active & (upper >= ord("A")) & (upper <= ord("Z"))
+            columns = np.where(
+                letter, columns * 26 + upper.astype(np.int64) - ord("A") + 1, columns
+            )
+            at = at + letter
+            active = letter
+    rows = np.zeros(len(at), dtype=np.int64)
+    digits = np.zeros(len(at), dtype=np.int64)
+    active = np.ones(len(at), dtype=np.bool_)
+    for _ in range(8):
+        value = a[at]
+        digit = active & (value >= ord("0")) & (value <= ord("9"))
+        rows = np.where(digit, rows * 10 + value.astype(np.int64) - ord("0"), rows)
+        at = at + digit
+        digits += digit
+        active = digit
+    if len(at) and (not (a[at] == ord('"')).all() or not digits.all()):
+        return None, None
+    return columns, rows
+
+
+def _attribute(data: bytes, at: int, name: bytes) -> bytes | None:
+    """The value of attribute ``name`` of the start tag whose attributes begin at ``at``."""
+    while True:
+        found = _XML_ATTRIBUTE.match(data, at)
+        if found is None:
+            return None
+        if found.group(1) == name:
+            value = found.group(2) if found.group(2) is not None else found.group(3)
+            return value.strip()
+        at = found.end()
+
+
+def _column_number(letters: bytes) -> int:
+    number = 0
+    for letter in letters.upper():
+        number = number * 26 + letter - ord("A") + 1
+    return number
+
+
+class _OdsScanner(_Scanner):
+    """Where each table's non-empty cells reach, repeats included (``content.xml``).
+
+    LibreOffice ends every sheet with empty rows and cells repeated to the sheet's edge; the
+    engine drops those, so only cells with a value count. Parsed with expat: ODS is rare and
+    its repeat counts need the structure.
+    """
+
+    def __init__(self) -> None:
+        self.tables: list[tuple[str | None, _Extent]] = []
+        self.parser = xml.parsers.expat.ParserCreate()
+        self.parser.StartElementHandler = self._start
+        self.parser.EndElementHandler = self._end
+        self.row = 0  # rows before the current one
+        self.row_repeats = 1
+        self.column = 0  # cells before the current one in its row
+        self.cell_repeats = 0
+        self.filled = False  # the current cell holds something
+        self.row_reach = 0  # where the current row's filled cells end
+        self.depth = 0  # inside a cell
+
+    def _start(self, name: str, attributes: dict[str, str]) -> None:
+        local = name.rpartition(":")[2]
+        if self.depth:
+            self.depth += 1
+            self.filled = True  # any element inside a cell is content
+            return
+        if local == "table":
+            self.tables.append((attributes.get("table:name"), _Extent()))
+            self.row = 0
+        elif local == "table-row":
+            self.row_repeats = _repeats(attributes.get("table:number-rows-repeated"))
+            self.column = 0
+            self.row_reach = 0
+        elif local in ("table-cell", "covered-table-cell"):
+            self.cell_repeats = _repeats(attributes.get("table:number-columns-repeated"))
+            self.filled = any(
+                key.endswith(("value", "value-type", "formula")) for key in attributes
+            )
+            self.depth = 1
+
+    def _end(self, name: str) -> None:
+        local = name.rpartition(":")[2]
+        if self.depth > 1:
+            self.depth -= 1
+            return
+        if self.depth == 1:
+            self.depth = 0
+            self.column += self.cell_repeats
+            if self.filled:
+                self.row_reach = self.column
+            return
+        if local == "table-row":
+            self.row += self.row_repeats
+            if self.row_reach and self.tables:
+                extent = self.tables[-1][1]
+                extent.reach(self.row, self.row_reach)
+                if extent.cells > MAX_SHEET_CELLS:
+                    raise _SheetTooBig(self.tables[-1][0], extent)
+
+    def feed(self, data: bytes) -> None:
+        self.parser.Parse(data, False)
+
+    def close(self) -> list[tuple[str | None, _Extent]]:
+        self.parser.Parse(b"", True)
+        return self.tables
+
+
+class _SheetTooBig(Exception):
+    """Stops a scan as soon as a sheet is known to be too big (a repeat can say 10^9 rows)."""
+
+    def __init__(self, sheet: str | None, extent: _Extent) -> None:
+        super().__init__(sheet)
+        self.sheet = sheet
+        self.extent = extent
+
+
+def _repeats(value: str | None) -> int:
+    if value is None:
+        return 1
+    try:
+        return max(1, int(value))
+    except ValueError:
+        return 1
+
+
+class _XlsbScanner(_Scanner):
+    """Where a binary sheet's cells reach: BrtRowHdr sets the row, cell records the column."""
+
+    def __init__(self) -> None:
+        self.extent = _Extent()
+        self.buffer = b""
+        self.row = 0
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        at = 0
+        buffer = self.buffer
+        while True:
+            record = _xlsb_record(buffer, at)
+            if record is None:
+                break
+            kind, start, end = record
+            if kind == 0 and end - start >= 4:  # BrtRowHdr
+                (self.row,) = struct.unpack_from("<I", buffer, start)
+            elif 2 <= kind <= 11 and end - start >= 4:  # cell records: the column first
+                (column,) = struct.unpack_from("<I", buffer, start)
+                self.extent.reach(min(self.row, 0x100000) + 1, column + 1)
+                if self.extent.cells > MAX_SHEET_CELLS:
+                    raise _SheetTooBig(None, self.extent)
+            at = end
+        self.buffer = buffer[at:]
+
+    def close(self) -> list[tuple[str | None, _Extent]]:
+        return [(None, self.extent)]
+
+
+def _xlsb_record(data: bytes, at: int) -> tuple[int, int, int] | None:
+    """(type, start, end) of the record at ``at`` if all of it is in ``data``."""
+    kind = 0
+    for shift in (0, 7):
+        if at >= len(data):
+            return None
+        byte = data[at]
+        at += 1
+        kind |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+    size = 0
+    for shift in (0, 7, 14, 21):
+        if at >= len(data):
+            return None
+        byte = data[at]
+        at += 1
+        size |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+    if at + size > len(data):
+        return None
+    return kind, at, at + size
+
+
+# --- .xls: a compound file holding a BIFF record stream ---
+
+_CFB_END: Final = 0xFFFFFFFE
+_CFB_FREE: Final = 0xFFFFFFFF
+_BIFF_CELLS: Final = frozenset({0x0203, 0x0204, 0x00D6, 0x0205, 0x027E, 0x00FD, 0x0006})
+_BIFF_MUL_RK: Final = 0x00BD
+_BIFF_BOF: Final = 0x0809
+_BIFF_SHEET: Final = 0x0085
+
+
+def _check_xls(path: str) -> None:
+    """Bound an old-format workbook's sheets (rows and columns are 16-bit there, so one stray
+    cell can still ask for 65,536 x 65,536 cells)."""
+    size = Path(path).stat().st_size
+    if size > MAX_UNPACKED_BYTES:
+        raise _too_big(path, f"holds {size:,} bytes")
+    try:
+        stream = _cfb_stream(Path(path).read_bytes(), ("workbook", "book"))
+    except (ValueError, IndexError, struct.error):
+        return  # not a compound file we can walk: the engine will refuse it
+    if stream is None:
+        return
+    names: dict[int, str] = {}
+    extent: _Extent | None = None
+    sheet = "?"
+    at = 0
+    while at + 4 <= len(stream):
+        kind, size = struct.unpack_from("<HH", stream, at)
+        data = stream[at + 4 : at + 4 + size]
+        if kind == _BIFF_SHEET and len(data) >= 8:
+            (offset,) = struct.unpack_from("<I", data)
+            names[offset] = _biff_sheet_name(data)
+        elif kind == _BIFF_BOF:
+            if extent is not None:
+                _check_extent(path, sheet, extent)
+            extent, sheet = _Extent(), names.get(at, f"at byte {at}")
+        elif extent is not None and kind in _BIFF_CELLS and len(data) >= 4:
+            row, column = struct.unpack_from("<HH", data)
+            extent.reach(row + 1, column + 1)
+        elif extent is not None and kind == _BIFF_MUL_RK and len(data) >= 6:
+            row, _ = struct.unpack_from("<HH", data)
+            (last,) = struct.unpack_from("<H", data, len(data) - 2)
+            extent.reach(row + 1, last + 1)
+        at += 4 + size
+    if extent is not None:
+        _check_extent(path, sheet, extent)
+
+
+def _biff_sheet_name(data: bytes) -> str:
+    length, wide = data[6], data[7] & 1 if len(data) > 7 else 0
+    raw = data[8 : 8 + length * (2 if wide else 1)]
+    return raw.decode("utf-16-le" if wide else "latin-1", errors="replace")
+
+
+def _cfb_stream(data: bytes, wanted: tuple[str, ...]) -> bytes | None:
+    """The first stream named one of ``wanted`` (case-insensitive) in a compound file."""
+    sector = 1 << struct.unpack_from("<H", data, 0x1E)[0]
+    mini_sector = 1 << struct.unpack_from("<H", data, 0x20)[0]
+    (directory_start,) = struct.unpack_from("<I", data, 0x30)
+    cutoff, mini_fat_start = struct.unpack_from("<II", data, 0x38)
+    difat_start, difat_count = struct.unpack_from("<II", data, 0x44)
+    if not 128 <= sector <= 1 << 16 or not 8 <= mini_sector <= sector:
+        raise ValueError("bad sector size")
+    sectors = max(0, (len(data) - 512) // sector)
+
+    def at(index: int) -> bytes:
+        if index >= sectors:
+            raise ValueError("sector out of range")
+        return data[(index + 1) * sector : (index + 2) * sector]
+
+    fat_sectors = list(struct.unpack_from("<109I", data, 0x4C))
+    index = difat_start
+    for _ in range(min(difat_count, sectors)):
+        if index >= _CFB_END:
+            break
+        words = struct.unpack(f"<{sector // 4}I", at(index))
+        fat_sectors.extend(words[:-1])
+        index = words[-1]
+    fat = b"".join(at(i) for i in fat_sectors if i < _CFB_END)
+    table = struct.unpack(f"<{len(fat) // 4}I", fat)
+
+    def chain(start: int, links: Sequence[int], limit: int) -> list[int]:
+        found: list[int] = []
+        while start < _CFB_END and len(found) <= limit:
+            found.append(start)
+            start = links[start] if start < len(links) else _CFB_END
+        return found
+
+    directory = b"".join(at(i) for i in chain(directory_start, table, sectors))
+    entries = [directory[i : i + 128] for i in range(0, len(directory) - 127, 128)]
+    if not entries:
+        return None
+    root_start, _ = struct.unpack_from("<IQ", entries[0], 0x74)
+    for entry in entries:
+        length = min(struct.unpack_from("<H", entry, 0x40)[0], 64)
+        name = entry[: max(0, length - 2)].decode("utf-16-le", errors="replace").lower()
+        if entry[0x42] != 2 or name not in wanted:
+            continue
+        start, size = struct.unpack_from("<IQ", entry, 0x74)
+        size &= 0xFFFFFFFF  # version 3 files leave the high half undefined
+        if size >= cutoff:
+            return b"".join(at(i) for i in chain(start, table, sectors))[:size]
+        mini_fat = b"".join(at(i) for i in chain(mini_fat_start, table, sectors))
+        mini_table = struct.unpack(f"<{len(mini_fat) // 4}I", mini_fat)
+        mini_stream = b"".join(at(i) for i in chain(root_start, table, sectors))
+        return b"".join(
+            mini_stream[i * mini_sector : (i + 1) * mini_sector]
+            for i in chain(start, mini_table, len(mini_stream) // mini_sector)
+        )[:size]
+    return None
+
+
 # --- normalising -------------------------------------------------------------------------------
 
 
@@ -668,12 +1443,13 @@ def _normalise(
 ) -> _Part:
     """Strip keys, validate events and explain unusable rows; drop and count blank ones."""
     count = len(key)
-    key, key_empty = _clean_keys(key, report=columns.report)
+    key, key_codes = _clean_keys(key)
+    key_empty = key_codes == _KEY_EMPTY
     if overflow is not None and not overflow.any():
         overflow = None
 
     # Everything about events is decided once per distinct value, then spread by code.
-    events = _EventTable(columns, default)
+    events = _EventTable(columns.event_name, default)
     codes: _Codes
     if event is None:
         codes = np.zeros(count, dtype=np.int8)
@@ -693,9 +1469,9 @@ def _normalise(
     problem_codes, problem_values = _problems(
         codes,
         events,
-        key_empty,
+        key_codes,
         overflow,
-        key_problem=f"column '{columns.key_name}' is empty",
+        key_problems=_key_problem_texts(columns.key_name),
         overflow_problem=overflow_problem,
     )
     event_values = events.values
@@ -720,22 +1496,65 @@ def _normalise(
     )
 
 
-def _clean_keys(key: pd.Series, *, report: bool) -> tuple[pd.Series, npt.NDArray[np.bool_]]:
-    """Keys stripped (and unescaped, from a report), and which of them are empty.
+# Why a key is unusable, per row: the index into _key_problem_texts. Most significant first: a
+# row with several problems shows the first.
+_KEY_OK: Final = 0
+_KEY_EMPTY: Final = 1
+_KEY_TOO_LONG: Final = 2
+_KEY_CONTROL: Final = 3
+_KEY_APOSTROPHE: Final = 4
+_APOSTROPHE: Final = ord("'")
+_CONTROL: Final = "[\x00-\x1f\x7f-\x9f]"
 
-    Stripping a million keys costs more than the checks that usually show it changes nothing.
+
+def _key_problem_texts(name: str) -> list[str]:
+    return [
+        "",
+        f"column '{name}' is empty",
+        f"column '{name}': the key is longer than {MAX_KEY_CHARS} characters",
+        f"column '{name}': the key holds a control character (such as NUL, a tab or a line break)",
+        f"column '{name}': the key starts with an apostrophe, which spreadsheets take for a "
+        "text marker and drop; remove it if it is not part of the key",
+    ]
+
+
+def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8]]:
+    """Keys stripped and unescaped, and each one's ``_KEY_*`` code.
+
+    Stripping a million keys costs more than the checks that usually show it changes nothing;
+    on the usual file (printable ASCII, none starting with an apostrophe) every check here is
+    a reduction or two over the keys' bytes, no per-key work.
     """
     found = KeyBytes.of_series(key)
     if found is None or found.may_need_strip():
         key = key.str.strip()
-        found = None
-    if report:
-        key = _unescape_keys(key)
-        found = None
-    found = found or KeyBytes.of_series(key)
+        found = KeyBytes.of_series(key)
+    marked = _starts_with_apostrophe(key, found)
+    if marked.any():
+        key = _unescape_keys(key, marked)
+        found = KeyBytes.of_series(key)
+        marked = _starts_with_apostrophe(key, found)
+    codes = np.zeros(len(key), dtype=np.int8)
+    # Later assignments win: least significant first.
+    if marked.any():
+        codes[marked] = _KEY_APOSTROPHE
     if found is not None:
-        return key, found.empty()
-    return key, (key == "").to_numpy(dtype=np.bool_)
+        codes[found.with_control()] = _KEY_CONTROL
+        long = np.flatnonzero(found.lengths > MAX_KEY_CHARS)  # bytes >= characters
+        if len(long):
+            codes[long[found.char_lengths(long) > MAX_KEY_CHARS]] = _KEY_TOO_LONG
+        codes[found.empty()] = _KEY_EMPTY
+    else:
+        codes[key.str.contains(_CONTROL, regex=True).to_numpy(dtype=np.bool_)] = _KEY_CONTROL
+        codes[(key.str.len() > MAX_KEY_CHARS).to_numpy(dtype=np.bool_)] = _KEY_TOO_LONG
+        codes[(key == "").to_numpy(dtype=np.bool_)] = _KEY_EMPTY
+    return key, codes
+
+
+def _starts_with_apostrophe(key: pd.Series, found: KeyBytes | None) -> npt.NDArray[np.bool_]:
+    if found is not None:
+        return found.starts_with(_APOSTROPHE)
+    return key.str.startswith("'").to_numpy(dtype=np.bool_)
 
 
 def _small_codes(values: Sequence[int]) -> _Codes:
@@ -765,36 +1584,37 @@ def _compact(codes: _Codes, values: list[str]) -> tuple[_Codes, list[str]]:
 def _problems(
     codes: _Codes,
     events: _EventTable,
-    key_empty: npt.NDArray[np.bool_],
+    key_codes: npt.NDArray[np.int8],
     overflow: npt.NDArray[np.bool_] | None,
     *,
-    key_problem: str,
+    key_problems: list[str],
     overflow_problem: str,
 ) -> tuple[_Codes, list[str]]:
     """Per-row problem codes and their texts."""
     event_problem = np.asarray(events.problem_index, dtype=np.int32)
-    any_key_empty = bool(key_empty.any())
-    if overflow is None and not any_key_empty and not event_problem.any():
+    any_key_problem = bool(key_codes.any())
+    if overflow is None and not any_key_problem and not event_problem.any():
         # The usual clean file: skip all per-row work (np.zeros costs nothing until touched).
         return np.zeros(len(codes), dtype=np.int8), [""]
-    # Four combined codes per event problem: plain, empty key, overflow, both.
-    combined = event_problem[codes] * 4
-    if any_key_empty:
-        combined += key_empty * 2
+    # Combined codes: event problem, then key problem, then overflow (the lowest bit).
+    per_event = 2 * len(key_problems)
+    combined = event_problem[codes] * per_event
+    if any_key_problem:
+        combined += key_codes.astype(np.int32) * 2
     if overflow is not None:
         combined += overflow
     texts: list[str] = []
     at: dict[str, int] = {}
-    lookup = [0] * (len(events.problems) * 4)
+    lookup = [0] * (len(events.problems) * per_event)
     for code in np.flatnonzero(np.bincount(combined)).tolist():
-        problem, empty_key, overflowing = code // 4, (code // 2) % 2, code % 2
+        problem, key_problem, overflowing = code // per_event, (code % per_event) // 2, code % 2
         if overflowing:
             # Values are shifted across columns in such a row, so other complaints mislead.
             text = overflow_problem
         else:
             parts = [events.problems[problem]] if problem else []
-            if empty_key:
-                parts.append(key_problem)
+            if key_problem:
+                parts.append(key_problems[key_problem])
             text = "; ".join(parts)
         lookup[code] = at.setdefault(text, len(at))
         if len(at) > len(texts):
@@ -802,20 +1622,26 @@ def _problems(
     return _small_codes(lookup)[combined], texts
 
 
-def _unescape_keys(key: pd.Series) -> pd.Series:
-    escaped = key.str.startswith("'").to_numpy(dtype=np.bool_)
-    if not escaped.any():
-        return key
+def _unescape_keys(key: pd.Series, marked: npt.NDArray[np.bool_]) -> pd.Series:
+    """Drop the apostrophe a spreadsheet-safe cell starts with (see :mod:`._cells`).
+
+    In every file, not only in this tool's reports: a failed-rows file trimmed to a few columns
+    must give back the very keys it was written from.
+    """
     key = key.copy()
-    key[escaped] = [unescape_cell(value) for value in key[escaped].tolist()]
+    key[marked] = [unescape_cell(value) for value in key[marked].tolist()]
     return key
 
 
 class _EventTable:
-    """Per distinct raw event cell: its normalised value, problem, and whether it is empty."""
+    """Per distinct raw event cell: its normalised value, problem, and whether it is empty.
 
-    def __init__(self, columns: _Columns, default: str | None) -> None:
-        self._columns = columns
+    A file has an event column or takes ``--event-id`` (see :func:`_check_event_source`), so
+    ``default`` only ever stands for a missing column.
+    """
+
+    def __init__(self, name: str | None, default: str | None) -> None:
+        self._name = name
         self._default = default
         self.values: list[str] = []
         self.value_index: list[int] = []
@@ -826,28 +1652,20 @@ class _EventTable:
         self._problem_at: dict[str, int] = {"": 0}
 
     def add(self, raw: str) -> None:
-        name = self._columns.event_name
-        text = raw.strip()
-        if self._columns.report:
-            text = unescape_cell(text)
+        text = unescape_cell(raw.strip())
         if not text:
-            problem = "" if self._default else f"column '{name}' is empty"
-            self._append(self._default or "", problem, empty=True)
+            self._append("", f"column '{self._name}' is empty", empty=True)
             return
         canonical = canonical_event_id(text)
         if canonical is not None:
             self._append(canonical, "", empty=False)
         else:
-            self._append(text, f"column '{name}': {_show(text)} is not a UUID", empty=False)
+            self._append(text, f"column '{self._name}': {_show(text)} is not a UUID", empty=False)
 
     def add_missing_column(self) -> None:
-        problem = (
-            ""
-            if self._default
-            else "no event id: the file has no event id column and no --event-id was given"
-        )
+        assert self._default is not None
         # "Empty" so that a row with no key either is blank: nothing in it is used.
-        self._append(self._default or "", problem, empty=True)
+        self._append(self._default, "", empty=True)
 
     def _append(self, value: str, problem: str, *, empty: bool) -> None:
         self.value_index.append(self._value_at.setdefault(value, len(self._value_at)))
@@ -920,6 +1738,9 @@ __all__ = [
     "CSV_SUFFIXES",
     "EXCEL_SUFFIXES",
     "FRAME_COLUMNS",
+    "MAX_KEY_CHARS",
+    "MAX_SHEET_CELLS",
+    "MAX_UNPACKED_BYTES",
     "ColumnAliases",
     "InputError",
     "Inputs",

@@ -86,6 +86,56 @@ class KeyBytes:
         found: npt.NDArray[np.bool_] = self.starts == self.ends
         return found
 
+    @functools.cached_property
+    def byte_range(self) -> tuple[int, int]:
+        """The smallest and largest byte of all keys; (0x20, 0x20) when there are none."""
+        if not len(self.data):
+            return _SPACE, _SPACE
+        return int(self.data.min()), int(self.data.max())
+
+    @property
+    def printable_ascii(self) -> bool:
+        """Whether every byte is printable ASCII or a space: no control, no multi-byte char."""
+        low, high = self.byte_range
+        return low >= _SPACE and high < _DELETE
+
+    def starts_with(self, byte: int) -> npt.NDArray[np.bool_]:
+        """Which keys start with ``byte`` (an ASCII byte)."""
+        if not len(self.data):
+            return np.zeros(len(self), dtype=np.bool_)
+        first = self.data[np.minimum(self.starts, len(self.data) - 1)]
+        found: npt.NDArray[np.bool_] = (first == byte) & (self.starts < self.ends)
+        return found
+
+    def with_control(self) -> npt.NDArray[np.bool_]:
+        """Which keys hold a control character (Unicode Cc: C0, DEL or C1)."""
+        found = np.zeros(len(self), dtype=np.bool_)
+        if self.printable_ascii:
+            return found
+        data = self.data
+        flagged = (data < _SPACE) | (data == _DELETE)
+        # C1 controls U+0080-U+009F are 0xC2 0x80-0x9F in UTF-8; flag the lead byte.
+        flagged[:-1] |= (data[:-1] == 0xC2) & (data[1:] >= 0x80) & (data[1:] <= 0x9F)
+        positions = np.flatnonzero(flagged)
+        if not len(positions):
+            return found
+        # Offsets only grow, so the last key starting at or before a byte is the one that may
+        # hold it (bytes outside every key belong to none).
+        rows = np.searchsorted(self.starts, positions, side="right") - 1
+        inside = rows >= 0
+        rows, positions = rows[inside], positions[inside]
+        found[rows[positions < self.ends[rows]]] = True
+        return found
+
+    def char_lengths(self, rows: Positions) -> Offsets:
+        """The length in characters (UTF-8 lead bytes) of the keys at ``rows``."""
+        if self.byte_range[1] < 0x80:
+            return self.lengths[rows]
+        lead = np.zeros(len(self.data) + 1, dtype=np.int64)
+        np.cumsum((self.data & 0xC0) != 0x80, out=lead[1:])
+        found: Offsets = lead[self.ends[rows]] - lead[self.starts[rows]]
+        return found
+
     def may_need_strip(self) -> bool:
         """Whether any key may start or end with whitespace, so that stripping could change it.
 
@@ -93,7 +143,8 @@ class KeyBytes:
         multi-byte), so False is certain and True means the keys must be stripped to find out.
         Usually no byte in the whole buffer is one: two reductions, no per-key work.
         """
-        if not len(self.data) or (self.data.min() > _SPACE and self.data.max() < _DELETE):
+        low, high = self.byte_range
+        if not len(self.data) or (low > _SPACE and high < _DELETE):
             return False
         starts, ends = self.starts, self.ends
         filled = starts < ends

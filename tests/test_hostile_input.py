@@ -13,8 +13,10 @@ import codecs
 import csv
 import io
 import re
+import struct
 import traceback
 import uuid
+import zipfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -130,6 +132,7 @@ def late_nul(tmp_path: Path) -> Path:
     return path
 
 
+#: Files that work; those with "--event-id" in their name have no event column.
 WORKS: list[tuple[str, Builder, list[str]]] = [
     ("utf-8", text_file("u8.csv", TEXT), TEXT_KEYS),
     ("utf-8 BOM", text_file("bom.csv", codecs.BOM_UTF8 + TEXT.encode()), TEXT_KEYS),
@@ -150,7 +153,7 @@ WORKS: list[tuple[str, Builder, list[str]]] = [
      text_file("eol.csv", f"Event ID,Order Ticket Key\r{EVENT},k1\n{EVENT},k2\r\n{EVENT},k3"),
      ["k1", "k2", "k3"]),
     ("header only", text_file("head.csv", "Event ID,Order Ticket Key\n"), []),
-    ("key column only, event from --event-id elsewhere: header only",
+    ("key column only, event from --event-id: header only",
      text_file("keyonly.csv", "Ticket Key\n"), []),
 ]  # fmt: skip
 
@@ -175,6 +178,11 @@ REFUSED: list[tuple[str, Builder, tuple[str, ...]]] = [
     ("no extension", text_file("README", "Order Ticket Key\nk\n"), ()),
     ("directory named .csv", directory("folder.csv"), ("directory",)),
     ("directory", directory("folder"), ()),
+    ("UTF-8 and Windows-1252 mixed", text_file("mixed.csv",
+     f"Event ID,Order Ticket Key,Name\n{EVENT},k1,Zoë\n".encode() + f"{EVENT},k2,Ren".encode()
+     + b"\xe9e\n"), ("mixes two encodings", "row 3 is not UTF-8", "row 2 is UTF-8")),
+    ("no event column and no --event-id", text_file("keys.csv", "Order Ticket Key\nk1\n"),
+     ("no event id column and no --event-id",)),
 ]  # fmt: skip
 
 EITHER: list[tuple[str, Builder]] = [
@@ -190,11 +198,17 @@ EITHER: list[tuple[str, Builder]] = [
 
 @pytest.mark.parametrize(("build", "keys"), [pytest.param(b, k, id=n) for n, b, k in WORKS])
 def test_readable_files_work(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, build: Builder, keys: list[str]
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    build: Builder,
+    keys: list[str],
 ) -> None:
     path = build(tmp_path)
     report = tmp_path / "r.csv"
-    args = (str(path), "--report", str(report), "--dry-run", "--event-id", EVENT)
+    args = [str(path), "--report", str(report), "--dry-run"]
+    if "--event-id" in request.node.callspec.id:
+        args += ["--event-id", EVENT]
     done = run_main(capsys, *args)
     assert done.code == 0, done.err
     assert no_traceback(done.err)
@@ -298,6 +312,199 @@ def test_a_50_mb_file_is_planned_in_reasonable_time(
         assert sum(1 for _ in fh) == 1 + i - 1
 
 
+@pytest.mark.parametrize("position", [2, 8002])
+def test_a_nul_in_a_key_makes_that_row_invalid_wherever_it_is(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, position: int
+) -> None:
+    rows = [f"{EVENT},k{i:07d}\n" for i in range(8010)]
+    rows[position - 2] = f"{EVENT},bad\x00key\n"
+    path = tmp_path / "nul.csv"
+    path.write_bytes(("Event ID,Order Ticket Key\n" + "".join(rows)).encode())
+
+    done = dry_run(capsys, path, tmp_path / "r.csv")
+
+    assert done.code == 1, done.err  # finished; one row invalid
+    frame = read_report(tmp_path / "r.csv")
+    invalid = frame[frame.outcome == "invalid"]
+    assert list(invalid.source_row) == [str(position)]
+    assert list(invalid.source_file) == [str(path)]
+    assert "column 'Order Ticket Key'" in invalid.error_message.iloc[0]
+    assert "control character" in invalid.error_message.iloc[0]
+    assert (frame.outcome == "planned").sum() == 8009
+
+
+async def test_keys_that_cannot_be_sent_are_invalid_and_never_sent(tmp_path: Path) -> None:
+    """A 5 MB key, control characters, a leading apostrophe: reported, not sent."""
+    bad = ["x" * 5_000_000, "k" * 257, "a\x01b", "tab\tin", "'plain"]
+    good = ["good-1", "k" * 256, "é" * 256]
+    world = World({EVENT: EventState("ACTIVE", dict.fromkeys(good, True))})
+    inputs = write_csv(tmp_path / "in.csv", [(EVENT, k) for k in [*bad, *good]],
+                       ("Event ID", "Order Ticket Key"))  # fmt: skip
+    async with Sandbox(world, SandboxSettings(rate=None, daily_quota=None)) as sandbox:
+        done = await cli("run", str(inputs), "--report", str(tmp_path / "r.csv"),
+                         env=cli_env(sandbox))  # fmt: skip
+        assert done.code == 1, done.err
+        sent = keys_sent(sandbox.requests)
+    assert sent == set(good)
+    frame = read_report(tmp_path / "r.csv")
+    assert list(frame.outcome) == ["invalid"] * len(bad) + ["undone"] * len(good)
+    assert list(frame.source_row[: len(bad)]) == ["2", "3", "4", "5", "6"]
+    assert all("column 'Order Ticket Key'" in m for m in frame.error_message[: len(bad)])
+
+
+async def test_whole_file_mistakes_stop_the_run_before_anything_is_sent(tmp_path: Path) -> None:
+    world = World({EVENT: EventState("ACTIVE", {"k1": True, "k2": True})})
+    keys_only = write_csv(tmp_path / "keys.csv", [("k1",), ("k2",)], ("Order Ticket Key",))
+    with_event = write_csv(tmp_path / "ev.csv", [(EVENT, "k1")], ("Event ID", "Order Ticket Key"))
+    async with Sandbox(world, SandboxSettings(rate=None, daily_quota=None)) as sandbox:
+        env = cli_env(sandbox)
+        no_event = await cli("run", str(keys_only), "--report", str(tmp_path / "a.csv"), env=env)
+        both = await cli("run", str(keys_only), str(with_event), "--event-id", EVENT,
+                         "--report", str(tmp_path / "b.csv"), env=env)  # fmt: skip
+        assert sandbox.counters.total == 0
+        fine = await cli("run", str(keys_only), "--event-id", EVENT,
+                         "--report", str(tmp_path / "c.csv"), env=env)  # fmt: skip
+    assert_refused(no_event, "keys.csv", "no event id column and no --event-id")
+    assert_refused(both, "ev.csv", "has an event id column ('Event ID')", "--event-id")
+    assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b.csv").exists()
+    assert fine.code == 0, fine.err
+
+
+# --- workbooks built to hurt the reader ---------------------------------------------------------
+# Each is a few KB and would make calamine ask for gigabytes (the process aborts, exit 134), so
+# they run in a child process: a regression fails the test instead of killing pytest.
+
+
+def _far_cell_book(tmp_path: Path, change: Callable[[bytes], bytes]) -> Path:
+    book = openpyxl.Workbook()
+    first = book.active
+    assert first is not None
+    first.title = "Door 1"
+    first.append(["Event ID", "Order Ticket Key"])
+    first.append([EVENT, "k1"])
+    second = book.create_sheet("Late & far")
+    second.append(["Event ID", "Order Ticket Key"])
+    second.append([EVENT, "k2"])
+    second["XFD1048576"] = "far"
+    path = tmp_path / "far.xlsx"
+    book.save(path)
+    with zipfile.ZipFile(path) as source:
+        parts = [(info.filename, source.read(info.filename)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for name, data in parts:
+            target.writestr(name, change(data) if name == "xl/worksheets/sheet2.xml" else data)
+    return path
+
+
+def _without_dimension(xml: bytes) -> bytes:
+    return re.sub(rb"<dimension [^>]*/>", b"", xml)
+
+
+FAR_CELL_SHEETS: dict[str, Callable[[bytes], bytes]] = {
+    "declared": lambda xml: xml,
+    "no dimension": _without_dimension,
+    "a lying dimension": lambda xml: xml.replace(b"A1:XFD1048576", b"A1:B2"),
+    "r after other attributes": lambda xml: _without_dimension(xml).replace(
+        b'<c r="XFD1048576" t="inlineStr">', b"<c t=\"inlineStr\"\n r = 'XFD1048576'>"
+    ),
+    "a namespace prefix": lambda xml: _without_dimension(xml).replace(
+        b'<c r="XFD1048576" t="inlineStr"><is><t>far</t></is></c>',
+        b'<x:c xmlns:x="http://schemas.openxmlformats.org/spreadsheetml/2006/main" '
+        b'r="XFD1048576" t="inlineStr"><x:is><x:t>far</x:t></x:is></x:c>',
+    ),
+    "cells without r": lambda xml: _without_dimension(xml).replace(
+        b'<row r="1048576"><c r="XFD1048576" t="inlineStr"><is><t>far</t></is></c></row>',
+        b'<row r="2000">' + b"<c><v>1</v></c>" * 9000 + b"</row>",
+    ),
+}
+
+
+@pytest.mark.parametrize("change", [pytest.param(c, id=n) for n, c in FAR_CELL_SHEETS.items()])
+async def test_a_workbook_with_a_far_away_cell_exits_2_naming_file_and_sheet(
+    tmp_path: Path, change: Callable[[bytes], bytes]
+) -> None:
+    path = _far_cell_book(tmp_path, change)
+    assert path.stat().st_size < 200_000
+
+    done = await cli("run", str(path), "--dry-run", "--report", str(tmp_path / "r.csv"),
+                     env=cli_env())  # fmt: skip
+
+    assert_refused(done, str(path), "sheet 'Late & far' has cells as far as")
+    assert not (tmp_path / "r.csv").exists()
+
+
+async def test_a_far_away_cell_in_a_sheet_part_with_an_odd_name_is_found(tmp_path: Path) -> None:
+    """The engine reads whatever part the workbook points to; so does the check."""
+    path = _far_cell_book(tmp_path, _without_dimension)
+    with zipfile.ZipFile(path) as source:
+        parts = [(info.filename, source.read(info.filename)) for info in source.infolist()]
+    renamed = {"xl/worksheets/sheet2.xml": "xl/media/image1.png"}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for name, data in parts:
+            if name == "xl/_rels/workbook.xml.rels":
+                data = data.replace(b"/xl/worksheets/sheet2.xml", b"/xl/media/image1.png")
+            target.writestr(renamed.get(name, name), data)
+
+    done = await cli("run", str(path), "--dry-run", "--report", str(tmp_path / "r.csv"),
+                     env=cli_env())  # fmt: skip
+
+    assert_refused(done, str(path), "sheet 'Late & far' has cells as far as XFD1048576")
+
+
+def _xls(cells: list[tuple[int, int]]) -> bytes:
+    """A minimal old-format workbook: one sheet, a NUMBER record per cell (row, column)."""
+
+    def record(kind: int, data: bytes) -> bytes:
+        return struct.pack("<HH", kind, len(data)) + data
+
+    bof = record(0x0809, struct.pack("<HHHHII", 0x0600, 0x0005, 0, 0, 0, 0))
+    eof = record(0x000A, b"")
+    name = b"Far"
+    sheet_entry_size = 4 + 8 + len(name)
+    sheet_at = len(bof) + sheet_entry_size + len(eof)
+    globals_ = bof + record(0x0085, struct.pack("<IBBBB", sheet_at, 0, 0, len(name), 0) + name)
+    globals_ += eof
+    sheet = record(0x0809, struct.pack("<HHHHII", 0x0600, 0x0010, 0, 0, 0, 0))
+    for row, column in cells:
+        sheet += record(0x0203, struct.pack("<HHHd", row, column, 0, 1.0))
+    stream = globals_ + sheet + eof
+    stream += record(0x003C, bytes(4096))  # past the 4096-byte mini stream cutoff
+    sectors = -(-len(stream) // 512)
+    # Sector 0: the FAT; 1: the directory; 2..: the stream.
+    fat = [0xFFFFFFFD, 0xFFFFFFFE] + [3 + i for i in range(sectors - 1)] + [0xFFFFFFFE]
+    fat += [0xFFFFFFFF] * (128 - len(fat))
+    header = bytearray(512)
+    header[:8] = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+    struct.pack_into("<HHHH", header, 0x18, 0x3E, 3, 0xFFFE, 9)
+    struct.pack_into("<H", header, 0x20, 6)
+    struct.pack_into("<IIIIIIII", header, 0x2C, 1, 1, 0, 4096, 0xFFFFFFFE, 0, 0xFFFFFFFE, 0)
+    struct.pack_into("<109I", header, 0x4C, 0, *([0xFFFFFFFF] * 108))
+
+    def entry(name: str, kind: int, start: int, size: int) -> bytes:
+        raw = bytearray(128)
+        encoded = (name + "\0").encode("utf-16-le")
+        raw[: len(encoded)] = encoded
+        struct.pack_into("<HBB", raw, 0x40, len(encoded), kind, 1)
+        struct.pack_into("<III", raw, 0x44, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF if kind != 5 else 1)
+        struct.pack_into("<IQ", raw, 0x74, start, size)
+        return bytes(raw)
+
+    directory = entry("Root Entry", 5, 0xFFFFFFFE, 0) + entry("Workbook", 2, 2, len(stream))
+    directory += bytes(512 - len(directory))
+    body = struct.pack("<128I", *fat) + directory + stream + bytes(sectors * 512 - len(stream))
+    return bytes(header) + body
+
+
+async def test_an_old_format_workbook_with_a_far_away_cell_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "far.xls"
+    path.write_bytes(_xls([(0, 0), (65_535, 65_535)]))
+
+    done = await cli("run", str(path), "--dry-run", "--report", str(tmp_path / "r.csv"),
+                     env=cli_env())  # fmt: skip
+
+    assert_refused(done, str(path), "sheet 'Far' has cells as far as CRXP65536")
+
+
 # --- report paths ---------------------------------------------------------------------------------
 
 
@@ -346,11 +553,14 @@ FORMULA_KEYS = [
     "-7",
     "@SUM(A1:A2)",
     '=HYPERLINK("http://example.com","x")',
-    "'=already-quoted-looking",  # a real key starting with an apostrophe: must round-trip too
-    "''+two",
     "plain-1",
     "=cmd|' /C calc'!A0",
 ]
+# A leading apostrophe before a formula character is a spreadsheet's text marker: it comes off,
+# in any file. A key still starting with one could not survive a round trip through a
+# spreadsheet (which drops it): invalid, reported (escaped), never sent.
+MARKED = {"'=marked": "=marked"}
+APOSTROPHE_KEYS = ["''+two", "'plain"]
 
 
 async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written(
@@ -358,9 +568,11 @@ async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written
 ) -> None:
     """Keys a spreadsheet would run are shown escaped; rerunning the failed rows sends the
     original keys. A daily quota of one request (the event check) leaves every key failed."""
-    world = World({EVENT: EventState("ACTIVE", dict.fromkeys(FORMULA_KEYS, True))})
+    sendable = [*FORMULA_KEYS, *MARKED.values()]
+    world = World({EVENT: EventState("ACTIVE", dict.fromkeys(sendable, True))})
     # A leading tab or CR is stripped with the rest of the surrounding whitespace on input.
-    data = [(EVENT, k) for k in FORMULA_KEYS] + [(EVENT, "\t=1+2"), (EVENT, "\r-7")]
+    data = [(EVENT, k) for k in [*FORMULA_KEYS, *MARKED, *APOSTROPHE_KEYS]]
+    data += [(EVENT, "\t=1+2"), (EVENT, "\r-7")]
     data += [("=2+3", "plain-1"), ("@evil", "-7")]  # formula-like event ids: invalid rows
     write_csv(tmp_path / "=scans.csv", data, ("Event ID", "Order Ticket Key"))
     # A file name is a cell too (source_file); one starting with a tab.
@@ -380,21 +592,73 @@ async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written
                     assert not cell.startswith(TRIGGERS), f"{name}: unescaped cell {cell!r}"
         report = cells(tmp_path / "r.csv")
         keys = [row[1] for row in report[1:]]
-        assert keys[: len(FORMULA_KEYS)] == [
-            "'" + k if re.match(r"'*[=+\-@]", k) else k for k in FORMULA_KEYS
+        written = [*sendable, "'+two", "'plain"]
+        assert keys[: len(written)] == [
+            "'" + k if re.match(r"'*[=+\-@]", k) else k for k in written
         ]
-        assert [unescape_cell(k) for k in keys[: len(FORMULA_KEYS)]] == FORMULA_KEYS
+        assert [unescape_cell(k) for k in keys[: len(written)]] == written
         assert {row[7] for row in report[1:]} == {"'=scans.csv", "'\tdoor 2.csv"}  # source_file
         invalid = [row for row in report[1:] if row[2] == "invalid"]
-        assert [row[0] for row in invalid] == ["'=2+3", "'@evil"]
+        assert [unescape_cell(row[1]) for row in invalid[:2]] == ["'+two", "'plain"]
+        assert all("starts with an apostrophe" in row[5] for row in invalid[:2])
+        assert [row[0] for row in invalid[2:]] == ["'=2+3", "'@evil"]
 
         sandbox.reset_quota()
         sandbox.settings.daily_quota = None
         rerun = await cli("run", "r.failed.csv", "--report", "rerun.csv", env=env, cwd=tmp_path)
         assert rerun.code == 0, rerun.err
     sent = [k for r in sandbox.requests for k in r.keys]
-    assert sorted(sent) == sorted([*FORMULA_KEYS, "plain-2"])  # the originals, each once
+    assert sorted(sent) == sorted([*sendable, "plain-2"])  # the originals, each once
     assert not any(world.events[EVENT].tickets.values())
+
+
+#: Keys a spreadsheet would take for formulas, or whose escaping a careless reader would keep.
+HOSTILE_KEYS = [
+    "=1+2", "+41", "-7", "@SUM(A1)", "=", "+", "-", "@", "=-", "--", "-=1", "+'x", "@'",
+    "=cmd|' /C calc'!A0", '=HYPERLINK("http://e.com","x")', "-1.5e3", "+44 20 7946 0000",
+    "a'=b", "k'", '="q"', "x=y",
+]  # fmt: skip
+
+
+def trim(source: Path, target: Path, columns: list[str], *, spreadsheet: bool) -> Path:
+    """Keep ``columns`` of a failed-rows file, as a person would in Excel or an editor.
+
+    ``spreadsheet``: saved again by a spreadsheet, which hides a leading apostrophe as a text
+    marker and writes the cell without it.
+    """
+    rows = cells(source)
+    wanted = [rows[0].index(name) for name in columns]
+    with target.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in rows[1:]:
+            kept = [row[i] for i in wanted]
+            writer.writerow([c[1:] if spreadsheet and c.startswith("'") else c for c in kept])
+    return target
+
+
+async def test_a_failed_rows_file_trimmed_to_two_columns_sends_the_very_same_keys(
+    tmp_path: Path,
+) -> None:
+    assert len(HOSTILE_KEYS) == 21
+    world = World({EVENT: EventState("ACTIVE", dict.fromkeys(HOSTILE_KEYS, True))})
+    write_csv(tmp_path / "in.csv", [(EVENT, k) for k in HOSTILE_KEYS],
+              ("Event ID", "Order Ticket Key"))  # fmt: skip
+    async with Sandbox(world, SandboxSettings(rate=None, daily_quota=1)) as sandbox:
+        env = cli_env(sandbox)
+        first = await cli("run", "in.csv", "--report", "r.csv", env=env, cwd=tmp_path)
+        assert first.code == 3, first.err  # the quota left every key in the failed-rows file
+        sandbox.reset_quota()
+        sandbox.settings.daily_quota = None
+        for spreadsheet in (False, True):
+            sandbox.requests.clear()
+            trimmed = trim(tmp_path / "r.failed.csv", tmp_path / f"t{spreadsheet}.csv",
+                           ["order_ticket_key", "event_id"], spreadsheet=spreadsheet)  # fmt: skip
+            rerun = await cli("run", trimmed.name, "--report", f"rerun{spreadsheet}.csv",
+                              env=env, cwd=tmp_path)  # fmt: skip
+            assert rerun.code == 0, rerun.err
+            sent = [k for r in sandbox.requests for k in r.keys]
+            assert sorted(sent) == sorted(HOSTILE_KEYS), f"spreadsheet={spreadsheet}"
 
 
 # --- where the token may go -----------------------------------------------------------------------

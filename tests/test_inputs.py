@@ -447,28 +447,45 @@ def test_default_event_id_fills_a_missing_column(tmp_path: Path) -> None:
     assert result.blank_rows == 1
 
 
-def test_without_default_a_file_with_no_event_column_has_a_problem_per_row(
-    tmp_path: Path,
+@pytest.mark.parametrize("header", ["Ticket Key", "Ticket Key,Name"])
+def test_a_file_with_no_event_column_and_no_default_is_refused_whole(
+    tmp_path: Path, header: str
 ) -> None:
-    path = write(tmp_path / "a.csv", "Ticket Key\nK1\nK2\n")
+    """Not one problem per row: nothing in such a file could ever be sent."""
+    path = write(tmp_path / "a.csv", f"{header}\nK1\nK2\n")
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no event id column and no --event-id")
+    assert f"its columns are: {header.replace(',', ', ')}" in message
+
+
+def test_a_default_event_id_for_a_file_with_an_event_column_is_refused(tmp_path: Path) -> None:
+    """Neither silently wins: the run cannot tell which event the user meant."""
+    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key\n,K1\n{OTHER_EVENT},K2\n")
+    book = write_xlsx(tmp_path / "b.xlsx", {"Scans": [["Ticket Key", "Event"], ["K1", EVENT]]})
+    aliases = ColumnAliases(event_id=("event_id", "event"))
+
+    with pytest.raises(InputError, match=r"has an event id column \('Event ID'\)") as caught:
+        read_inputs([path], default_event_id=EVENT)
+    assert str(caught.value).startswith(f"{path}: ")
+    with pytest.raises(InputError, match=rf"^{book}#Scans: has an event id column \('Event'\)"):
+        read_inputs([book], aliases=aliases, default_event_id=EVENT)
+
+
+def test_empty_event_cells_are_invalid_rows(tmp_path: Path) -> None:
+    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key\n,K1\n{OTHER_EVENT},K2\nbad,K3\n")
 
     result = read_inputs([path])
 
-    assert keys(result) == ["K1", "K2"]
-    assert column(result, "event_id") == ["", ""]
-    assert (
-        problems(result)
-        == ["no event id: the file has no event id column and no --event-id was given"] * 2
-    )
-
-
-def test_default_event_id_fills_empty_event_cells_only(tmp_path: Path) -> None:
-    path = write(tmp_path / "a.csv", f"Event ID,Ticket Key\n,K1\n{OTHER_EVENT},K2\nbad,K3\n")
-
-    result = read_inputs([path], default_event_id=EVENT)
-
-    assert column(result, "event_id") == [EVENT, OTHER_EVENT, "bad"]
-    assert problems(result) == ["", "", "column 'Event ID': 'bad' is not a UUID"]
+    assert column(result, "event_id") == ["", OTHER_EVENT, "bad"]
+    assert problems(result) == [
+        "column 'Event ID' is empty",
+        "",
+        "column 'Event ID': 'bad' is not a UUID",
+    ]
 
 
 def test_a_default_event_id_that_is_not_a_uuid_is_refused(tmp_path: Path) -> None:
@@ -500,16 +517,30 @@ def test_reports_written_by_this_tool_are_unescaped(tmp_path: Path) -> None:
     originals = ["=1+2", "'=x", "-5", "'plain", "@sum", "K6", "+44 20"]
     report = write_report(tmp_path / "report.csv", [(EVENT, key) for key in originals])
 
-    assert keys(read_inputs([report])) == originals
+    result = read_inputs([report])
+
+    assert keys(result) == originals
+    assert [bool(p) for p in problems(result)] == [k.startswith("'") for k in originals]
 
 
-def test_ordinary_exports_are_not_unescaped(tmp_path: Path) -> None:
-    cells = ["'=1+2", "''=x", "'-5", "'plain"]
-    body = "".join(f"{EVENT},{key},failed\n" for key in cells)
-    # Some report columns, not all: still an ordinary export.
-    path = write(tmp_path / "export.csv", f"event_id,order_ticket_key,outcome\n{body}")
+APOSTROPHE = (
+    "column 'order_ticket_key': the key starts with an apostrophe, which spreadsheets take for "
+    "a text marker and drop; remove it if it is not part of the key"
+)
 
-    assert keys(read_inputs([path])) == cells
+
+def test_a_spreadsheet_text_marker_is_removed_in_any_file(tmp_path: Path) -> None:
+    """The apostrophe before a formula character is what a report adds (and what a spreadsheet
+    hides), so it comes off in any file: a trimmed failed-rows file gives back its keys. A key
+    still starting with one is invalid: a spreadsheet's Save As would have dropped it."""
+    cells = ["'=1+2", "''=x", "'-5", "'@a", "'plain", "k'", "'"]
+    body = "".join(f"{EVENT},{key}\n" for key in cells)
+    path = write(tmp_path / "trimmed.csv", f"event_id,order_ticket_key\n{body}")
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["=1+2", "'=x", "-5", "@a", "'plain", "k'", "'"]
+    assert problems(result) == ["", APOSTROPHE, "", "", APOSTROPHE, "", APOSTROPHE]
 
 
 def test_an_escaped_event_id_in_a_report_is_unescaped(tmp_path: Path) -> None:
@@ -605,7 +636,8 @@ def test_an_ambiguous_sheet_names_the_sheet(tmp_path: Path) -> None:
     "text", ["Event ID,Ticket Key\n", "Event ID,Ticket Key", "\ufeffTicket Key\r\n"]
 )
 def test_a_header_only_csv_gives_no_rows(tmp_path: Path, text: str) -> None:
-    result = read_inputs([write(tmp_path / "a.csv", text)])
+    default = None if text.startswith("Event") else EVENT
+    result = read_inputs([write(tmp_path / "a.csv", text)], default_event_id=default)
 
     assert len(result.frame) == 0
     assert list(result.frame.columns) == COLUMNS
@@ -668,7 +700,8 @@ def _zip_bytes(path: Path) -> None:
         ("garbage.xlsx", lambda p: p.write_bytes(bytes(range(256)) * 4), "is not a .xlsx workbook"),
         ("broken.xlsx", _zip_bytes, "cannot be read as a .xlsx workbook"),
         ("workbook.csv", _zip_bytes, "zip archive"),
-        ("binary.csv", lambda p: p.write_bytes(b"Ticket Key\n\x00\x01\x02"), "binary data"),
+        ("binary.csv", lambda p: p.write_bytes(b"Ticket\x00Key\nk\n"), "binary data"),
+        ("text.csv", lambda p: p.write_bytes(b"\n\x00\x01\x02"), "binary data"),
         ("only-blank.csv", lambda p: p.write_text("\n\n ,\n"), "no header row"),
         ("notes.pdf", lambda p: p.write_text("x"), "unsupported file type '.pdf'"),
         ("noext", lambda p: p.write_text("x"), "unsupported file type (none)"),
@@ -699,7 +732,7 @@ def test_unknown_extension_lists_the_supported_ones(tmp_path: Path) -> None:
 
 _printable_keys = st.text(
     alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=30
-).filter(lambda key: key.strip() != "")
+).filter(lambda key: key.strip() != "" and not key.strip().startswith("'"))
 
 
 @settings(max_examples=60, deadline=None)
@@ -729,3 +762,270 @@ def test_any_key_survives_a_round_trip_through_a_report(originals: list[str]) ->
 
     assert keys(result) == originals
     assert problems(result) == [""] * len(originals)
+
+
+# Keys as a report holds them (stripped, no control characters), made of what spreadsheets and
+# the escaping care about: formula characters, apostrophes, spaces.
+_hostile_keys = (
+    st.text(
+        alphabet=st.sampled_from(["=", "+", "-", "@", "'", " ", "a", "1", "é", '"', ",", "|"]),
+        min_size=1,
+        max_size=8,
+    )
+    .map(str.strip)
+    .filter(bool)
+)
+_kept_columns = st.lists(
+    st.sampled_from([c for c in REPORT_COLUMNS if c != "order_ticket_key"]), unique=True
+).flatmap(lambda kept: st.permutations(["order_ticket_key", *kept]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(_hostile_keys, min_size=1, max_size=12),
+    _kept_columns,
+    st.booleans(),
+)
+def test_any_key_round_trips_through_a_failed_rows_file_trimmed_to_any_columns(
+    originals: list[str], kept: list[str], through_a_spreadsheet: bool
+) -> None:
+    """Escape, keep any columns in any order, read back: the original key, never another.
+
+    ``through_a_spreadsheet``: the file was opened in a spreadsheet and saved again, which
+    takes a leading apostrophe for a text marker and drops it. A failed-rows file only holds
+    keys that were valid, and a valid key never starts with an apostrophe.
+    """
+    if through_a_spreadsheet:
+        originals = [key for key in originals if not key.startswith("'")] or ["=1"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trimmed.csv"
+        with path.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(kept)
+            for number, key in enumerate(originals, 2):
+                full = {c: "x" for c in REPORT_COLUMNS} | {
+                    "event_id": EVENT,
+                    "order_ticket_key": key,
+                    "outcome": "failed",
+                    "source_row": str(number),
+                }
+                cells = [escape_cell(full[c]) for c in kept]
+                if through_a_spreadsheet:
+                    cells = [c[1:] if c.startswith("'") else c for c in cells]
+                writer.writerow(cells)
+
+        default = None if "event_id" in kept else EVENT
+        result = read_inputs([path], default_event_id=default)
+
+    assert keys(result) == originals
+    # A key starting with an apostrophe could not survive a spreadsheet: invalid, never sent.
+    assert [p != "" for p in problems(result)] == [k.startswith("'") for k in originals]
+
+
+# --- keys that cannot be sent -------------------------------------------------------------------
+
+CONTROL = (
+    "column 'Ticket Key': the key holds a control character (such as NUL, a tab or a line break)"
+)
+TOO_LONG = "column 'Ticket Key': the key is longer than 256 characters"
+
+
+@pytest.mark.parametrize("position", [2, 8002])
+def test_a_control_character_in_a_key_makes_its_row_invalid_wherever_it_is(
+    tmp_path: Path, position: int
+) -> None:
+    """Row 2 (inside the first 256 KiB the encoding is guessed from) or row 8002: the same."""
+    bad = ["nul\x00key", "soh\x01", "del\x7fkey", "c1\u0085key", "tab\tinside", "line\nbreak"]
+    rows = [f"{EVENT},K{i}" for i in range(8010)]
+    for offset, key in enumerate(bad):
+        rows[position - 2 + offset] = f'{EVENT},"{key}"'
+    path = tmp_path / "a.csv"
+    path.write_bytes(("Event ID,Ticket Key\n" + "\n".join(rows) + "\n").encode())
+
+    result = read_inputs([path])
+
+    found = problems(result)
+    rows_with = [i + 2 for i, problem in enumerate(found) if problem]
+    assert rows_with == list(range(position, position + len(bad)))
+    assert {found[i - 2] for i in rows_with} == {CONTROL}
+    assert keys(result)[position - 2 : position - 2 + len(bad)] == bad
+
+
+@pytest.mark.parametrize("tolerant", [False, True], ids=["pyarrow", "pandas"])
+def test_keys_longer_than_the_limit_are_invalid(tmp_path: Path, tolerant: bool) -> None:
+    keys_in = ["k" * 256, "k" * 257, "é" * 256, "é" * 257, "x" * 5_000_000, "short"]
+    ragged = ",extra" if tolerant else ""  # a row with an extra field takes the pandas reader
+    path = write(
+        tmp_path / "a.csv",
+        "Event ID,Ticket Key\n"
+        + "".join(f"{EVENT},{k}\n" for k in keys_in)
+        + f"{EVENT},z{ragged}\n",
+    )
+
+    result = read_inputs([path])
+
+    assert keys(result)[:6] == keys_in
+    assert problems(result)[:6] == ["", TOO_LONG, "", TOO_LONG, TOO_LONG, ""]
+
+
+def test_key_checks_hold_for_workbooks_too(tmp_path: Path) -> None:
+    path = write_xlsx(
+        tmp_path / "a.xlsx",
+        {"S": [["Ticket Key", "Event ID"], ["ok", EVENT], ["k" * 300, EVENT], ["'=x", EVENT]]},
+    )
+
+    result = read_inputs([path])
+
+    assert keys(result) == ["ok", "k" * 300, "=x"]
+    assert problems(result) == ["", TOO_LONG, ""]
+
+
+# --- encodings --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("rows", "bad_row", "utf8_row"),
+    [
+        ([b"k1,Zo\xc3\xab", b"k2,Ren\xe9e"], 3, 2),  # UTF-8 first, then Windows-1252
+        ([b"k1,Ren\xe9e", b"k2,Zo\xc3\xab"], 2, 3),  # Windows-1252 first, then UTF-8
+        ([b"Zo\xc3\xab,x", b"k2,Ren\xe9e"], 3, 2),  # UTF-8 in the key, 1252 in another column
+        ([b"k1,Zo\xc3\xab", *[b"k,x"] * 9000, b"k2,Ren\xe9e"], 9003, 2),  # past 256 KiB
+        ([*[b"k,x"] * 9000, b'"Zo\xc3\xab\n",Ren\xe9e'], 9002, 9002),  # one quoted multi-line row
+        ([b"k1,Zo\xc3\xab" + b"x" * 300_000, b"k2,Ren\xe9"], 3, 2),  # a huge field; 1252 last
+    ],
+    ids=["utf8-then-1252", "1252-then-utf8", "key-and-other-column", "late", "same-row", "huge"],
+)
+def test_a_file_mixing_utf8_and_windows_1252_is_refused_naming_rows(
+    tmp_path: Path, rows: list[bytes], bad_row: int, utf8_row: int
+) -> None:
+    """Read whole as Windows-1252, "Zoë" would silently become "ZoÃ«"."""
+    path = tmp_path / "a.csv"
+    last = b"" if rows[-1].endswith(b"\xe9") else b"\n"  # the bad byte is the file's last
+    path.write_bytes(b"Ticket Key,Name\n" + b"\n".join(rows) + last)
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path], default_event_id=EVENT)
+
+    message = str(caught.value)
+    assert message.startswith(f"{path}: mixes two encodings: row {bad_row} is not UTF-8")
+    assert f"while row {utf8_row} is UTF-8" in message
+
+
+# --- workbooks built to hurt the reader (each one small; the engine is never reached) -----------
+
+
+def _rewrite(path: Path, part: str, change: Callable[[bytes], bytes]) -> Path:
+    """``path`` with one part's bytes changed, everything else as it was."""
+    with zipfile.ZipFile(path) as source:
+        parts = [(info, source.read(info.filename)) for info in source.infolist()]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+        for info, data in parts:
+            target.writestr(info.filename, change(data) if info.filename == part else data)
+    return path
+
+
+def _sheet_book(tmp_path: Path) -> Path:
+    return write_xlsx(tmp_path / "book.xlsx", {"Keys": [["Event ID", "Ticket Key"], [EVENT, "K1"]]})
+
+
+def test_a_workbook_that_unpacks_past_the_limit_is_refused_unread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A zip bomb: 40 MB of spaces inside the sheet pack into a few dozen KB."""
+    path = _rewrite(
+        _sheet_book(tmp_path),
+        "xl/worksheets/sheet1.xml",
+        lambda xml: xml.replace(b"<sheetData>", b"<sheetData>" + b" " * 40_000_000),
+    )
+    assert path.stat().st_size < 100_000
+    monkeypatch.setattr(inputs_module, "MAX_UNPACKED_BYTES", 16 * 2**20, raising=False)
+
+    with pytest.raises(InputError, match="zip bomb") as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(f"{path}: declares 40,0")
+
+
+def test_a_workbook_part_that_unpacks_past_its_declared_size_is_refused(tmp_path: Path) -> None:
+    path = _sheet_book(tmp_path)
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("xl/worksheets/sheet1.xml")
+    # The central directory entry's uncompressed size (offset 24) now claims 10 bytes.
+    at = data.find(b"xl/worksheets/sheet1.xml", data.find(b"PK\x01\x02")) - 46
+    assert data[at : at + 4] == b"PK\x01\x02"
+    data[at + 24 : at + 28] = (10).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert info.file_size > 10
+
+    with pytest.raises(InputError, match="more than the 10 bytes it declares") as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(f"{path}: part 'xl/worksheets/sheet1.xml'")
+
+
+def _ods(path: Path, rows: int, columns: int) -> Path:
+    table = "urn:oasis:names:tc:opendocument:xmlns:table:1.0"
+    content = (
+        '<?xml version="1.0" encoding="UTF-8"?><office:document-content '
+        'xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" '
+        f'xmlns:table="{table}" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0">'
+        '<office:body><office:spreadsheet><table:table table:name="Door 1">'
+        '<table:table-row><table:table-cell office:value-type="string"><text:p>Ticket Key'
+        "</text:p></table:table-cell></table:table-row>"
+        '<table:table-row><table:table-cell office:value-type="string"><text:p>K1</text:p>'
+        "</table:table-cell></table:table-row>"
+        f'<table:table-row table:number-rows-repeated="{rows}">'
+        f'<table:table-cell table:number-columns-repeated="{columns}" '
+        'office:value-type="string"><text:p>x</text:p></table:table-cell></table:table-row>'
+        # LibreOffice fills every sheet out to its edge with empty cells: not counted.
+        '<table:table-row table:number-rows-repeated="1048000">'
+        '<table:table-cell table:number-columns-repeated="1024"/></table:table-row>'
+        "</table:table></office:spreadsheet></office:body></office:document-content>"
+    )
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
+        archive.writestr(
+            "META-INF/manifest.xml",
+            '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest='
+            '"urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
+            '<manifest:file-entry manifest:full-path="/" manifest:media-type='
+            '"application/vnd.oasis.opendocument.spreadsheet"/><manifest:file-entry '
+            'manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
+            "</manifest:manifest>",
+        )
+        archive.writestr("content.xml", content, zipfile.ZIP_DEFLATED)
+    return path
+
+
+def test_an_ods_whose_repeats_span_too_many_cells_is_refused_naming_the_sheet(
+    tmp_path: Path,
+) -> None:
+    """One repeated cell, 1 KB on disk, 20,000 x 1,000 cells once read."""
+    path = _ods(tmp_path / "repeats.ods", 20_000, 1_000)
+    assert path.stat().st_size < 2_000
+
+    with pytest.raises(InputError, match=r"sheet 'Door 1' has cells as far as ALL20002") as caught:
+        read_inputs([path], default_event_id=EVENT)
+    assert str(caught.value).startswith(f"{path}: ")
+
+
+def test_an_ods_with_modest_repeats_and_empty_edges_is_read(tmp_path: Path) -> None:
+    path = _ods(tmp_path / "ok.ods", 3, 2)
+
+    assert keys(read_inputs([path], default_event_id=EVENT)) == ["K1", "x", "x", "x"]
+
+
+def _xlsb_record(kind: int, payload: bytes) -> bytes:
+    return bytes([kind]) + bytes([len(payload)]) + payload
+
+
+def test_an_xlsb_sheet_reaching_too_far_is_refused(tmp_path: Path) -> None:
+    row = _xlsb_record(0, (1_048_575).to_bytes(4, "little") + bytes(4))
+    cell = _xlsb_record(2, (16_383).to_bytes(4, "little") + bytes(8))  # BrtCellRk
+    path = tmp_path / "far.xlsb"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("xl/workbook.bin", b"")
+        archive.writestr("xl/worksheets/sheet1.bin", row + cell)
+
+    with pytest.raises(InputError, match=r"as far as XFD1048576") as caught:
+        read_inputs([path], default_event_id=EVENT)
+    assert str(caught.value).startswith(f"{path}: sheet 'xl/worksheets/sheet1.bin'")
