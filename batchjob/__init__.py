@@ -1,35 +1,90 @@
 """batchjob: reverse Constant Contact event ticket check-ins in bulk, safely and fast.
 
-The public surface is small on purpose; everything else lives in private modules.
+The public surface is what ``__all__`` names (pinned by ``tests/test_public_api.py``);
+everything else lives in the stage packages, in pipeline order: :mod:`batchjob.read` ->
+:mod:`batchjob.plan` -> :mod:`batchjob.send` -> :mod:`batchjob.record`, driven by
+:mod:`batchjob.run`. ::
 
     from batchjob import JobConfig, run_job
     result = await run_job(JobConfig(inputs=(Path("scans.csv"),)), tokens=my_token_source)
+
+Names that need pandas or aiohttp are imported on first use, so that ``import batchjob`` (and
+``batchjob --help``) stays quick.
 """
 
-from batchjob._api import TokenSource, Transport
-from batchjob._config import ConfigError, JobConfig, load_config
-from batchjob._inputs import ColumnAliases, InputError
-from batchjob._model import REPORT_COLUMNS, Outcome
-from batchjob._report import ReportError
-from batchjob._runner import RunResult, StopRequest, run_job
-from batchjob._tokens import Secret, StaticToken
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from batchjob._config import JobConfig, load_config
+from batchjob._errors import (
+    BatchjobError,
+    ConfigError,
+    ExitCode,
+    InputError,
+    ReportError,
+    TokenEndpointError,
+    TokenError,
+    UsageError,
+)
+from batchjob._model import REPORT_COLUMNS, ColumnAliases, Outcome
+
+if TYPE_CHECKING:
+    from batchjob._tokens import Secret, StaticToken, TokenSource
+    from batchjob.run import RunResult, StopRequest, run_job
+    from batchjob.send import RawResponse, Transport, TransportError
 
 __version__ = "1.0.0"
 
+_LAZY = {
+    "RawResponse": "batchjob.send",
+    "RunResult": "batchjob.run",
+    "Secret": "batchjob._tokens",
+    "StaticToken": "batchjob._tokens",
+    "StopRequest": "batchjob.run",
+    "TokenSource": "batchjob._tokens",
+    "Transport": "batchjob.send",
+    "TransportError": "batchjob.send",
+    "run_job": "batchjob.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'batchjob' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
 __all__ = [
     "REPORT_COLUMNS",
+    "BatchjobError",
     "ColumnAliases",
     "ConfigError",
+    "ExitCode",
     "InputError",
     "JobConfig",
     "Outcome",
+    "RawResponse",
     "ReportError",
     "RunResult",
     "Secret",
     "StaticToken",
     "StopRequest",
+    "TokenEndpointError",
+    "TokenError",
     "TokenSource",
     "Transport",
+    "TransportError",
+    "UsageError",
+    "__version__",
     "load_config",
     "run_job",
 ]

@@ -56,14 +56,17 @@ from pathlib import Path
 from typing import Protocol, TextIO
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
 
-from batchjob._config import DEFAULT_TOKEN_URL, ConfigError, check_url_is_safe
+from batchjob._config import (
+    DEFAULT_TOKEN_URL,
+    TOKEN_URL_ENV,
+    check_url_is_safe,
+)
+from batchjob._errors import ConfigError, ExitCode, TokenEndpointError, TokenError
 from batchjob._tokens import (
     CLIENT_ID_ENV,
     CLIENT_SECRET_ENV,
     TOKEN_FILE_ENV,
     Secret,
-    TokenEndpointError,
-    TokenError,
     TokenFileWriter,
     TokenSet,
     default_token_session,
@@ -74,43 +77,9 @@ from batchjob._tokens import (
     write_token_file,
 )
 
-__all__ = ["add_auth_arguments", "run_auth_command"]
+__all__ = ["run_auth_command"]
 
-SCOPE = "campaign_data offline_access"
-DEFAULT_REDIRECT_URI = "https://localhost"
 DEFAULT_AUTHORIZE_URL = "https://authz.constantcontact.com/oauth2/default/v1/authorize"
-TOKEN_URL_ENV = "CC_TOKEN_URL"  # noqa: S105 (a variable name, not a secret)
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-
-def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = parser.description or (
-        "Get the first token pair for unattended runs and write the token file: guides the "
-        "OAuth2 authorization code flow with PKCE (one browser visit), or imports a refresh "
-        "token read from stdin."
-    )
-    parser.add_argument("--client-id", help=f"the app's client id (env {CLIENT_ID_ENV})")
-    parser.add_argument(
-        "--token-file", type=Path, help=f"where to write the tokens (env {TOKEN_FILE_ENV})"
-    )
-    parser.add_argument(
-        "--redirect-uri",
-        default=DEFAULT_REDIRECT_URI,
-        help=f"one of the app's redirect URIs (default {DEFAULT_REDIRECT_URI})",
-    )
-    parser.add_argument(
-        "--authorize-url", help="authorize endpoint (default: the token URL's sibling)"
-    )
-    parser.add_argument("--token-url", help=f"token endpoint (env {TOKEN_URL_ENV})")
-    parser.add_argument("--scope", default=SCOPE, help=f"scopes to ask for (default {SCOPE!r})")
-    parser.add_argument(
-        "--import-refresh-token",
-        action="store_true",
-        help="read a refresh token from stdin instead of the browser flow",
-    )
 
 
 @dataclass(frozen=True)
@@ -364,10 +333,10 @@ def run_auth_command(
         tokens = asyncio.run(authorize(settings, stdin=stdin, stdout=stdout, stderr=stderr))
     except (_UsageError, ConfigError) as exc:
         print(f"batchjob auth: error: {exc}", file=stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except TokenError as exc:
         print(f"batchjob auth: error: {exc}", file=stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILED
     until = ""
     if tokens.expires_at is not None:
         stamp = datetime.fromtimestamp(tokens.expires_at, UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -379,4 +348,4 @@ def run_auth_command(
         "file). Runs refresh the tokens on their own from now on.",
         file=stdout,
     )
-    return EXIT_OK
+    return ExitCode.OK

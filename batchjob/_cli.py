@@ -1,4 +1,10 @@
-"""The command line: a thin shell over :func:`batchjob.run_job`."""
+"""The command line: a thin shell over :func:`batchjob.run_job`.
+
+Every argparse builder is here. The modules that do the work (pandas, pyarrow, aiohttp, rich)
+are imported only by the command that needs them, so ``batchjob --help`` is quick; the
+sandbox is its own program (``python -m batchjob.sandbox``), to which ``batchjob sandbox``
+hands its arguments.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +16,21 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
-from rich.console import Console
+from batchjob._config import (
+    DEFAULT_REDIRECT_URI,
+    ENV_VARS,
+    SCOPE,
+    TOKEN_URL_ENV,
+    JobConfig,
+    load_config,
+)
+from batchjob._errors import BatchjobError, ExitCode
 
-from batchjob._auth import add_auth_arguments, run_auth_command
-from batchjob._config import ConfigError, JobConfig, load_config
-from batchjob._inputs import InputError
-from batchjob._logging import Redactor, make_logger
-from batchjob._progress import ProgressBar
-from batchjob._report import ReportError
-from batchjob._runner import (
-    EXIT_INCOMPLETE,
-    EXIT_OK,
-    EXIT_SIGINT,
-    EXIT_STOPPED,
-    EXIT_USAGE,
-    RunResult,
-    StopRequest,
-    install_signal_handlers,
-    run_job,
-)
-from batchjob._sandbox import add_sandbox_arguments, run_sandbox_command
-from batchjob._tokens import (
-    ManagedTokenSource,
-    Secret,
-    StaticToken,
-    TokenError,
-    token_source_from_env,
-)
+if TYPE_CHECKING:
+    from batchjob._tokens import ManagedTokenSource
+    from batchjob.run import RunResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", choices=("debug", "info", "warning"))
     run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
-    sandbox = commands.add_parser("sandbox", help="serve the local sandbox API")
-    add_sandbox_arguments(sandbox)
+    # Listed for --help; main() hands everything after "sandbox" to the sandbox's own parser.
+    commands.add_parser(
+        "sandbox", help="serve the local sandbox API (batchjob sandbox --help)", add_help=False
+    )
 
     auth = commands.add_parser("auth", help="get the first token pair (needs a browser once)")
     add_auth_arguments(auth)
@@ -143,6 +137,34 @@ def _say(text: str, stream: TextIO) -> None:
     out.flush()
 
 
+def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = parser.description or (
+        "Get the first token pair for unattended runs and write the token file: guides the "
+        "OAuth2 authorization code flow with PKCE (one browser visit), or imports a refresh "
+        "token read from stdin."
+    )
+    client_id, token_file = ENV_VARS["client_id"], ENV_VARS["token_file"]
+    parser.add_argument("--client-id", help=f"the app's client id (env {client_id})")
+    parser.add_argument(
+        "--token-file", type=Path, help=f"where to write the tokens (env {token_file})"
+    )
+    parser.add_argument(
+        "--redirect-uri",
+        default=DEFAULT_REDIRECT_URI,
+        help=f"one of the app's redirect URIs (default {DEFAULT_REDIRECT_URI})",
+    )
+    parser.add_argument(
+        "--authorize-url", help="authorize endpoint (default: the token URL's sibling)"
+    )
+    parser.add_argument("--token-url", help=f"token endpoint (env {TOKEN_URL_ENV})")
+    parser.add_argument("--scope", default=SCOPE, help=f"scopes to ask for (default {SCOPE!r})")
+    parser.add_argument(
+        "--import-refresh-token",
+        action="store_true",
+        help="read a refresh token from stdin instead of the browser flow",
+    )
+
+
 def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
     cli = {
         "inputs": tuple(args.inputs),
@@ -167,6 +189,13 @@ def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
 
 async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> RunResult:
     """Run with logging, progress and signals set up for a person or a scheduler."""
+    from rich.console import Console
+
+    from batchjob._logging import Redactor, make_logger
+    from batchjob._progress import ProgressBar
+    from batchjob._tokens import token_source_from_env
+    from batchjob.run import StopRequest, install_signal_handlers, run_job
+
     redactor = Redactor()
     err = _tolerant(sys.stderr)
     log = make_logger(
@@ -208,7 +237,8 @@ def _display(path: Path) -> Path:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from batchjob._sandbox import Sandbox, World
+    from batchjob._tokens import Secret, StaticToken
+    from batchjob.sandbox import Sandbox, World
 
     sample = _display(args.sample_dir.resolve())
     inputs = sorted(p for p in sample.iterdir() if p.suffix in {".csv", ".xlsx"})
@@ -229,10 +259,17 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     result = asyncio.run(demo())
     print(result.summary())
     # The sample data holds bad rows on purpose, so "finished, some keys not undone" is success.
-    return EXIT_OK if result.exit_code in (EXIT_OK, EXIT_INCOMPLETE) else result.exit_code
+    return (
+        ExitCode.OK if result.exit_code in (ExitCode.OK, ExitCode.INCOMPLETE) else result.exit_code
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sandbox"]:
+        from batchjob.sandbox import main_sandbox
+
+        return main_sandbox(argv[1:], prog="batchjob sandbox")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -240,14 +277,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "demo":
             return _cmd_demo(args)
-        if args.command == "auth":
-            return run_auth_command(args)
-        return run_sandbox_command(args)
-    except (InputError, ConfigError, ReportError, TokenError) as exc:
+        from batchjob._auth import run_auth_command
+
+        return run_auth_command(args)
+    except BatchjobError as exc:
         _say(f"batchjob: error: {exc}", sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     except KeyboardInterrupt:
-        return EXIT_SIGINT
+        return ExitCode.SIGINT
     except Exception as exc:
         # A bug or an environment failure (disk full...). Not exit 1, which schedulers may
         # treat as a normal night: the journal, if any, still holds every outcome so far.
@@ -256,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "what was done so far is in the report's .journal file: rerun with --resume",
             sys.stderr,
         )
-        return EXIT_STOPPED
+        return ExitCode.STOPPED
 
 
 if __name__ == "__main__":

@@ -23,16 +23,17 @@ from urllib.parse import urlsplit
 
 from yarl import URL
 
-from batchjob._inputs import ColumnAliases, canonical_event_id
+from batchjob._errors import ConfigError
+from batchjob._model import ColumnAliases, canonical_event_id
 
 DEFAULT_BASE_URL = "https://api.cc.email/v3"
+#: What `batchjob auth` asks for: undo needs campaign_data; offline_access gives a refresh token.
+SCOPE = "campaign_data offline_access"
+DEFAULT_REDIRECT_URI = "https://localhost"
+TOKEN_URL_ENV = "CC_TOKEN_URL"  # noqa: S105 (a variable name, not a secret)
 DEFAULT_TOKEN_URL = "https://authz.constantcontact.com/oauth2/default/v1/token"  # noqa: S105
 
 LogFormat = Literal["console", "json"]
-
-
-class ConfigError(ValueError):
-    """A setting is missing, malformed or unsafe. Exit code 2."""
 
 
 @dataclass(frozen=True)

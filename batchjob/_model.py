@@ -1,7 +1,10 @@
-"""Vocabulary shared by every stage: outcomes and the report's columns."""
+"""Vocabulary shared by every stage: outcomes, the report's columns, input column names and
+what an event id looks like. Light on purpose: the configuration imports it."""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from enum import StrEnum
 
 
@@ -31,3 +34,24 @@ REPORT_COLUMNS: tuple[str, ...] = (
 
 #: Outcomes that go to the failed-rows file: the ones a rerun can still fix.
 RETRYABLE_OUTCOMES: frozenset[Outcome] = frozenset({Outcome.FAILED, Outcome.NOT_ATTEMPTED})
+
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+@dataclass(frozen=True)
+class ColumnAliases:
+    """Header names accepted for each column; compared after :func:`normalise_header`."""
+
+    event_id: tuple[str, ...] = ("event_id", "eventid")
+    order_ticket_key: tuple[str, ...] = (
+        "order_ticket_key",
+        "ticket_key",
+        "orderticketkey",
+        "ticketkey",
+    )
+
+
+def canonical_event_id(value: str) -> str | None:
+    """Return ``value`` as a lower-case canonical UUID, or None when it is not one."""
+    stripped = value.strip()
+    return stripped.lower() if _UUID.fullmatch(stripped) else None

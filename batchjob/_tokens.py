@@ -77,6 +77,7 @@ from urllib.parse import quote
 import aiohttp
 
 from batchjob._config import DEFAULT_TOKEN_URL, JobConfig, check_url_is_safe
+from batchjob._errors import StoppingError, TokenEndpointError, TokenError, TokenSaveError
 from batchjob._logging import null_logger
 
 __all__ = [
@@ -146,36 +147,24 @@ class Secret:
         return "***"
 
 
-class TokenError(Exception):
-    """No usable token: the file is missing or malformed, or the token server said no.
-
-    The message says what to do about it and never contains a token.
-    """
-
-
-class StoppingError(TokenError):
-    """The token source is closing (the run stops): no refresh is started or retried."""
-
-
 STOPPING_MESSAGE = "the run is stopping: the access token is not refreshed any more"
 
 
-class TokenEndpointError(TokenError):
-    """The token endpoint answered with an OAuth error (``error`` is its code)."""
-
-    def __init__(self, *, status: int, error: str, detail: str) -> None:
-        super().__init__(f"token endpoint answered {status} ({detail})")
-        self.status = status
-        self.error = error
-        self.detail = detail  # "error: description", scrubbed of anything that was sent
-
-
-class ManagedTokenSource(Protocol):
-    """A TokenSource (see ``batchjob._api``) the CLI can also redact and close."""
+class TokenSource(Protocol):
+    """Where bearer tokens come from. ``refresh`` gets a new one after a 401, if it can."""
 
     async def token(self) -> str: ...
 
-    async def refresh(self, rejected: str) -> str | None: ...
+    async def refresh(self, rejected: str) -> str | None:
+        """A new token after ``rejected`` got a 401; None when there is no way to get one.
+
+        May raise :class:`~batchjob.TokenError`, which stops the run.
+        """
+        ...
+
+
+class ManagedTokenSource(TokenSource, Protocol):
+    """A token source the CLI can also redact (its secrets) and close."""
 
     def secrets(self) -> tuple[str, ...]: ...
 
@@ -782,14 +771,6 @@ def auth_hint(path: Path, client_id: str) -> str:
 # --- the file token source --------------------------------------------------------------------
 
 SessionLike = aiohttp.ClientSession | Callable[[], aiohttp.ClientSession]
-
-
-class TokenSaveError(TokenError):
-    """A refresh was answered but the new pair could not replace the token file.
-
-    The refresh token in the file is spent; the message says where the new pair went. It stops
-    the run even while the current access token is still good: someone has to act.
-    """
 
 
 class FileTokenSource:

@@ -63,7 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--smoke", action="store_true", help="shrunken sizes: proves it runs")
     parser.add_argument(
-        "--only", action="append", choices=sorted(ROWS), metavar="N",
+        "--only",
+        action="append",
+        choices=sorted(ROWS),
+        metavar="N",
         help="run only row N (repeatable)",
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="scratch directory")
@@ -81,8 +84,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:  # one broken row must not hide the others
             broke = True
             traceback.print_exc()
-            rows.append(Row(number, ROWS[number].__name__, "", "", "", False,
-                            f"ERROR: {type(exc).__name__}: {exc}"))
+            rows.append(
+                Row(
+                    number,
+                    ROWS[number].__name__,
+                    "",
+                    "",
+                    "",
+                    False,
+                    f"ERROR: {type(exc).__name__}: {exc}",
+                )
+            )
     elapsed = time.monotonic() - started
     say(f"done in {elapsed:.0f}s")
     mode = "smoke (shrunken sizes)" if args.smoke else "full"

@@ -8,7 +8,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from batchjob._sandbox import World
+from batchjob.sandbox._server import World
 
 HEADER = ("event_id", "order_ticket_key", "attendee")
 
@@ -60,7 +60,7 @@ def world_with_bad_keys(
     """
     directory.mkdir(parents=True, exist_ok=True)
     world = World.generate(1, keys - bad, seed=seed)
-    (event_id, event), = world.events.items()
+    ((event_id, event),) = world.events.items()
     rng = random.Random(seed + 1)
     unknown: set[str] = set()
     while len(unknown) < bad:

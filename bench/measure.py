@@ -36,8 +36,11 @@ def run_measured(
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
-            list(cmd), cwd=cwd, env=dict(env) if env is not None else None,
-            stdout=subprocess.PIPE, stderr=err,
+            list(cmd),
+            cwd=cwd,
+            env=dict(env) if env is not None else None,
+            stdout=subprocess.PIPE,
+            stderr=err,
         )
     finally:
         if stderr is not None and not isinstance(err, int):

@@ -85,9 +85,7 @@ async def _run_job(info: SandboxInfo, csv_path: Path, workdir: Path, **settings:
     return JobRun(result, wall, lines)
 
 
-def run_job_in_process(
-    info: SandboxInfo, csv_path: Path, workdir: Path, **settings: Any
-) -> JobRun:
+def run_job_in_process(info: SandboxInfo, csv_path: Path, workdir: Path, **settings: Any) -> JobRun:
     return asyncio.run(_run_job(info, csv_path, workdir, **settings))
 
 
@@ -200,8 +198,10 @@ def row_adaptation(ctx: Context) -> list[Row]:
 def row_noise(ctx: Context) -> list[Row]:
     rate, batch, storm = 20.0, 5, 0.05
     keys = ctx.size(2000, 200)
-    say(f"row 2b: 429 noise, job at {rate:g}/s against a {rate:g}/s bucket that also refuses "
-        f"{pct(storm)} of requests at random")
+    say(
+        f"row 2b: 429 noise, job at {rate:g}/s against a {rate:g}/s bucket that also refuses "
+        f"{pct(storm)} of requests at random"
+    )
     run, records, complete = _paced_run(
         ctx, "noise", server_rate=rate, job_rate=rate, keys=keys, batch=batch, storm=storm
     )
@@ -278,14 +278,19 @@ def row_overhead(ctx: Context) -> list[Row]:
         with csv_path.open(encoding="utf-8") as fh:
             ordered = [line.split(",")[1] for line in list(fh)[1:]]
         bodies = [
-            json.dumps({"order_ticket_keys": ordered[i : i + batch]}, separators=(",", ":"))
-            .encode()
+            json.dumps(
+                {"order_ticket_keys": ordered[i : i + batch]}, separators=(",", ":")
+            ).encode()
             for i in range(0, len(ordered), batch)
         ]
         seen = 0
         for _ in range(rounds):
             run = run_job_in_process(
-                sandbox.info, csv_path, workdir, rate=1e6, batch_size=batch,
+                sandbox.info,
+                csv_path,
+                workdir,
+                rate=1e6,
+                batch_size=batch,
                 concurrency=concurrency,
             )
             records = sandbox.requests()
@@ -386,7 +391,7 @@ def _best_time(fn: Callable[[], object], rounds: int) -> float:
 def row_excel(ctx: Context) -> list[Row]:
     import pandas as pd
 
-    from batchjob._inputs import read_inputs
+    from batchjob.read._files import read_inputs
 
     rows = ctx.size(100_000, 5_000)
     say(f"row 4b: Excel, {rows:,} rows: calamine vs openpyxl")
@@ -419,9 +424,7 @@ def row_end_to_end(ctx: Context) -> list[Row]:
     world_path, csv_path = big_world(ctx.out / "data", events, per_event, seed=7)
     workdir = ctx.workdir("e2e")
     args = ["--rate", "none", "--quota", "none", "--world", str(world_path)]
-    with SandboxProcess(
-        *args, "--no-record-requests", log=workdir / "sandbox.log"
-    ) as sandbox:
+    with SandboxProcess(*args, "--no-record-requests", log=workdir / "sandbox.log") as sandbox:
         say("row 5: running `python -m batchjob run` in a subprocess")
         env = dict(os.environ, CC_ACCESS_TOKEN=sandbox.info.access_token)
         cmd = [sys.executable, "-m", "batchjob", "run", str(csv_path)]

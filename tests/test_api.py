@@ -11,19 +11,12 @@ import aiohttp
 import pytest
 from aioresponses import aioresponses
 
-from batchjob._api import (
-    AiohttpTransport,
-    ApiClient,
-    RequestGate,
-    RetryPolicy,
-    Verdict,
-    classify,
-    parse_error_body,
-    parse_retry_after,
-)
 from batchjob._logging import MAX_SERVER_TEXT, TRUNCATED, Redactor
-from batchjob._pacing import AdaptivePacer
 from batchjob._tokens import Secret, StaticToken
+from batchjob.send._client import ApiClient, RequestGate, RetryPolicy
+from batchjob.send._messages import Verdict, classify, parse_error_body, parse_retry_after
+from batchjob.send._pacing import AdaptivePacer
+from batchjob.send._transport import AiohttpTransport
 
 BASE = "https://api.example.test/v3"
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"

@@ -18,10 +18,10 @@ import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from batchjob._api import undo_body
 from batchjob._cells import escape_cell
-from batchjob._plan import Plan
-from batchjob._report import _csv_field, _format_times, _key_cells
+from batchjob.plan._plan import Plan
+from batchjob.record._rows import _csv_field, _format_times, _key_cells
+from batchjob.send._messages import undo_body
 
 # Text a cell can hold, with the characters that need care spelt out so they are tried often.
 cell_text = st.text(

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchjob._groups import Group, KeyIsolator, chunk, group_size_for
+from batchjob.run._isolate import Group, KeyIsolator, chunk, group_size_for
 
 
 @given(n=st.integers(0, 2_000), size=st.integers(1, 500))

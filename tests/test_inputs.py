@@ -14,14 +14,18 @@ from typing import Any
 
 import openpyxl
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import batchjob._inputs as inputs_module
+import batchjob.read._csv as csv_reader
+import batchjob.read._limits as workbook_limits
 from batchjob._cells import escape_cell
-from batchjob._inputs import ColumnAliases, InputError, Inputs, read_inputs
-from batchjob._model import REPORT_COLUMNS
+from batchjob._errors import InputError
+from batchjob._model import REPORT_COLUMNS, ColumnAliases
+from batchjob.read._files import read_inputs
+from batchjob.read._shared import Inputs
 
 EVENT = "e3a7c9b2-1111-4222-8333-444455556666"
 OTHER_EVENT = "0f0e0d0c-0b0a-4909-8807-060504030201"
@@ -365,9 +369,9 @@ def test_both_csv_readers_give_the_same_frame(
     fast = read_inputs([path])
 
     def fail(*_: object) -> None:
-        raise inputs_module.pa.ArrowInvalid("forced")
+        raise pa.ArrowInvalid("forced")
 
-    monkeypatch.setattr(inputs_module, "_read_csv_fast", fail)
+    monkeypatch.setattr(csv_reader, "_read_csv_fast", fail)
     tolerant = read_inputs([path])
 
     pd.testing.assert_frame_equal(fast.frame, tolerant.frame)
@@ -938,7 +942,7 @@ def test_a_workbook_that_unpacks_past_the_limit_is_refused_unread(
         lambda xml: xml.replace(b"<sheetData>", b"<sheetData>" + b" " * 40_000_000),
     )
     assert path.stat().st_size < 100_000
-    monkeypatch.setattr(inputs_module, "MAX_UNPACKED_BYTES", 16 * 2**20, raising=False)
+    monkeypatch.setattr(workbook_limits, "MAX_UNPACKED_BYTES", 16 * 2**20)
 
     with pytest.raises(InputError, match="zip bomb") as caught:
         read_inputs([path])

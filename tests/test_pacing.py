@@ -10,7 +10,7 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchjob._pacing import AdaptivePacer, PacingSettings
+from batchjob.send._pacing import AdaptivePacer, PacingSettings
 
 
 class Clock:

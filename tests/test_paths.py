@@ -19,14 +19,11 @@ import numpy as np
 import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
-from batchjob._groups import Positions
-from batchjob._report import (
-    ReportPaths,
-    RowWriter,
-    _write_atomically,
-    remove_stale_temp_files,
-)
-from batchjob._sandbox import Sandbox, SandboxSettings, World
+from batchjob.plan._plan import Positions
+from batchjob.record._files import ReportPaths, remove_stale_temp_files
+from batchjob.record._final import _write_atomically
+from batchjob.record._rows import RowWriter
+from batchjob.sandbox._server import Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     CrashAfter,
     cli,
@@ -440,7 +437,7 @@ async def test_only_this_report_s_temporary_files_with_a_dead_writer_are_removed
 # a SIGKILL lands in the middle of it every time.
 STALLED_WRITE = """
 import sys, time
-import batchjob._report as report
+import batchjob.record._final as report
 from batchjob._cli import main
 
 real, stall_on = report._write_atomically, sys.argv.pop(1)

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import batchjob._plan as plan_module
-from batchjob._inputs import read_inputs
-from batchjob._keybytes import Words
-from batchjob._plan import Hashes, Plan, build_plan
+import batchjob.plan._plan as plan_module
+from batchjob.plan._plan import Hashes, Plan, build_plan
+from batchjob.read._files import read_inputs
+from batchjob.read._keybytes import Words
 from tests.support import write_csv
 
 A = "07216444-4e3b-41ea-a3b8-5a418fce41f4"

@@ -23,7 +23,8 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from batchjob._sandbox import (
+from batchjob.sandbox._serve import _sandbox_from_args, add_sandbox_arguments
+from batchjob.sandbox._server import (
     NO_REPLY,
     EventState,
     Faults,
@@ -31,8 +32,6 @@ from batchjob._sandbox import (
     SandboxSettings,
     World,
     _Bucket,
-    _sandbox_from_args,
-    add_sandbox_arguments,
 )
 
 ROOT = Path(__file__).absolute().parents[1]
@@ -844,7 +843,7 @@ async def test_command_runs_until_sigterm(session: aiohttp.ClientSession) -> Non
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "batchjob._sandbox",
+        "batchjob.sandbox",
         "--port",
         "0",
         "--rate",

@@ -30,17 +30,16 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from batchjob._auth import add_auth_arguments, parse_redirect, run_auth_command
+from batchjob._auth import parse_redirect, run_auth_command
 from batchjob._cli import _run as cli_run
+from batchjob._cli import add_auth_arguments
 from batchjob._cli import main as cli_main
-from batchjob._config import ConfigError, JobConfig
-from batchjob._sandbox import Sandbox, SandboxSettings, World
+from batchjob._config import JobConfig
+from batchjob._errors import ConfigError, TokenError, TokenSaveError
 from batchjob._tokens import (
     FileTokenSource,
     Secret,
     StaticToken,
-    TokenError,
-    TokenSaveError,
     TokenSet,
     default_token_session,
     find_rescued_tokens,
@@ -48,6 +47,7 @@ from batchjob._tokens import (
     rescue_tokens,
     token_source_from_env,
 )
+from batchjob.sandbox._server import Sandbox, SandboxSettings, World
 from tests.support import ticket_rows, write_csv
 
 FAST_RETRY = (0.01, 0.01)

@@ -95,61 +95,148 @@ SCANS: list[Row] = [
     Row("header", Cell(text="event_id"), Cell(text="order_ticket_key"), "Door", "Note"),
     Row("number", _ev(EVENT_A), Cell(typed="123456"), "North", what="integer, General"),
     Row("number", _ev(EVENT_A), Cell(value=float(2**53 - 1)), "North", what="2^53-1, General"),
-    Row("number", _ev(EVENT_A), Cell(typed="9007199254740993"), "North",
-        what="2^53+1 typed, General (not a double)"),
+    Row(
+        "number",
+        _ev(EVENT_A),
+        Cell(typed="9007199254740993"),
+        "North",
+        what="2^53+1 typed, General (not a double)",
+    ),
     Row("number", _ev(EVENT_A), Cell(typed="1234567890123456"), "North", what="16 digits"),
     Row("number", _ev(EVENT_A), Cell(typed="12345678901234567"), "North", what="17 digits"),
     Row("number", _ev(EVENT_A), Cell(typed="12345678901234567890"), "North", what="20 digits"),
-    Row("number-formatted", _ev(EVENT_A), Cell(value=123, fmt="000000"), "North",
-        what="123 with format 000000"),
-    Row("number", _ev(EVENT_A), Cell(typed="0025418658"), "North",
-        what="0025418658 typed into a General cell"),
-    Row("text", _ev(EVENT_A), Cell(text="000123", fmt=TEXT), "North",
-        what="Text-formatted cell, leading zeros"),
+    Row(
+        "number-formatted",
+        _ev(EVENT_A),
+        Cell(value=123, fmt="000000"),
+        "North",
+        what="123 with format 000000",
+    ),
+    Row(
+        "number",
+        _ev(EVENT_A),
+        Cell(typed="0025418658"),
+        "North",
+        what="0025418658 typed into a General cell",
+    ),
+    Row(
+        "text",
+        _ev(EVENT_A),
+        Cell(text="000123", fmt=TEXT),
+        "North",
+        what="Text-formatted cell, leading zeros",
+    ),
     Row("text", _ev(EVENT_A), Cell(text="a1b2c3d4e5f6"), "North", what="plain text key"),
-    Row("date", _ev(EVENT_B), Cell(value=DATE_SERIAL, fmt="YYYY-MM-DD"), "North",
-        what="date shown 2026-11-20"),
-    Row("date", _ev(EVENT_B), Cell(value=DATE_SERIAL, fmt="MM/DD/YY"), "North",
-        what="the same date shown 11/20/26"),
+    Row(
+        "date",
+        _ev(EVENT_B),
+        Cell(value=DATE_SERIAL, fmt="YYYY-MM-DD"),
+        "North",
+        what="date shown 2026-11-20",
+    ),
+    Row(
+        "date",
+        _ev(EVENT_B),
+        Cell(value=DATE_SERIAL, fmt="MM/DD/YY"),
+        "North",
+        what="the same date shown 11/20/26",
+    ),
     Row("time", _ev(EVENT_B), Cell(value=0.5 + 1 / 48, fmt="HH:MM"), "North", what="12:30"),
     Row("bool", _ev(EVENT_B), Cell(value=1, fmt="BOOLEAN"), "North", what="TRUE"),
     Row("bool", _ev(EVENT_B), Cell(value=0, fmt="BOOLEAN"), "North", what="FALSE"),
     Row("percent", _ev(EVENT_B), Cell(value=0.5, fmt="0%"), "North", what="50%"),
-    Row("currency", _ev(EVENT_B), Cell(value=100, fmt="[$$-409]#,##0"), "North",
-        what="$100"),
-    Row("scientific", _ev(EVENT_B), Cell(typed="1e5"), "North",
-        what="1e5 typed into a General cell"),
-    Row("scientific", _ev(EVENT_B), Cell(value=100000, fmt="0.00E+00"), "North",
-        what="100000 with a scientific format"),
-    Row("scientific", _ev(EVENT_B), Cell(typed="1E+309"), "North",
-        what="1E+309 typed (beyond a double)"),
+    Row("currency", _ev(EVENT_B), Cell(value=100, fmt="[$$-409]#,##0"), "North", what="$100"),
+    Row(
+        "scientific", _ev(EVENT_B), Cell(typed="1e5"), "North", what="1e5 typed into a General cell"
+    ),
+    Row(
+        "scientific",
+        _ev(EVENT_B),
+        Cell(value=100000, fmt="0.00E+00"),
+        "North",
+        what="100000 with a scientific format",
+    ),
+    Row(
+        "scientific",
+        _ev(EVENT_B),
+        Cell(typed="1E+309"),
+        "North",
+        what="1E+309 typed (beyond a double)",
+    ),
     Row("error", _ev(EVENT_B), Cell(typed="=NA()"), "North", what="#N/A"),
     Row("error", _ev(EVENT_B), Cell(typed="=1/0"), "North", what="#DIV/0!"),
     Row("formula", _ev(EVENT_C), Cell(typed="=1+2"), "North", what="=1+2"),
-    Row("formula-text", _ev(EVENT_C), Cell(typed='="a1b2c3"&"d4e5f6"'), "North",
-        what="formula giving text"),
-    Row("merged", _ev(EVENT_C), Cell(text="m00000000001"), "North", merge_event_rows=3,
-        what="event cell merged over this row and the next two"),
+    Row(
+        "formula-text",
+        _ev(EVENT_C),
+        Cell(typed='="a1b2c3"&"d4e5f6"'),
+        "North",
+        what="formula giving text",
+    ),
+    Row(
+        "merged",
+        _ev(EVENT_C),
+        Cell(text="m00000000001"),
+        "North",
+        merge_event_rows=3,
+        what="event cell merged over this row and the next two",
+    ),
     Row("merged", None, Cell(text="m00000000002"), "North", what="under the merged event"),
     Row("merged", None, Cell(text="m00000000003"), "North", what="under the merged event"),
-    Row("hidden", _ev(EVENT_C), Cell(text="h00000000001"), "North", hide=True,
-        what="row hidden by the user"),
-    Row("hidden", _ev(EVENT_C), Cell(text="h00000000002"), "North", hide=True,
-        what="row hidden by the user"),
-    Row("filtered", _ev(EVENT_C), Cell(text="f00000000001"), "South",
-        what="filtered out by the autofilter (Door is not South)"),
-    Row("filtered", _ev(EVENT_C), Cell(text="f00000000002"), "South",
-        what="filtered out by the autofilter (Door is not South)"),
+    Row(
+        "hidden",
+        _ev(EVENT_C),
+        Cell(text="h00000000001"),
+        "North",
+        hide=True,
+        what="row hidden by the user",
+    ),
+    Row(
+        "hidden",
+        _ev(EVENT_C),
+        Cell(text="h00000000002"),
+        "North",
+        hide=True,
+        what="row hidden by the user",
+    ),
+    Row(
+        "filtered",
+        _ev(EVENT_C),
+        Cell(text="f00000000001"),
+        "South",
+        what="filtered out by the autofilter (Door is not South)",
+    ),
+    Row(
+        "filtered",
+        _ev(EVENT_C),
+        Cell(text="f00000000002"),
+        "South",
+        what="filtered out by the autofilter (Door is not South)",
+    ),
     Row("blank", what="an empty row"),
     Row("note", note="Scanner 3 offline 14:00-14:20", what="only a note, no event or key"),
-    Row("newline", _ev(EVENT_C), Cell(text="abc123\ndef456"), "North",
-        what="key with an embedded newline"),
-    Row("non-cp1252", _ev(EVENT_C), Cell(text="Łb2c3d4e5f6"), "North",
-        what="Ł is not in cp1252 (becomes ? in the cp1252 CSV)"),
-    Row("euro", _ev(EVENT_C), Cell(text="€1b2c3d4e5f6"), "North",
-        what="€ is in cp1252 (0x80)"),
-    Row("text", _ev(EVENT_C), Cell(text=" 0000a1b2c3d4 "), "North",
-        what="text key with surrounding spaces"),
+    Row(
+        "newline",
+        _ev(EVENT_C),
+        Cell(text="abc123\ndef456"),
+        "North",
+        what="key with an embedded newline",
+    ),
+    Row(
+        "non-cp1252",
+        _ev(EVENT_C),
+        Cell(text="Łb2c3d4e5f6"),
+        "North",
+        what="Ł is not in cp1252 (becomes ? in the cp1252 CSV)",
+    ),
+    Row("euro", _ev(EVENT_C), Cell(text="€1b2c3d4e5f6"), "North", what="€ is in cp1252 (0x80)"),
+    Row(
+        "text",
+        _ev(EVENT_C),
+        Cell(text=" 0000a1b2c3d4 "),
+        "North",
+        what="text key with surrounding spaces",
+    ),
 ]
 FILTER_COLUMN = 2  # "Door", column C: the autofilter keeps Door <> "South"
 HEADER_ROW = 3
@@ -163,8 +250,22 @@ EXTRA: list[Row] = [
 
 # A plain CSV of text keys, then opened in LibreOffice and saved as .xlsx.
 ROUNDTRIP_KEYS = [
-    "000123", "0025418658", "123456", "12345678901234567890", "1e5", "1E+309", "=1+2",
-    "2026-11-20", "11/20/26", "12:30", "TRUE", "50%", "$100", "#N/A", "a1b2c3d4e5f6", "00012e3",
+    "000123",
+    "0025418658",
+    "123456",
+    "12345678901234567890",
+    "1e5",
+    "1E+309",
+    "=1+2",
+    "2026-11-20",
+    "11/20/26",
+    "12:30",
+    "TRUE",
+    "50%",
+    "$100",
+    "#N/A",
+    "a1b2c3d4e5f6",
+    "00012e3",
 ]
 
 
@@ -337,8 +438,9 @@ def store(doc: Any, path: Path, filter_name: str, options: str | None = None) ->
     doc.storeToURL(_url(path), tuple(props))
 
 
-def load(desktop: Any, path: Path, filter_name: str | None = None,
-         options: str | None = None) -> Any:
+def load(
+    desktop: Any, path: Path, filter_name: str | None = None, options: str | None = None
+) -> Any:
     props = [_prop("Hidden", True)]
     if filter_name is not None:
         props.append(_prop("FilterName", filter_name))
@@ -589,15 +691,18 @@ def main() -> int:
         store(plain, out / "roundtrip.xlsx", "Calc MS Excel 2007 XML")
         plain.close(True)
         # ... and as Excel opens a CSV: special numbers detected, formulas evaluated.
-        excel_like = load(desktop, source, CSV_FILTER,
-                          "44,34,76,1,,1033,false,true,false,false,false,0,true")
+        excel_like = load(
+            desktop, source, CSV_FILTER, "44,34,76,1,,1033,false,true,false,false,false,0,true"
+        )
         store(excel_like, out / "roundtrip-special.xlsx", "Calc MS Excel 2007 XML")
         excel_like.close(True)
         for name, how in (
             ("roundtrip.xlsx", "CSV filter defaults (no options), saved as .xlsx"),
-            ("roundtrip-special.xlsx",
-             "CSV options 44,34,76,1,,1033,false,true,false,false,false,0,true "
-             "(detect special numbers, evaluate formulas), saved as .xlsx"),
+            (
+                "roundtrip-special.xlsx",
+                "CSV options 44,34,76,1,,1033,false,true,false,false,false,0,true "
+                "(detect special numbers, evaluate formulas), saved as .xlsx",
+            ),
         ):
             reopened = load(desktop, out / name)
             shown = export_shown(reopened, out / name)

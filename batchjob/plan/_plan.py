@@ -25,10 +25,11 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 
-from batchjob._groups import Positions
-from batchjob._inputs import Inputs
-from batchjob._keybytes import KeyBytes, Offsets, Words, word_count
+from batchjob.read._keybytes import KeyBytes, Offsets, Words, word_count
+from batchjob.read._shared import Inputs
 
+#: Rows of the plan (indices into ``Plan.rows``): what the later stages pass around.
+Positions = npt.NDArray[np.int64]
 Mask = npt.NDArray[np.bool_]
 Codes = npt.NDArray[np.integer[Any]]
 Hashes = npt.NDArray[np.uint64]

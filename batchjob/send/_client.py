@@ -1,285 +1,33 @@
-"""Talking to the API: one request, its retries, and what its answer means.
-
-The transport is a seam: :class:`AiohttpTransport` is the real one; tests may pass any object
-with the same ``request`` coroutine. Classification of answers is a pure function, so the rules
-("never resend a 400 unchanged", "quota_exceeded stops the run") are tested without a network.
-"""
+"""One request, paced, budgeted and retried (with backoff), and the record of its tries."""
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import json
 import random
-import re
 import time
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from enum import Enum
-from typing import Any, Protocol
 
-import aiohttp
 import backoff
 
-from batchjob._logging import MAX_REPORT_TEXT, MAX_SERVER_TEXT, Redactor
-from batchjob._pacing import AdaptivePacer
-from batchjob._tokens import TokenError
-
-
-class Verdict(Enum):
-    """What an answer means for the keys in the request and for the run."""
-
-    OK = "ok"  # 2xx: every key in the request is undone
-    KEY_FAULT = "key_fault"  # 400/404/409/422: some key in the request is at fault
-    TOO_LARGE = "too_large"  # 413: send fewer keys per request
-    RETRY = "retry"  # transient: network, timeout, 5xx, 429 throttled, 403 over the rate
-    QUOTA = "quota"  # 429 quota_exceeded: nothing more today
-    AUTH = "auth"  # 401: token invalid or expired
-    FORBIDDEN = "forbidden"  # 403: scope, privilege or app deactivated
-    REFUSED = "refused"  # any other answer: not retried, keys failed
-
+from batchjob._errors import TokenError
+from batchjob._logging import MAX_REPORT_TEXT, Redactor
+from batchjob._tokens import TokenSource
+from batchjob.send._messages import (
+    TOKEN_FAILED,
+    Reply,
+    Verdict,
+    parse_error_body,
+    parse_retry_after,
+    undo_body,
+)
+from batchjob.send._pacing import AdaptivePacer
+from batchjob.send._transport import Transport, TransportError
 
 #: A few, not one: with short-lived tokens a slow request can outlive a fresh one too.
 MAX_REFRESHES_PER_REQUEST = 3
-TOKEN_FAILED = "token_unavailable"  # noqa: S105 - error_key of a synthetic 401 when no token can be had
-RETRY_STATUSES = frozenset({500, 502, 503, 504})
-KEY_FAULT_STATUSES = frozenset({400, 404, 409, 422})
-#: Most bytes of an answer's body read: an error body is shown cut to MAX_SERVER_TEXT
-#: characters anyway, and a server may send one that never ends.
-MAX_BODY = 64 * 1024
-#: ... but a GET's success body (the event) must be read whole to find its status.
-MAX_SUCCESS_BODY = 1024 * 1024
 #: A run stops when every answer for this many times ``retry_max_time`` was throttling.
 THROTTLED_STRETCH = 5.0
-
-
-@dataclass(frozen=True)
-class Reply:
-    """An answer, or the lack of one (status 0) after a network fault or timeout."""
-
-    status: int
-    error_key: str = ""
-    error_message: str = ""
-    retry_after: float | None = None
-    body: bytes = b""
-    expected: int = 204  # the success status of the request that got this answer
-
-    @property
-    def verdict(self) -> Verdict:
-        return classify(self.status, self.error_key, expected=self.expected)
-
-    @property
-    def throttled(self) -> bool:
-        return is_throttling(self.status, self.error_key)
-
-
-def classify(status: int, error_key: str = "", *, expected: int = 204) -> Verdict:
-    """What an answer means. Only the documented success status counts as success: a 200
-    from a proxy or captive portal must never get keys reported ``undone``."""
-    if status == expected:
-        return Verdict.OK
-    if status == 0 or status in RETRY_STATUSES:
-        return Verdict.RETRY
-    if status == 429:
-        return Verdict.QUOTA if error_key == "quota_exceeded" else Verdict.RETRY
-    if status == 401:
-        return Verdict.AUTH
-    if status == 403:
-        return Verdict.RETRY if is_throttling(status, error_key) else Verdict.FORBIDDEN
-    if status == 413:
-        return Verdict.TOO_LARGE
-    if status in KEY_FAULT_STATUSES:
-        return Verdict.KEY_FAULT
-    return Verdict.REFUSED
-
-
-def is_throttling(status: int, error_key: str = "") -> bool:
-    """Whether an answer says "too fast": 429 but the daily quota, or a 403 from the older
-    gateway whose error key speaks of the request rate or QPS. Never a key's fault, nor a stop.
-    """
-    if status == 429:
-        return error_key != "quota_exceeded"
-    if status != 403 or not error_key:
-        return False
-    # "rate_limit", "requestRateExceeded", "QPS.exceeded", "throttled"; not "corporate".
-    spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", error_key).lower()
-    words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
-    squashed = "".join(words)
-    return (
-        "qps" in squashed
-        or "toomanyrequests" in squashed
-        or any(w.startswith(("rate", "throttl")) for w in words)
-    )
-
-
-#: Most characters of a body that is not JSON (an HTML error page) shown as its message.
-_NON_JSON_TEXT = 200
-
-
-def parse_error_body(body: bytes, redactor: Redactor | None = None) -> tuple[str, str]:
-    """``(error_key, error_message)`` from any error body the platform sends.
-
-    Usually ``[{"error_key", "error_message"}]``; sometimes one such object; the OAuth server
-    uses ``{"error", "error_description"}``; proxies send HTML or nothing. Both texts come
-    back clean (see :meth:`Redactor.clean`): ``redactor``'s secrets replaced by ``***``,
-    control characters escaped, at most MAX_SERVER_TEXT characters.
-    """
-    clean = (redactor or Redactor()).clean
-    if not body:
-        return "", ""
-    try:
-        data: Any = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        # All of it decoded and cleaned before the cut: a cut must not leave half a secret.
-        text = " ".join(body.decode("utf-8", "replace").split())
-        return "", clean(text, _NON_JSON_TEXT)
-    key, message = _error_fields(data)
-    return clean(key, 200), clean(message, MAX_SERVER_TEXT)
-
-
-def _error_fields(data: Any) -> tuple[str, str]:
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        keys = [_text(d.get("error_key", "")) for d in data if isinstance(d, dict)]
-        messages = [_text(d.get("error_message", "")) for d in data if isinstance(d, dict)]
-        return keys[0], "; ".join(m for m in messages if m)
-    if isinstance(data, dict):
-        key = data.get("error_key", data.get("error", ""))
-        message = data.get("error_message", data.get("error_description", ""))
-        return _text(key), _text(message)
-    return "", ""
-
-
-def _text(value: Any) -> str:
-    # str() of a deeply nested list could itself recurse too deep; a server's odd value is
-    # shown by its type then.
-    try:
-        return str(value)
-    except RecursionError:
-        return f"<{type(value).__name__}>"
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date), if usable."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None
-        seconds = when.timestamp() - (time.time() if now is None else now)
-    return max(0.0, seconds)
-
-
-# Printable ASCII other than the quote and the backslash: JSON strings that need no escape.
-_PLAIN_JSON = re.compile(r"[ !#-\[\]-~]*")
-
-
-def undo_body(keys: Sequence[str]) -> bytes:
-    """The undo request's JSON body, byte for byte what ``json.dumps`` compact would give.
-
-    Keys are nearly always plain ASCII, and joining them is several times cheaper than the
-    json encoder: it shows at thousands of requests a second.
-    """
-    # Checked without the separators: a key holding '","' must not pass for two keys.
-    if keys and _PLAIN_JSON.fullmatch("".join(keys)):
-        return ('{"order_ticket_keys":["' + '","'.join(keys) + '"]}').encode()
-    return json.dumps({"order_ticket_keys": list(keys)}, separators=(",", ":")).encode()
-
-
-# --- transport ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RawResponse:
-    status: int
-    headers: dict[str, str]
-    body: bytes
-
-
-class TransportError(Exception):
-    """No answer: connection refused or dropped, timeout. Never carries request headers."""
-
-
-class Transport(Protocol):
-    async def request(
-        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
-    ) -> RawResponse: ...
-
-
-class AiohttpTransport:
-    """The real transport: one aiohttp session for the run.
-
-    Reads at most MAX_BODY bytes of a body (MAX_SUCCESS_BODY of a GET's 2xx): the rest is
-    never read, and the connection is closed rather than reused.
-    """
-
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self._session = session
-
-    async def request(
-        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
-    ) -> RawResponse:
-        try:
-            # No redirects: a bearer token has no business following one, and a redirect's
-            # answer is not the API's.
-            async with self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
-            ) as resp:
-                success = method == "GET" and 200 <= resp.status < 300
-                limit = MAX_SUCCESS_BODY if success else MAX_BODY
-                payload = await read_at_most(resp.content, limit)
-                return RawResponse(resp.status, dict(resp.headers), payload)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # aiohttp's messages name the URL at most; the type is what a reader needs. They
-            # may quote what the server sent (a header): the client cleans the text.
-            raise TransportError(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
-
-
-async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
-    """The body's first ``limit`` bytes, or all of it if shorter."""
-    parts: list[bytes] = []
-    size = 0
-    while size < limit:
-        chunk = await content.read(limit - size)
-        if not chunk:
-            break
-        parts.append(chunk)
-        size += len(chunk)
-    return b"".join(parts)
-
-
-def make_session(
-    *, connect_timeout: float, request_timeout: float, concurrency: int
-) -> aiohttp.ClientSession:
-    timeout = aiohttp.ClientTimeout(total=request_timeout, sock_connect=connect_timeout)
-    # A few spare connections: a dropped one should not make the next request wait.
-    connector = aiohttp.TCPConnector(limit=concurrency + 2, enable_cleanup_closed=True)
-    return aiohttp.ClientSession(
-        timeout=timeout,
-        connector=connector,
-        headers={"User-Agent": "batchjob/1.0", "Accept": "application/json"},
-        raise_for_status=False,
-    )
-
-
-# --- one request with retries ---------------------------------------------------------------
-
-
-class TokenSource(Protocol):
-    """Where bearer tokens come from. ``refresh`` gets a new one after a 401, if it can."""
-
-    async def token(self) -> str: ...
-
-    async def refresh(self, rejected: str) -> str | None:
-        """A new token after ``rejected`` got a 401; None when there is no way to get one.
-
-        May raise :class:`~batchjob._tokens.TokenError`, which stops the run.
-        """
-        ...
 
 
 class NotSent(Exception):
@@ -337,7 +85,7 @@ class RetryPolicy:
 
 
 @dataclass(frozen=True)
-class Answer:
+class CallResult:
     """The final answer to a request after retries, and how many attempts it took."""
 
     reply: Reply
@@ -461,13 +209,13 @@ class ApiClient:
             logger=None,
         )(self._until_not_throttled)
 
-    async def get_event(self, event_id: str, call: Call | None = None) -> Answer:
+    async def get_event(self, event_id: str, call: Call | None = None) -> CallResult:
         url = f"{self._base}/events/{event_id}"
         return await self._send(call or Call("GET", url, None, expected=200))
 
     async def undo_check_in(
         self, event_id: str, keys: list[str], call: Call | None = None
-    ) -> Answer:
+    ) -> CallResult:
         """Undo check-ins for ``keys``. Pass ``call`` to read its attempts even if cancelled."""
         body = undo_body(keys)
         url = f"{self._base}/events/{event_id}/undo_check_in/tickets"
@@ -477,7 +225,7 @@ class ApiClient:
             call.method, call.url, call.body = "POST", url, body
         return await self._send(call)
 
-    async def _send(self, call: Call) -> Answer:
+    async def _send(self, call: Call) -> CallResult:
         call.started = time.monotonic()
         try:
             reply = await self._retrying(call)
@@ -485,12 +233,12 @@ class ApiClient:
             reply = exc.reply
         except NotSent as stop:
             reply = stop.reply or Reply(0, "not_sent", stop.reason)
-            return Answer(reply, call.attempts, not_sent=stop.reason)
+            return CallResult(reply, call.attempts, not_sent=stop.reason)
         except TokenError as exc:
             # No usable token (refresh refused, file unreadable): as final as a 401.
             message = self.redactor.clean(str(exc), MAX_REPORT_TEXT)
-            return Answer(Reply(401, TOKEN_FAILED, message), call.attempts)
-        return Answer(reply, call.attempts)
+            return CallResult(Reply(401, TOKEN_FAILED, message), call.attempts)
+        return CallResult(reply, call.attempts)
 
     def _out_of_time(self, exc: Exception) -> bool:
         call = getattr(exc, "call", None)

@@ -21,7 +21,7 @@ import numpy.typing as npt
 Bytes = npt.NDArray[np.uint8]
 Offsets = npt.NDArray[np.int64]
 Words = npt.NDArray[np.uint64]
-Positions = npt.NDArray[np.intp]
+Rows = npt.NDArray[np.intp]  # indices into the key array
 
 WORD: Final = 8
 _MASKS: Final = np.array([(1 << (8 * n)) - 1 for n in range(WORD + 1)], dtype=np.uint64)
@@ -75,7 +75,7 @@ class KeyBytes:
     def slice(self, start: int, end: int) -> KeyBytes:
         return KeyBytes(self.data, self.starts[start:end], self.ends[start:end])
 
-    def take(self, rows: Positions) -> KeyBytes:
+    def take(self, rows: Rows) -> KeyBytes:
         return KeyBytes(self.data, self.starts[rows], self.ends[rows])
 
     @property
@@ -127,7 +127,7 @@ class KeyBytes:
         found[rows[positions < self.ends[rows]]] = True
         return found
 
-    def char_lengths(self, rows: Positions) -> Offsets:
+    def char_lengths(self, rows: Rows) -> Offsets:
         """The length in characters (UTF-8 lead bytes) of the keys at ``rows``."""
         if self.byte_range[1] < 0x80:
             return self.lengths[rows]

@@ -20,7 +20,6 @@ middleware and no logging unless asked for.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import binascii
@@ -31,7 +30,6 @@ import math
 import os
 import random
 import secrets
-import signal
 import sys
 import time
 import urllib.parse
@@ -40,25 +38,10 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from itertools import repeat
-from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 from aiohttp import web
 from aiolimiter import AsyncLimiter
-
-__all__ = [
-    "Counters",
-    "EventState",
-    "Faults",
-    "RequestRecord",
-    "Sandbox",
-    "SandboxSettings",
-    "World",
-    "add_sandbox_arguments",
-    "main_sandbox",
-    "run_sandbox_command",
-    "serve",
-]
 
 _log = logging.getLogger("batchjob.sandbox")
 
@@ -146,8 +129,7 @@ def _validate_settings(settings: SandboxSettings) -> None:
         raise ValueError("burst must be a number >= 1")
     _check_optional("burst", settings.burst, minimum=1)
     _check_optional("daily_quota", settings.daily_quota, minimum=0, integer=True)
-    _check_optional("max_keys_per_request", settings.max_keys_per_request, minimum=1,
-                    integer=True)
+    _check_optional("max_keys_per_request", settings.max_keys_per_request, minimum=1, integer=True)
     _check_optional("access_token_ttl", settings.access_token_ttl, minimum=0)
     if not isinstance(settings.rotate_refresh_tokens, bool):
         raise ValueError("rotate_refresh_tokens must be true or false")
@@ -338,15 +320,16 @@ _UNAUTHORIZED = _error(401, "unauthorized", "Unauthorized")
 _THROTTLED = _error(429, "throttled", "Too Many Requests")
 _QUOTA_EXCEEDED = _error(429, "quota_exceeded", "Limit Exceeded")
 _SERVER_ERROR = _error(500, "server.error", "An internal error occurred")
-_UNSUPPORTED_TYPE = _error(415, "request.unsupported_media_type",
-                           "Content-Type must be application/json")
+_UNSUPPORTED_TYPE = _error(
+    415, "request.unsupported_media_type", "Content-Type must be application/json"
+)
 _JSON_INVALID = _error(400, "json.invalid", "The request body is not valid JSON")
-_KEYS_INVALID = _error(400, "json.invalid",
-                       "order_ticket_keys is required and must be an array of strings")
+_KEYS_INVALID = _error(
+    400, "json.invalid", "order_ticket_keys is required and must be an array of strings"
+)
 _EVENT_NOT_FOUND = _error(404, "event.not_found", "The requested event was not found")
 _STATUS_INVALID = _error(400, "event.status.invalid", "Event must be ACTIVE or COMPLETE")
-_TICKET_NOT_FOUND = _error(404, "ticket.not_found",
-                           "One or more order ticket keys were not found")
+_TICKET_NOT_FOUND = _error(404, "ticket.not_found", "One or more order ticket keys were not found")
 _QUERY_INVALID = _error(400, "query.invalid", "Invalid limit or cursor")
 # A 503 usually comes from a load balancer, not the application, so its body is HTML here:
 # cc-api.md warns error bodies may not be JSON, and this is where a client meets one.
@@ -357,10 +340,10 @@ _UNAVAILABLE_HTML = (
 _TOKEN_HEADERS: Final = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
-def _json_response(status: int, body: bytes, headers: Mapping[str, str] | None = None
-                   ) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json",
-                        headers=headers)
+def _json_response(
+    status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def _oauth_error(status: int, error: str, description: str) -> web.Response:
@@ -432,10 +415,10 @@ class Sandbox:
         app = web.Application()
         app.router.add_get(f"{API_PREFIX}/events", self._list_events)
         app.router.add_get(f"{API_PREFIX}/events/{{event_id}}", self._get_event)
-        app.router.add_post(f"{API_PREFIX}/events/{{event_id}}/undo_check_in/tickets",
-                            self._undo_check_in)
-        app.router.add_post(f"{API_PREFIX}/events/{{event_id}}/check_in/tickets",
-                            self._check_in)
+        app.router.add_post(
+            f"{API_PREFIX}/events/{{event_id}}/undo_check_in/tickets", self._undo_check_in
+        )
+        app.router.add_post(f"{API_PREFIX}/events/{{event_id}}/check_in/tickets", self._check_in)
         app.router.add_post(TOKEN_PATH, self._token)
         app.router.add_get("/_sandbox/state", self._admin_state)
         app.router.add_post("/_sandbox/faults", self._admin_faults)
@@ -452,8 +435,9 @@ class Sandbox:
         self._loop = asyncio.get_running_loop()
         self._bucket = None  # aiolimiter binds to the loop that first uses it
         # A short shutdown_timeout: a "slow" request in flight must not hold up a test's exit.
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                               shutdown_timeout=1.0)
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await runner.setup()
         try:
             site = web.TCPSite(runner, host, port, backlog=1024)
@@ -519,8 +503,15 @@ class Sandbox:
         loop = self._loop
         return loop.time() if loop is not None else time.monotonic()
 
-    def _record(self, request: web.Request, status: int, event_id: str | None,
-                keys: tuple[str, ...], at: float, applied: bool) -> None:
+    def _record(
+        self,
+        request: web.Request,
+        status: int,
+        event_id: str | None,
+        keys: tuple[str, ...],
+        at: float,
+        applied: bool,
+    ) -> None:
         counters = self.counters
         counters.total += 1
         counters.by_status[status] += 1
@@ -529,11 +520,22 @@ class Sandbox:
                 RequestRecord(request.method, request.path, status, event_id, keys, at, applied)
             )
         if self._log_requests:
-            _log.info("%s %s -> %s%s", request.method, request.path, status or "no reply",
-                      f" ({len(keys)} keys)" if keys else "")
+            _log.info(
+                "%s %s -> %s%s",
+                request.method,
+                request.path,
+                status or "no reply",
+                f" ({len(keys)} keys)" if keys else "",
+            )
 
-    def _answer(self, request: web.Request, error: tuple[int, bytes], event_id: str | None,
-                at: float, keys: tuple[str, ...] = ()) -> web.Response:
+    def _answer(
+        self,
+        request: web.Request,
+        error: tuple[int, bytes],
+        event_id: str | None,
+        at: float,
+        keys: tuple[str, ...] = (),
+    ) -> web.Response:
         status, body = error
         self._record(request, status, event_id, keys, at, False)
         return _json_response(status, body)
@@ -554,8 +556,9 @@ class Sandbox:
         # disconnect, silently: exactly the "no reply" we want.
         return web.Response(status=204)
 
-    async def _gate(self, request: web.Request, event_id: str | None, at: float
-                    ) -> web.StreamResponse | None:
+    async def _gate(
+        self, request: web.Request, event_id: str | None, at: float
+    ) -> web.StreamResponse | None:
         """Faults, token, bucket, quota: a response to send, or None to go on."""
         faults = self.faults
         if faults.slow and self._rng.random() < faults.slow:
@@ -641,11 +644,14 @@ class Sandbox:
         if not 1 <= limit <= 100 or start < 0:
             return self._answer(request, _QUERY_INVALID, None, at)
         ids = list(self.world.events)
-        page = ids[start:start + limit]
+        page = ids[start : start + limit]
         body: dict[str, Any] = {
             "events": [
-                {"event_id": i, "name": self.world.events[i].name,
-                 "status": self.world.events[i].status}
+                {
+                    "event_id": i,
+                    "name": self.world.events[i].name,
+                    "status": self.world.events[i].status,
+                }
                 for i in page
             ]
         }
@@ -663,8 +669,9 @@ class Sandbox:
     async def _check_in(self, request: web.Request) -> web.StreamResponse:
         return await self._set_checked_in(request, checked_in=True)
 
-    async def _set_checked_in(self, request: web.Request, *, checked_in: bool
-                              ) -> web.StreamResponse:
+    async def _set_checked_in(
+        self, request: web.Request, *, checked_in: bool
+    ) -> web.StreamResponse:
         at = self._now()
         event_id = request.match_info["event_id"]
         refusal = await self._gate(request, event_id, at)
@@ -697,8 +704,9 @@ class Sandbox:
             return self._answer(request, _STATUS_INVALID, event_id, at, keys)
         max_keys = self.settings.max_keys_per_request
         if max_keys is not None and len(keys) > max_keys:
-            too_large = _error(413, "request.too_large",
-                               f"At most {max_keys} order ticket keys per request")
+            too_large = _error(
+                413, "request.too_large", f"At most {max_keys} order ticket keys per request"
+            )
             return self._answer(request, too_large, event_id, at, keys)
         tickets = event.tickets
         if not all(map(tickets.__contains__, keys)):
@@ -721,22 +729,23 @@ class Sandbox:
     async def _token(self, request: web.Request) -> web.StreamResponse:
         self.counters.token_requests += 1
         if request.content_type != "application/x-www-form-urlencoded":
-            return _oauth_error(400, "invalid_request",
-                                "Content-Type must be application/x-www-form-urlencoded")
+            return _oauth_error(
+                400, "invalid_request", "Content-Type must be application/x-www-form-urlencoded"
+            )
         form = await request.post()
         client_id = form.get("client_id")
         auth_header = request.headers.get("Authorization", "")
         if not client_id and auth_header[:6].lower() == "basic ":
             client_id = _basic_auth_login(auth_header[6:])
         if form.get("grant_type") != "refresh_token":
-            return _oauth_error(400, "unsupported_grant_type",
-                                "The authorization grant type is not supported.")
+            return _oauth_error(
+                400, "unsupported_grant_type", "The authorization grant type is not supported."
+            )
         if client_id != self.client_id:
             return _oauth_error(401, "invalid_client", "Client authentication failed.")
         presented = form.get("refresh_token")
         if not isinstance(presented, str) or presented not in self._refresh_tokens:
-            return _oauth_error(400, "invalid_grant",
-                                "unknown, invalid, or expired refresh token")
+            return _oauth_error(400, "invalid_grant", "unknown, invalid, or expired refresh token")
         if self.settings.rotate_refresh_tokens:
             self._refresh_tokens.discard(presented)
             self.refresh_token = secrets.token_urlsafe(32)
@@ -808,8 +817,14 @@ class Sandbox:
         return web.json_response(asdict(self.faults))
 
     async def _admin_settings(self, request: web.Request) -> web.StreamResponse:
-        adjustable = {"rate", "burst", "daily_quota", "max_keys_per_request",
-                      "access_token_ttl", "rotate_refresh_tokens"}
+        adjustable = {
+            "rate",
+            "burst",
+            "daily_quota",
+            "max_keys_per_request",
+            "access_token_ttl",
+            "rotate_refresh_tokens",
+        }
         try:
             body = await self._admin_body(request)
             unknown = sorted(set(body) - adjustable)
@@ -835,12 +850,17 @@ class Sandbox:
         except ValueError:
             return web.json_response({"error": "since and limit must be integers"}, status=400)
         with_keys = request.query.get("keys") in {"1", "true"}
-        page = self.requests[max(since, 0):max(since, 0) + max(limit, 0)]
+        page = self.requests[max(since, 0) : max(since, 0) + max(limit, 0)]
         records = []
         for r in page:
             item: dict[str, Any] = {
-                "method": r.method, "path": r.path, "status": r.status,
-                "event_id": r.event_id, "n_keys": len(r.keys), "at": r.at, "applied": r.applied,
+                "method": r.method,
+                "path": r.path,
+                "status": r.status,
+                "event_id": r.event_id,
+                "n_keys": len(r.keys),
+                "at": r.at,
+                "applied": r.applied,
             }
             if with_keys:
                 item["keys"] = list(r.keys)
@@ -852,174 +872,3 @@ class Sandbox:
         if event is None:
             return web.json_response({"error": "unknown event"}, status=404)
         return web.json_response(event.tickets)
-
-
-# --------------------------------------------------------------------------------------------
-# Command line: `batchjob sandbox ...` and `python -m batchjob._sandbox ...`
-
-
-def _optional_float(text: str) -> float | None:
-    if text.strip().lower() in {"none", "off", "unlimited"}:
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number (or 'none'): {text!r}") from None
-
-
-def _optional_int(text: str) -> int | None:
-    if text.strip().lower() in {"none", "off", "unlimited"}:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer (or 'none'): {text!r}") from None
-
-
-def _share(text: str) -> float:
-    try:
-        return _check_share("share", float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a share between 0 and 1: {text!r}") from None
-
-
-def add_sandbox_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the sandbox's options. Every dest starts with ``sandbox_`` so a parent parser's
-    options of the same name (--seed, --rate, ...) are never overwritten by our defaults."""
-    parser.add_argument("--port", dest="sandbox_port", type=int, default=8080,
-                        help="port on 127.0.0.1 (0 = any free port; default 8080)")
-    parser.add_argument("--world", dest="sandbox_world", type=Path, default=None,
-                        help="world JSON file (default: a generated world)")
-    parser.add_argument("--events", dest="sandbox_events", type=int, default=3,
-                        help="events in a generated world (default 3)")
-    parser.add_argument("--tickets-per-event", dest="sandbox_tickets", type=int, default=1000,
-                        help="tickets per event in a generated world (default 1000)")
-    parser.add_argument("--rate", dest="sandbox_rate", type=_optional_float, default=4.0,
-                        help="requests per second, or 'none' (default 4)")
-    parser.add_argument("--burst", dest="sandbox_burst", type=float, default=1.0,
-                        help="bucket capacity in requests (default 1: no burst)")
-    parser.add_argument("--quota", dest="sandbox_quota", type=_optional_int, default=10_000,
-                        help="daily request quota, or 'none' (default 10000)")
-    parser.add_argument("--max-keys", dest="sandbox_max_keys", type=_optional_int,
-                        default=None, help="refuse requests with more keys with 413")
-    parser.add_argument("--token", dest="sandbox_token", default=None,
-                        help="access token to accept (default: random)")
-    parser.add_argument("--refresh-token", dest="sandbox_refresh_token", default=None,
-                        help="first refresh token (default: random)")
-    parser.add_argument("--client-id", dest="sandbox_client_id", default="sandbox-client")
-    parser.add_argument("--token-ttl", dest="sandbox_token_ttl", type=_optional_float,
-                        default=None, help="access token lifetime in seconds (default: forever)")
-    parser.add_argument("--long-lived-refresh-tokens", dest="sandbox_long_lived",
-                        action="store_true", help="do not rotate refresh tokens")
-    parser.add_argument("--seed", dest="sandbox_seed", type=int, default=None,
-                        help="seed for fault decisions and the generated world")
-    faults = parser.add_argument_group("faults (shares of /v3 requests, 0..1)")
-    for flag, name in (("--error-500", "error_500"), ("--error-503", "error_503"),
-                       ("--drop", "drop"), ("--lost-reply", "lost_reply"),
-                       ("--slow", "slow"), ("--throttle-storm", "throttle_storm")):
-        faults.add_argument(flag, dest=f"sandbox_fault_{name}", type=_share, default=0.0,
-                            metavar="SHARE")
-    faults.add_argument("--slow-seconds", dest="sandbox_fault_slow_seconds", type=float,
-                        default=1.0, help="delay of a slow request (default 1.0)")
-    parser.add_argument("--no-record-requests", dest="sandbox_record_requests",
-                        action="store_false",
-                        help="keep counters only, not every request (bounds memory)")
-    parser.add_argument("--log-requests", dest="sandbox_log_requests", action="store_true",
-                        help="log every API request to stderr (slows the server down)")
-
-
-def _sandbox_from_args(args: argparse.Namespace) -> Sandbox:
-    if args.sandbox_world is not None:
-        world = World.from_json(args.sandbox_world)
-    else:
-        world = World.generate(args.sandbox_events, args.sandbox_tickets,
-                               seed=args.sandbox_seed if args.sandbox_seed is not None else 0)
-    settings = SandboxSettings(
-        rate=args.sandbox_rate,
-        burst=args.sandbox_burst,
-        daily_quota=args.sandbox_quota,
-        max_keys_per_request=args.sandbox_max_keys,
-        access_token_ttl=args.sandbox_token_ttl,
-        seed=args.sandbox_seed,
-        rotate_refresh_tokens=not args.sandbox_long_lived,
-    )
-    faults = Faults(**{f.name: getattr(args, f"sandbox_fault_{f.name}") for f in fields(Faults)})
-    return Sandbox(world, settings, faults, access_token=args.sandbox_token,
-                   refresh_token=args.sandbox_refresh_token, client_id=args.sandbox_client_id,
-                   log_requests=args.sandbox_log_requests,
-                   record_requests=args.sandbox_record_requests)
-
-
-async def serve(
-    sandbox: Sandbox,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 8080,
-    stop: asyncio.Event | None = None,
-    out: TextIO | None = None,
-) -> None:
-    """Run until SIGINT/SIGTERM (or ``stop`` is set).
-
-    On start, one JSON line with the URLs and credentials goes to ``out`` (stdout) for a parent
-    process to read; the human line goes to stderr and carries no token.
-    """
-    stop = stop if stop is not None else asyncio.Event()
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
-            pass
-    try:
-        await sandbox.start(host, port)
-        stream = out if out is not None else sys.stdout
-        stream.write(json.dumps({
-            "base_url": sandbox.base_url,
-            "token_url": sandbox.token_url,
-            "access_token": sandbox.access_token,
-            "refresh_token": sandbox.refresh_token,
-            "client_id": sandbox.client_id,
-        }) + "\n")
-        stream.flush()
-        s = sandbox.settings
-        rate = f"{s.rate:g} req/s (burst {s.burst:g})" if s.rate is not None else "no rate limit"
-        quota = f"quota {s.daily_quota}/day" if s.daily_quota is not None else "no daily quota"
-        print(f"sandbox: {sandbox.base_url} serving {len(sandbox.world.events)} events, "
-              f"{rate}, {quota}; Ctrl-C to stop", file=sys.stderr, flush=True)
-        await stop.wait()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        await sandbox.stop()
-
-
-def run_sandbox_command(args: argparse.Namespace) -> int:
-    """Entry point for the ``sandbox`` subcommand; returns the exit status."""
-    if args.sandbox_log_requests:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        sandbox = _sandbox_from_args(args)
-    except (OSError, ValueError) as exc:
-        print(f"sandbox: {exc}", file=sys.stderr)
-        return 2
-    try:
-        asyncio.run(serve(sandbox, port=args.sandbox_port))
-    except OSError as exc:  # typically: port already in use
-        print(f"sandbox: cannot listen on port {args.sandbox_port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def main_sandbox(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m batchjob._sandbox",
-        description="Serve a fake Constant Contact V3 events API on 127.0.0.1.",
-    )
-    add_sandbox_arguments(parser)
-    return run_sandbox_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main_sandbox())

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
-import numpy.typing as npt
+
+from batchjob.plan._plan import Positions
 
 F = TypeVar("F")
-Positions = npt.NDArray[np.int64]
 _EMPTY: Positions = np.empty(0, dtype=np.int64)
 
 

@@ -1,0 +1,58 @@
+"""SHARED"""
+
+from __future__ import annotations
+
+import codecs
+import importlib
+import re
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pandas as pd
+
+pa: Any = importlib.import_module("pyarrow")
+pa_csv: Any = importlib.import_module("pyarrow.csv")
+
+FRAME_COLUMNS: Final = ("event_id", "order_ticket_key", "source_file", "source_row", "problem")
+
+CSV_SUFFIXES: Final = frozenset({".csv", ".tsv", ".txt"})
+EXCEL_SUFFIXES: Final = frozenset({".xlsx", ".xlsm", ".xlsb", ".xls", ".ods"})
+_SUPPORTED: Final = ", ".join(sorted(CSV_SUFFIXES | EXCEL_SUFFIXES))
+
+#: Keys longer than this many characters are invalid (real ticket keys are a dozen or so).
+MAX_KEY_CHARS: Final = 256
+
+_HEADER_NOISE = re.compile(r"[\s_\-]+")
+_LINE = re.compile(r"([^\r\n]*)(\r\n|\r|\n|)")
+_QUOTED = re.compile(r'"[^"]*"')
+# The first line holding anything but separators and spaces: the header.
+_HEADER_LINE = re.compile(rb"(?:[ \t,;]*(?:\r\n|\r|\n))*([^\r\n]*)")
+
+_SNIFF_BYTES: Final = 256 * 1024
+_CHUNK_BYTES: Final = 4 * 1024 * 1024
+_DELIMITERS: Final = (",", ";", "\t")
+# UTF-32 first: its little-endian BOM starts with the UTF-16 one.
+_BOMS: Final = (
+    (codecs.BOM_UTF32_LE, "utf-32"),
+    (codecs.BOM_UTF32_BE, "utf-32"),
+    (codecs.BOM_UTF8, "utf-8-sig"),
+    (codecs.BOM_UTF16_LE, "utf-16"),
+    (codecs.BOM_UTF16_BE, "utf-16"),
+)
+_ZIP_MAGIC: Final = (b"PK\x03\x04", b"PK\x05\x06")
+_OLE2_MAGIC: Final = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+_SHOWN_VALUE_LIMIT: Final = 60
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """All rows of all input files; see :func:`read_inputs`."""
+
+    frame: pd.DataFrame
+    blank_rows: int
+    files: tuple[str, ...]
+
+
+def normalise_header(name: str) -> str:
+    """Fold a header cell so "Event ID", "event-id" and "EventId" compare equal."""
+    return _HEADER_NOISE.sub("", name.casefold())

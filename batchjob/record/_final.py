@@ -1,0 +1,71 @@
+"""FINAL"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from batchjob._model import REPORT_COLUMNS, RETRYABLE_OUTCOMES
+from batchjob.plan._plan import Positions
+from batchjob.record._files import _NOFOLLOW, _OPEN_FLAGS, ReportPaths
+from batchjob.record._ledger import _CODE, Ledger
+from batchjob.record._rows import RowWriter
+
+
+def _chunks(positions: Positions, size: int = 200_000) -> Iterator[Positions]:
+    for start in range(0, len(positions), size):
+        yield positions[start : start + size]
+
+
+def _temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def _create_new(path: Path) -> int:
+    """Create ``path`` and open it for writing: a new file, never one already there."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _OPEN_FLAGS
+    try:
+        return os.open(path, flags, 0o666)
+    except FileExistsError:
+        # Our pid is in the name, yet the file is not ours: a dead process that had our pid
+        # left it, or someone put it (or a link) there. Removed, never written through.
+        path.unlink()
+        return os.open(path, flags, 0o666)
+
+
+def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    fd = _create_new(tmp)
+    try:
+        with open(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
+            csv.writer(fh).writerow(REPORT_COLUMNS)
+            for part in _chunks(positions):
+                writer.write(fh, part)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    # The rename is durable only once the directory entry is.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_final(paths: ReportPaths, writer: RowWriter, ledger: Ledger) -> int:
+    """Write failed-rows then report, both in input order. Returns the failed-rows count."""
+    retry_codes = [_CODE[o] for o in RETRYABLE_OUTCOMES]
+    failed = np.flatnonzero(np.isin(ledger.outcome, retry_codes)).astype(np.int64)
+    _write_atomically(paths.failed_rows, writer, failed)
+    _write_atomically(paths.report, writer, np.arange(len(ledger), dtype=np.int64))
+    return len(failed)

@@ -1,0 +1,59 @@
+"""OUTCOMES"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from batchjob._model import Outcome
+from batchjob.plan._plan import Plan, Positions
+from batchjob.record._ledger import Ledger
+
+
+def _now() -> float:
+    return time.time()
+
+
+def set_outcome(
+    ledger: Ledger, positions: Positions, outcome: Outcome, *, hedge: bool = True, **fields: Any
+) -> None:
+    """Record ``outcome``; a key not undone that was ever sent without a usable answer says
+    so (``hedge``), since the server may have applied it: a rerun is harmless, not needed."""
+    ledger.set(positions, outcome, finished_at=_now(), **fields)
+    if not hedge or outcome is Outcome.UNDONE:
+        return
+    counts = ledger.uncertain[positions]
+    if not counts.any():
+        return
+    message = fields.pop("error_message", "")
+    for count in np.unique(counts[counts > 0]).tolist():
+        ledger.set(
+            positions[counts == count],
+            outcome,
+            finished_at=_now(),
+            error_message=(message + _maybe_applied(count)).removeprefix("; "),
+            **fields,
+        )
+
+
+def _maybe_applied(unanswered_attempts: int) -> str:
+    """Say so when a key was sent without a usable answer: the server may have applied it."""
+    if unanswered_attempts <= 0:
+        return ""
+    times = "once" if unanswered_attempts == 1 else f"{unanswered_attempts} times"
+    return (
+        f"; it was sent {times} without a usable answer, so the server may have applied it "
+        "(a rerun is harmless)"
+    )
+
+
+def mark_invalid(plan: Plan, ledger: Ledger) -> None:
+    invalid = plan.invalid
+    if not len(invalid):
+        return
+    problems = plan.rows["problem"].to_numpy()[invalid]
+    for problem in dict.fromkeys(problems):
+        positions = invalid[problems == problem]
+        ledger.set(positions, Outcome.INVALID, error_key="invalid_input", error_message=problem)

@@ -1,0 +1,67 @@
+"""RESUME"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from batchjob._config import JobConfig
+from batchjob._errors import ReportError
+from batchjob._model import Outcome
+from batchjob.plan._plan import Plan
+from batchjob.record._files import ReportPaths
+from batchjob.record._ledger import Ledger
+from batchjob.record._previous import read_previous, record_place
+
+
+def resume_previous(
+    config: JobConfig, paths: ReportPaths, plan: Plan, ledger: Ledger, log: Any
+) -> int:
+    """Carry over keys an earlier run already undid; they are not sent again.
+
+    The resumed report replaces the earlier one, so it must hold every key the earlier one
+    held: inputs that leave some out are refused rather than losing their record.
+    """
+    if not (paths.report.exists() or paths.journal.exists()):
+        # Allowed, so a scheduler can always pass --resume; but say so, in case of a typo.
+        log.warning("resume.nothing_to_resume", report=str(paths.report))
+        return 0
+    previous = read_previous(paths)
+    rows = plan.rows[["event_id", "order_ticket_key"]].astype(str)
+    rows["position"] = np.arange(len(rows))
+    rows = rows[(plan.rows["problem"] == "").to_numpy()]
+    merged = rows.merge(previous, on=["event_id", "order_ticket_key"], how="right")
+    missing = merged[merged["position"].isna()]
+    if len(missing):
+        first = missing.iloc[0]
+        raise ReportError(
+            f"{record_place(first)}: key {str(first['order_ticket_key'])[:80]!r} of event "
+            f"{str(first['event_id'])[:80]!r} is not in these inputs ({len(missing)} keys of "
+            "the earlier run are not); resume with the inputs of the run that wrote it, or "
+            "choose another --report path"
+        )
+    merged = merged[merged["outcome"] == Outcome.UNDONE.value]
+    positions = merged["position"].to_numpy().astype(np.int64)
+    finished = (
+        _parse_times(merged["finished_at"])
+        if "finished_at" in merged
+        else np.full(len(merged), math.nan)
+    )
+    ledger.set(positions, Outcome.UNDONE, http_status=204)
+    ledger.finished_at[positions] = finished
+    if "attempts" in merged:
+        ledger.attempts[positions] = (
+            merged["attempts"].str.strip().replace("", "0").astype(np.int64).to_numpy()
+        )
+    log.info("resume.loaded", already_undone=len(positions))
+    return len(positions)
+
+
+def _parse_times(values: Any) -> Any:
+    parsed = pd.to_datetime(values, utc=True, errors="coerce", format="%Y-%m-%dT%H:%M:%SZ")
+    # Unit-free: pandas 3 parses to microseconds, pandas 2 to nanoseconds.
+    seconds = (parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)
+    return np.asarray(seconds, dtype=np.float64)

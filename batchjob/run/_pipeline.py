@@ -1,0 +1,239 @@
+"""PIPELINE"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from batchjob._config import JobConfig
+from batchjob._errors import ExitCode, ReportError
+from batchjob._logging import Redactor, null_logger
+from batchjob._model import Outcome
+from batchjob._tokens import TokenSource
+from batchjob.plan._plan import Plan, Positions, build_plan
+from batchjob.read._files import read_inputs
+from batchjob.record._files import ReportPaths, check_paths, check_writable, remove_stale_temp_files
+from batchjob.record._final import write_final
+from batchjob.record._journal import Journal
+from batchjob.record._ledger import Ledger
+from batchjob.record._lock import ReportLock
+from batchjob.record._outcomes import mark_invalid, set_outcome
+from batchjob.record._resume import resume_previous
+from batchjob.record._rows import RowWriter
+from batchjob.run._dispatch import Dispatcher, EventWork, NoProgress, Progress
+from batchjob.run._result import RunResult
+from batchjob.run._stop import StopRequest
+from batchjob.send._client import ApiClient, RequestGate, RetryPolicy
+from batchjob.send._pacing import AdaptivePacer
+from batchjob.send._transport import AiohttpTransport, Transport, make_session
+
+
+async def run_job(
+    config: JobConfig,
+    *,
+    tokens: TokenSource | None = None,
+    transport: Transport | None = None,
+    log: Any = None,
+    progress: Progress | None = None,
+    stop: StopRequest | None = None,
+    redactor: Redactor | None = None,
+) -> RunResult:
+    """Run one batch job as configured and return what happened.
+
+    Raises :class:`~batchjob.InputError`, :class:`~batchjob.ConfigError` or
+    :class:`~batchjob.ReportError` before anything is sent when the inputs or the report path
+    cannot be used.
+
+    ``redactor`` (the one ``log`` uses, if any) learns every token sent and the secrets of
+    ``tokens``; no file written and no text returned holds one, whether it is passed or not.
+    """
+    started = time.monotonic()
+    redactor = redactor if redactor is not None else Redactor()
+    log = log or null_logger()
+    progress = progress or NoProgress()
+    stop = stop or StopRequest()
+    report = config.report_path()
+    paths = ReportPaths(report, config.failed_rows_path(report))
+    check_paths(paths, config.inputs)
+
+    inputs = read_inputs(config.inputs, aliases=config.columns, default_event_id=config.event_id)
+    plan = build_plan(inputs)
+    log.info(
+        "plan.ready",
+        rows=len(plan.rows),
+        keys=plan.key_count,
+        events=len(plan.events),
+        invalid=len(plan.invalid),
+        duplicates=plan.duplicates,
+    )
+    if not config.dry_run and tokens is None:
+        raise ReportError("no access token: set CC_ACCESS_TOKEN or a token file")
+
+    lock = ReportLock(paths.lock)
+    lock.acquire()
+    try:
+        if not config.resume and (paths.report.exists() or paths.journal.exists()):
+            found = paths.report if paths.report.exists() else paths.journal
+            raise ReportError(
+                f"{found} already exists (an earlier run's report); pass --resume to continue "
+                "that run, or choose another --report path"
+            )
+        check_writable(paths)
+        for stale in remove_stale_temp_files(paths):
+            log.info("report.stale_temp_removed", path=str(stale))
+        ledger = Ledger(len(plan.rows), redactor)
+        writer = RowWriter(plan.rows, plan.keys, ledger)
+        ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
+        mark_invalid(plan, ledger)
+        skip = resume_previous(config, paths, plan, ledger, log) if config.resume else 0
+
+        pending_events = {
+            event_id: positions[ledger.outcome[positions] == 0]
+            for event_id, positions in plan.events.items()
+        }
+        pending_events = {e: p for e, p in pending_events.items() if len(p)}
+        total = sum(len(p) for p in pending_events.values())
+
+        gate = RequestGate(config.max_requests)
+        pacer = AdaptivePacer(
+            config.rate,
+            on_change=lambda old, new, why: log.info(
+                "rate.changed", old=round(old, 3), new=round(new, 3), reason=why
+            ),
+        )
+        run: Dispatcher | None = None
+        if config.dry_run:
+            for positions in pending_events.values():
+                ledger.set(positions, Outcome.PLANNED)
+        else:
+            assert tokens is not None
+            journal = Journal(paths.journal, writer)
+            try:
+                journal.append(plan.invalid)
+                run = await send_all(
+                    config,
+                    plan,
+                    ledger,
+                    journal,
+                    pending_events,
+                    tokens,
+                    transport,
+                    pacer,
+                    gate,
+                    stop,
+                    log,
+                    progress,
+                    total,
+                    redactor,
+                )
+            finally:
+                journal.close()
+                if journal.failed is not None:
+                    log.error("journal.write_failed", error=str(journal.failed))
+
+        unset = ledger.unset()
+        if len(unset):
+            log.error("ledger.unset_rows", rows=len(unset))
+            set_outcome(
+                ledger, unset, Outcome.NOT_ATTEMPTED, error_message="internal error: no outcome"
+            )
+        failed_count = write_final(paths, writer, ledger)
+        if not config.dry_run:
+            Journal.remove(paths.journal)
+    finally:
+        lock.release()
+
+    counts = {o.value: ledger.count(o) for o in Outcome}
+    per_event = {
+        event_id: {o.value: ledger.count(o, positions) for o in Outcome}
+        for event_id, positions in plan.events.items()
+    }
+    if run is not None and run.exit_code:
+        exit_code = run.exit_code
+    elif counts[Outcome.UNDONE.value] == len(plan.rows) - counts[Outcome.PLANNED.value] and (
+        counts[Outcome.INVALID.value] == 0
+    ):
+        exit_code = ExitCode.OK
+    else:
+        exit_code = ExitCode.INCOMPLETE
+    result = RunResult(
+        report=paths.report,
+        failed_rows=paths.failed_rows,
+        exit_code=exit_code,
+        counts=counts,
+        per_event=per_event,
+        requests=gate.spent,
+        retries=run.retries if run else 0,
+        throttled=pacer.throttled_count,
+        elapsed=time.monotonic() - started,
+        rate=pacer.rate,
+        stopped=run.stopped if run else "",
+        duplicates=plan.duplicates,
+        blank_rows=plan.blank_rows,
+        failed_rows_count=failed_count,
+    )
+    log.info(
+        "run.finished",
+        exit_code=exit_code,
+        requests=result.requests,
+        retries=result.retries,
+        throttled=result.throttled,
+        elapsed=round(result.elapsed, 3),
+        resumed_undone=skip,
+        **counts,
+    )
+    return result
+
+
+async def send_all(
+    config: JobConfig,
+    plan: Plan,
+    ledger: Ledger,
+    journal: Journal,
+    pending: dict[str, Positions],
+    tokens: TokenSource,
+    transport: Transport | None,
+    pacer: AdaptivePacer,
+    gate: RequestGate,
+    stop: StopRequest,
+    log: Any,
+    progress: Progress,
+    total: int,
+    redactor: Redactor,
+) -> Dispatcher:
+    session = None
+    if transport is None:
+        session = make_session(
+            connect_timeout=config.connect_timeout,
+            request_timeout=config.request_timeout,
+            concurrency=config.concurrency,
+        )
+        transport = AiohttpTransport(session)
+    policy = RetryPolicy(
+        max_tries=config.retry_max_tries,
+        max_time=config.retry_max_time,
+        base=config.retry_base,
+        cap=config.retry_cap,
+    )
+    run: Dispatcher
+    client = ApiClient(
+        transport,
+        config.base_url,
+        tokens,
+        pacer,
+        gate,
+        policy,
+        on_attempt=lambda reply, attempt: run.on_attempt(reply, attempt),
+        redactor=redactor,
+    )
+    run = Dispatcher(config, plan, ledger, journal, client, pacer, gate, stop, log, progress)
+    run.events = [EventWork(event_id, positions) for event_id, positions in pending.items()]
+    progress.start(total)
+    try:
+        await run.dispatch()
+        run.close_out()
+    finally:
+        progress.close()
+        if session is not None:
+            await session.close()
+    return run

@@ -1,0 +1,47 @@
+"""RESULT"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from batchjob._logging import printable
+
+
+@dataclass(frozen=True)
+class RunResult:
+    report: Path
+    failed_rows: Path
+    exit_code: int
+    counts: dict[str, int]  # report rows by outcome
+    per_event: dict[str, dict[str, int]]
+    requests: int  # HTTP requests sent (every attempt, including event checks and retries)
+    retries: int
+    throttled: int
+    elapsed: float
+    rate: float  # the pacer's rate at the end
+    stopped: str = ""  # why the run stopped early, if it did
+    duplicates: int = 0
+    blank_rows: int = 0
+    failed_rows_count: int = 0
+
+    def summary(self) -> str:
+        lines = [f"report:      {self.report}"]
+        lines.append(f"failed rows: {self.failed_rows} ({self.failed_rows_count} rows)")
+        counts = ", ".join(f"{k} {v}" for k, v in self.counts.items() if v)
+        lines.append(f"outcomes:    {counts or 'no rows'}")
+        for event_id, c in self.per_event.items():
+            lines.append(f"  {event_id}: " + ", ".join(f"{k} {v}" for k, v in c.items() if v))
+        lines.append(
+            f"requests:    {self.requests} sent, {self.retries} retries, "
+            f"{self.throttled} throttled (429); rate now {self.rate:.2f}/s"
+        )
+        if self.duplicates or self.blank_rows:
+            lines.append(
+                f"input:       {self.duplicates} duplicate rows merged, "
+                f"{self.blank_rows} blank rows skipped"
+            )
+        lines.append(f"elapsed:     {self.elapsed:.1f}s")
+        if self.stopped:
+            lines.append(f"stopped:     {printable(self.stopped)}")
+        return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""STOP"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import signal
+from collections.abc import Callable
+
+from batchjob._errors import ExitCode
+
+
+class StopRequest:
+    """Set from a signal handler (or by an orchestrator) to stop the run gracefully.
+
+    :meth:`hurry` (a second Ctrl-C) cuts the grace period short: requests in flight are
+    cancelled, and their keys reported as sent without an answer.
+    """
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.hurried = asyncio.Event()
+        self.reason = ""
+        self.exit_code: int = ExitCode.SIGINT
+
+    def request(self, reason: str, exit_code: int) -> None:
+        if not self.event.is_set():
+            self.reason, self.exit_code = reason, exit_code
+            self.event.set()
+
+    def hurry(self) -> None:
+        """Stop now: waiting for answers in flight is not worth it any more."""
+        self.hurried.set()
+
+    def signal(self, reason: str, exit_code: int, *, may_hurry: bool = True) -> None:
+        """A signal: the first stops gracefully, a later one (``may_hurry``) hurries."""
+        if self.event.is_set():
+            if may_hurry:
+                self.hurry()
+        else:
+            self.request(reason, exit_code)
+
+
+def install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
+    """SIGINT/SIGTERM (cron, systemd, Kubernetes) and SIGHUP (a closed terminal, an ssh drop)
+    stop the run gracefully; a second SIGINT or SIGTERM hurries it. Returns an undo.
+
+    A signal this process was started with ignored (``nohup``, ``&`` in a script) stays
+    ignored. SIGHUP never hurries: one hangup can arrive twice (the kernel, then the shell).
+    """
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig, code in (
+        (signal.SIGINT, ExitCode.SIGINT),
+        (signal.SIGTERM, ExitCode.SIGTERM),
+        (signal.SIGHUP, ExitCode.SIGHUP),
+    ):
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        loop.add_signal_handler(
+            sig,
+            functools.partial(
+                stop.signal, f"interrupted by {sig.name}", code, may_hurry=sig != signal.SIGHUP
+            ),
+        )
+        installed.append(sig)
+
+    def remove() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return remove

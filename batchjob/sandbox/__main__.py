@@ -1,0 +1,5 @@
+import sys
+
+from batchjob.sandbox import main_sandbox
+
+sys.exit(main_sandbox())
