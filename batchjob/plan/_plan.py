@@ -25,8 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 
-from batchjob.read._keybytes import KeyBytes, Offsets, Words, word_count
-from batchjob.read._shared import Inputs
+from batchjob.read import Inputs, KeyBytes, Offsets, Words, word_count
 
 #: Rows of the plan (indices into ``Plan.rows``): what the later stages pass around.
 Positions = npt.NDArray[np.int64]

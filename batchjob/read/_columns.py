@@ -1,4 +1,4 @@
-"""COLUMNS"""
+"""Finding the key and event columns by header name, and the rules for an event column."""
 
 from __future__ import annotations
 

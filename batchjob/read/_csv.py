@@ -1,4 +1,11 @@
-"""CSV"""
+"""Reading CSV/TSV exports: encoding, delimiter and header found, then parsed by pyarrow.
+
+pyarrow is called directly (multi-threaded, with ``newlines_in_values`` so quoted newlines are
+safe across block boundaries): pandas' own ``engine="pyarrow"`` cannot set that option and
+splits such records on big files. pyarrow rejects rows whose field count differs from the
+header's; those files are re-read with pandas' C engine, which pads short rows. A file that
+is not consistently one encoding is refused, naming its first bad row.
+"""
 
 from __future__ import annotations
 

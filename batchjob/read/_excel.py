@@ -1,4 +1,4 @@
-"""EXCEL"""
+"""Reading workbooks (.xlsx, .xlsm, .xlsb, .xls, .ods) with python-calamine, every cell as text."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FILES"""
+"""``read_inputs``: every input file, by type, into one frame of ``FRAME_COLUMNS``."""
 
 from __future__ import annotations
 

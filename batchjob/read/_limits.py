@@ -1,4 +1,12 @@
-"""LIMITS"""
+"""Workbooks that attack the reader: refused before calamine opens them.
+
+calamine allocates a sheet's whole area from where its cells claim to be, so one cell at
+``XFD1048576`` in a 5 KB file asks for 512 GiB, and a zip bomb unpacks to gigabytes. Every part
+of an archive is unpacked here with a running count of what it really produces, and each
+sheet's cell positions are scanned without building the cells (.xlsx/.xlsm XML, .xlsb
+records, .ods repeats, .xls BIFF records): a workbook past the limits stops with exit 2,
+naming the file and sheet.
+"""
 
 from __future__ import annotations
 

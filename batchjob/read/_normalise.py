@@ -1,4 +1,9 @@
-"""NORMALISE"""
+"""One frame from every file's rows: keys cleaned, problems named, events coded.
+
+Every row a person put in a file comes back exactly once, either usable or with a one-line
+``problem`` naming the column as the file spells it, so a report can account for all of them.
+Only truly blank rows are dropped, and they are counted.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""SHARED"""
+"""Constants every reader shares: the frame's columns, the accepted file types, the key
+length limit, and the byte patterns used to recognise files.
+"""
 
 from __future__ import annotations
 

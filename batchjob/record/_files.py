@@ -1,4 +1,10 @@
-"""FILES"""
+"""Paths checked before a run, and opening files batchjob writes in place.
+
+batchjob writes no file through a link it did not create: the lock file and the journal are
+opened without following a symbolic link and refused if they have other hard links or are
+not regular files; outputs may not be an input or each other, however spelled; temporary
+files a kill left behind are removed once their writer is gone.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""FINAL"""
+"""The final files: failed-rows, then the report, in input order, streaming.
+
+Each is written to a new temporary file (``O_EXCL``), fsynced and renamed over the target: a
+reader never sees half a report, and a crash leaves the journal to resume from.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from batchjob._model import REPORT_COLUMNS, RETRYABLE_OUTCOMES
-from batchjob.plan._plan import Positions
+from batchjob.plan import Positions
 from batchjob.record._files import _NOFOLLOW, _OPEN_FLAGS, ReportPaths
 from batchjob.record._ledger import _CODE, Ledger
 from batchjob.record._rows import RowWriter

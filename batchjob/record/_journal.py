@@ -1,4 +1,10 @@
-"""JOURNAL"""
+"""The journal: ``<report>.journal``, each request's outcomes appended as they come.
+
+A run killed at any moment (even ``kill -9``) loses at most the requests in flight and the
+answers of the last 20 ms; ``--resume`` reads the journal and sends those keys again, which is
+harmless (undo is idempotent). It is opened without following a link and refused if it is
+not a regular file of its own.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import numpy as np
 
 from batchjob._errors import ReportError
 from batchjob._model import REPORT_COLUMNS
-from batchjob.plan._plan import Positions
+from batchjob.plan import Positions
 from batchjob.record._files import _NOFOLLOW, _NONBLOCK, _OPEN_FLAGS, _not_own_file, _open_in_place
 from batchjob.record._rows import RowWriter
 

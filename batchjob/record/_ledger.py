@@ -1,4 +1,9 @@
-"""LEDGER"""
+"""Each report row's outcome, kept in numpy columns while the run goes on.
+
+Positions are plan rows (:data:`batchjob.plan.Positions`). Code 0 means "no outcome yet", which
+the final report never contains: before it is written, any row still without an outcome (a
+bug) is reported ``not_attempted`` rather than dropped.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import numpy as np
 
 from batchjob._logging import MAX_REPORT_TEXT, Redactor
 from batchjob._model import Outcome
-from batchjob.plan._plan import Positions
+from batchjob.plan import Positions
 
 #: Ledger codes: 0 means "no outcome yet", which the final report never contains.
 OUTCOME_CODES: tuple[Outcome | None, ...] = (None, *Outcome)

@@ -1,4 +1,4 @@
-"""LOCK"""
+"""One run per report: an exclusive lock on ``<report>.lock``, freed by the OS on any exit."""
 
 from __future__ import annotations
 

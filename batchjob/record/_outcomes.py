@@ -1,4 +1,10 @@
-"""OUTCOMES"""
+"""The outcome rules: what a key's row says, in one place.
+
+A key that was sent without a usable answer (no answer, a 5xx, an unexpected status, cut
+short) may have been applied by the server: unless it ends ``undone``, its message says so,
+since a rerun is then harmless but not needed. A key the server refused (a 4xx) was not
+applied and says nothing of the kind.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from batchjob._model import Outcome
-from batchjob.plan._plan import Plan, Positions
+from batchjob.plan import Plan, Positions
 from batchjob.record._ledger import Ledger
 
 
@@ -17,12 +23,13 @@ def _now() -> float:
 
 
 def set_outcome(
-    ledger: Ledger, positions: Positions, outcome: Outcome, *, hedge: bool = True, **fields: Any
+    ledger: Ledger, positions: Positions, outcome: Outcome, *, refused: bool = False, **fields: Any
 ) -> None:
     """Record ``outcome``; a key not undone that was ever sent without a usable answer says
-    so (``hedge``), since the server may have applied it: a rerun is harmless, not needed."""
+    so, since the server may have applied it (a rerun is harmless, not needed). ``refused``: the
+    server itself refused these keys (a 4xx), so it applied nothing and nothing is said."""
     ledger.set(positions, outcome, finished_at=_now(), **fields)
-    if not hedge or outcome is Outcome.UNDONE:
+    if refused or outcome is Outcome.UNDONE:
         return
     counts = ledger.uncertain[positions]
     if not counts.any():

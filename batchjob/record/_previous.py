@@ -1,4 +1,8 @@
-"""PREVIOUS"""
+"""An earlier run's rows, read back from its report and journal for ``--resume``.
+
+Only lines batchjob wrote are accepted: a line it did not write is refused with its file and
+line, never skipped.
+"""
 
 from __future__ import annotations
 

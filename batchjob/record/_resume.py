@@ -1,4 +1,4 @@
-"""RESUME"""
+"""``--resume``: keys an earlier run already undid are carried over and not sent again."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pandas as pd
 from batchjob._config import JobConfig
 from batchjob._errors import ReportError
 from batchjob._model import Outcome
-from batchjob.plan._plan import Plan
+from batchjob.plan import Plan
 from batchjob.record._files import ReportPaths
 from batchjob.record._ledger import Ledger
 from batchjob.record._previous import read_previous, record_place

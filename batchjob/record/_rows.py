@@ -1,4 +1,6 @@
-"""ROWS"""
+"""Report rows as CSV text: spreadsheet-escaped, in REPORT_COLUMNS order, byte for byte what
+csv.writer would write, and fast enough for a 1,000,000-row report.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import pandas as pd
 import pyarrow as pa
 
 from batchjob._cells import escape_cell
-from batchjob.plan._plan import Positions
+from batchjob.plan import Positions
 from batchjob.record._ledger import OUTCOME_CODES, Ledger
 
 

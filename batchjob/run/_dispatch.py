@@ -1,4 +1,9 @@
-"""DISPATCH"""
+"""The dispatcher: which request goes next, and each event's state.
+
+An event is checked (``GET /events/{id}``) before its first undo and again when its requests
+keep being refused; its keys then go out in the groups :mod:`._isolate` decides, at most
+``concurrency`` requests at a time, each answer settled into the ledger.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import json
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol
 
 import numpy as np
@@ -15,15 +21,20 @@ from batchjob._config import JobConfig
 from batchjob._errors import ExitCode
 from batchjob._logging import MAX_REPORT_TEXT
 from batchjob._model import Outcome
-from batchjob.plan._plan import Plan, Positions
-from batchjob.record._journal import Journal
-from batchjob.record._ledger import Ledger
-from batchjob.record._outcomes import set_outcome
+from batchjob.plan import Plan, Positions
+from batchjob.record import Journal, Ledger, set_outcome
 from batchjob.run._isolate import Group, KeyIsolator
 from batchjob.run._stop import StopRequest
-from batchjob.send._client import ApiClient, Call, CallResult, RequestGate
-from batchjob.send._messages import TOKEN_FAILED, Reply, Verdict
-from batchjob.send._pacing import AdaptivePacer
+from batchjob.send import (
+    TOKEN_FAILED,
+    AdaptivePacer,
+    ApiClient,
+    Call,
+    CallResult,
+    Reply,
+    RequestGate,
+    Verdict,
+)
 
 ACTIVE_STATUSES = frozenset({"ACTIVE", "COMPLETE"})
 #: Refused requests in a row, with no success between, after which the event is looked at
@@ -52,12 +63,25 @@ class NoProgress:
         pass
 
 
+class EventState(Enum):
+    """Where an event is: unchecked -> checking -> ready <-> (recheck -> rechecking); any ->
+    closed (no more requests: its keys left fail with ``closed_as``)."""
+
+    UNCHECKED = "unchecked"
+    CHECKING = "checking"
+    READY = "ready"
+    RECHECK = "recheck"  # its requests keep being refused: look at the event again
+    RECHECKING = "rechecking"
+    CLOSED = "closed"
+
+
 @dataclass
 class EventWork:
+    """One event's keys and how far they are."""
+
     event_id: str
     positions: Positions
-    # unchecked → checking → ready ⇄ (recheck → rechecking) ; any → closed
-    state: str = "unchecked"
+    state: EventState = EventState.UNCHECKED
     isolator: KeyIsolator[Reply] | None = None
     refusals: int = 0  # refused requests since the last success
     recheck_at: int = RECHECK_AFTER_REFUSALS
@@ -122,12 +146,13 @@ class Dispatcher:
         """Set an outcome; ``refused``: the server itself refused these keys (a 4xx)."""
         if len(positions) == 0:
             return
-        set_outcome(self.ledger, positions, outcome, hedge=not refused, **fields)
+        set_outcome(self.ledger, positions, outcome, refused=refused, **fields)
         if self.journal is not None:
             self.journal.append(positions, keys)
         self.progress.advance(len(positions), self.pacer.rate)
 
     def count_tries(self, positions: Positions, call: Call) -> None:
+        self.retries += max(0, call.attempts - 1)
         self.ledger.attempts[positions] += call.attempts
         self.ledger.uncertain[positions] += call.uncertain + call.in_flight
 
@@ -139,24 +164,17 @@ class Dispatcher:
             self.gate.close(reason)
             self.log.warning("run.stopping", reason=reason)
 
-    def on_attempt(self, reply: Reply, attempt: int) -> None:
-        if attempt > 1:
-            self.retries += 1
-        self.log.debug(
-            "request.answer", status=reply.status, error_key=reply.error_key, attempt=attempt
-        )
-
     # --- dispatching -----------------------------------------------------------------------
 
     def next_request(self) -> Coroutine[Any, Any, None] | None:
         for event in self.events:
-            if event.state == "unchecked":
-                event.state = "checking"
+            if event.state == EventState.UNCHECKED:
+                event.state = EventState.CHECKING
                 return self.check_event(event)
-            if event.state == "recheck":
-                event.state = "rechecking"
+            if event.state == EventState.RECHECK:
+                event.state = EventState.RECHECKING
                 return self.check_event(event, again=True)
-            if event.state == "ready" and event.isolator is not None:
+            if event.state == EventState.READY and event.isolator is not None:
                 group = event.isolator.next_group()
                 if group is not None:
                     return self.send(event, group)
@@ -285,12 +303,15 @@ class Dispatcher:
 
         A missing or inactive event costs no undo request (or no more of them).
         """
-        after = "ready" if again else "unchecked"
+        after = EventState.READY if again else EventState.UNCHECKED
+        call = Call()
         try:
-            answer = await self.client.get_event(event.event_id)
+            answer = await self.client.get_event(event.event_id, call)
         except asyncio.CancelledError:
             event.state = after  # its keys become not_attempted at the end
             raise
+        finally:
+            self.retries += max(0, call.attempts - 1)
         reply = answer.reply
         if answer.not_sent:
             event.state = after
@@ -300,7 +321,7 @@ class Dispatcher:
         if verdict is Verdict.OK:
             status = self.redactor.clean(_event_status(reply.body), 100)
             if status in ACTIVE_STATUSES:
-                event.state = "ready"
+                event.state = EventState.READY
                 if event.isolator is None:
                     event.isolator = self.new_isolator(event.positions)
                 self.log.info(
@@ -326,7 +347,7 @@ class Dispatcher:
             event.state = after
             return
         if again and reply.status != 404:
-            event.state = "ready"  # could not look; carry on as before
+            event.state = EventState.READY  # could not look; carry on as before
             return
         message = (
             "event not found" if reply.status == 404 else f"event check failed: {reply.status}"
@@ -341,7 +362,7 @@ class Dispatcher:
 
     def close_event(self, event: EventWork, **fields: Any) -> None:
         """No more requests for this event: its unsettled keys fail with ``fields``."""
-        event.state = "closed"
+        event.state = EventState.CLOSED
         event.closed_as = fields
         if event.isolator is None:
             self.record(event.positions, Outcome.FAILED, **fields)
@@ -450,9 +471,9 @@ class Dispatcher:
                 isolating=len(group.positions) > 1,
             )
             event.refusals += 1
-            if event.refusals >= event.recheck_at and event.state == "ready":
+            if event.refusals >= event.recheck_at and event.state == EventState.READY:
                 # Many refusals and no success: maybe the event, not the keys, is the problem.
-                event.state = "recheck"
+                event.state = EventState.RECHECK
                 event.recheck_at *= 2
         elif verdict is Verdict.TOO_LARGE and len(group.positions) > 1:
             isolator.record_too_large(group.id)
@@ -492,7 +513,7 @@ class Dispatcher:
         """Give every key the planner still holds an outcome: the run stopped before it."""
         reason = self.stopped or "run ended before this key was sent"
         for event in self.events:
-            if event.state in ("unchecked", "checking"):
+            if event.state in (EventState.UNCHECKED, EventState.CHECKING):
                 self.record(event.positions, Outcome.NOT_ATTEMPTED, error_message=reason)
             elif event.closed_as is not None:
                 self.flush_closed(event)

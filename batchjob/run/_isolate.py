@@ -35,7 +35,7 @@ from typing import Generic, TypeVar
 
 import numpy as np
 
-from batchjob.plan._plan import Positions
+from batchjob.plan import Positions
 
 F = TypeVar("F")
 _EMPTY: Positions = np.empty(0, dtype=np.int64)

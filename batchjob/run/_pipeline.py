@@ -1,4 +1,10 @@
-"""PIPELINE"""
+"""``run_job``: inputs -> plan -> requests -> report. The one function an orchestrator calls.
+
+Invariant: every row of the plan ends in the report exactly once. Every path that takes keys
+out of the planner (an answer, a give-up, a stop, a cancellation) writes them to the ledger;
+before the report is written, any row still without an outcome (a bug) is reported as
+``not_attempted`` rather than dropped.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +16,34 @@ from batchjob._errors import ExitCode, ReportError
 from batchjob._logging import Redactor, null_logger
 from batchjob._model import Outcome
 from batchjob._tokens import TokenSource
-from batchjob.plan._plan import Plan, Positions, build_plan
-from batchjob.read._files import read_inputs
-from batchjob.record._files import ReportPaths, check_paths, check_writable, remove_stale_temp_files
-from batchjob.record._final import write_final
-from batchjob.record._journal import Journal
-from batchjob.record._ledger import Ledger
-from batchjob.record._lock import ReportLock
-from batchjob.record._outcomes import mark_invalid, set_outcome
-from batchjob.record._resume import resume_previous
-from batchjob.record._rows import RowWriter
+from batchjob.plan import Plan, Positions, build_plan
+from batchjob.read import read_inputs
+from batchjob.record import (
+    Journal,
+    Ledger,
+    ReportLock,
+    ReportPaths,
+    RowWriter,
+    check_paths,
+    check_writable,
+    mark_invalid,
+    remove_stale_temp_files,
+    resume_previous,
+    set_outcome,
+    write_final,
+)
 from batchjob.run._dispatch import Dispatcher, EventWork, NoProgress, Progress
 from batchjob.run._result import RunResult
 from batchjob.run._stop import StopRequest
-from batchjob.send._client import ApiClient, RequestGate, RetryPolicy
-from batchjob.send._pacing import AdaptivePacer
-from batchjob.send._transport import AiohttpTransport, Transport, make_session
+from batchjob.send import (
+    AdaptivePacer,
+    AiohttpTransport,
+    ApiClient,
+    RequestGate,
+    RetryPolicy,
+    Transport,
+    make_session,
+)
 
 
 async def run_job(
@@ -215,7 +233,6 @@ async def send_all(
         base=config.retry_base,
         cap=config.retry_cap,
     )
-    run: Dispatcher
     client = ApiClient(
         transport,
         config.base_url,
@@ -223,7 +240,7 @@ async def send_all(
         pacer,
         gate,
         policy,
-        on_attempt=lambda reply, attempt: run.on_attempt(reply, attempt),
+        log=log,
         redactor=redactor,
     )
     run = Dispatcher(config, plan, ledger, journal, client, pacer, gate, stop, log, progress)

@@ -1,4 +1,4 @@
-"""RESULT"""
+"""What a run returns: counts, requests, why it stopped, and the summary printed at the end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""STOP"""
+"""Stopping a run gracefully: a StopRequest, and the signal handlers that set it."""
 
 from __future__ import annotations
 

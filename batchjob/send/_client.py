@@ -7,11 +7,12 @@ import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import Any
 
 import backoff
 
 from batchjob._errors import TokenError
-from batchjob._logging import MAX_REPORT_TEXT, Redactor
+from batchjob._logging import MAX_REPORT_TEXT, Redactor, null_logger
 from batchjob._tokens import TokenSource
 from batchjob.send._messages import (
     TOKEN_FAILED,
@@ -128,9 +129,6 @@ def retry_waits(
     return waits
 
 
-AttemptListener = Callable[[Reply, int], None]
-
-
 @dataclass
 class Call:
     """One request and its tries so far: the runner keeps it to count attempts on cancel."""
@@ -181,7 +179,7 @@ class ApiClient:
         gate: RequestGate,
         policy: RetryPolicy,
         *,
-        on_attempt: AttemptListener | None = None,
+        log: Any = None,
         rng: random.Random | None = None,
         redactor: Redactor | None = None,
     ) -> None:
@@ -191,7 +189,7 @@ class ApiClient:
         self._pacer = pacer
         self._gate = gate
         self._policy = policy
-        self._on_attempt = on_attempt
+        self._log = log if log is not None else null_logger()
         self._rng = rng or random.Random()
         self.redactor = redactor if redactor is not None else Redactor()
         self._last_token = ""
@@ -210,8 +208,12 @@ class ApiClient:
         )(self._until_not_throttled)
 
     async def get_event(self, event_id: str, call: Call | None = None) -> CallResult:
+        """GET the event. Pass ``call`` to read its attempts even if cancelled."""
         url = f"{self._base}/events/{event_id}"
-        return await self._send(call or Call("GET", url, None, expected=200))
+        if call is None:
+            call = Call()
+        call.method, call.url, call.body, call.expected = "GET", url, None, 200
+        return await self._send(call)
 
     async def undo_check_in(
         self, event_id: str, keys: list[str], call: Call | None = None
@@ -286,8 +288,13 @@ class ApiClient:
             elif self._throttled_since is None:
                 self._throttled_since = time.monotonic()
             self._pacer.on_answer(sent_at, throttled=throttled)
-            if self._on_attempt is not None:
-                self._on_attempt(reply, call.attempts)
+            self._log.debug(
+                "request.answer",
+                method=call.method,
+                status=reply.status,
+                error_key=reply.error_key,
+                attempt=call.attempts,
+            )
             if reply.verdict is Verdict.AUTH and call.refreshes < MAX_REFRESHES_PER_REQUEST:
                 # The token may simply have expired mid-run (or while this request waited).
                 # A source that cannot refresh, or hands back the same token, ends it here.

@@ -1,112 +1,11 @@
 """Pacing: requests spaced evenly at a rate that adapts to the server's 429 ``throttled``.
 
-The per-second limit belongs to the API key, and other integrations may share that key, so the
-rate actually left for us (the *granted* rate) can be lower than configured and can change
-during a run. The pacer never goes above the configured rate and never bursts; within that it
-has to find the granted rate and stay just under it. The design is shaped by the strictest
-server we must survive, and the sandbox is one: a token bucket with no burst allowance, which
-refuses a request that arrives a microsecond early. Against it, measured on loopback (see
-``bench/``), the old "cut by the share of 429s, climb back to 97 %" loop reached 87 % of the
-rate with 1.2 % of requests refused; the reasons below took it to 99 % with none.
-
-* Space requests by when they probably *arrived*, not when they left. The bucket sees arrival
-  times. If one request is delayed on its way (a busy event loop at either end, a descheduled
-  process, a slow hop) and the next is not, they arrive less than an interval apart and the
-  second is refused however evenly they were sent: that alone refused 2-3 % of requests paced
-  at exactly the granted rate. A delay on the way there shows in the round trip, and the
-  fastest recent round trip bounds how early the next request can arrive; so when an answer
-  comes back before the next slot, that slot is held back by how much slower than the fastest
-  this round trip was. Until enough round trips are known (the first ones pay for opening
-  connections and cold code paths), the whole round trip is held. Holds only ever apply
-  while the interval is longer than a round trip, which is when pacing, not the network, sets
-  the pace, so they cost nothing at high rates and a fraction of a percent otherwise.
-
-* Keep ``guard`` (0.5 %) of each interval spare, for what no round trip shows: the server
-  reads its clock a little after the request arrived, by a varying amount. Without it, about
-  one request in three hundred was still refused, by a few microseconds.
-
-* Wake on time. aiolimiter's timer, like any event loop timer on epoll, fires up to 1 ms late
-  (~0.5-1 ms on average: 1-2 % of throughput at 20/s). Every interval counts from the actual
-  grant, so lateness never shortens an interval, but it is lost throughput. So the pacer
-  sleeps until ``fine_wait`` (1 ms) before the bucket frees and then polls the bucket's own
-  ``has_capacity`` for the rest: aiolimiter still decides every slot, it is only asked more
-  often than its timer could. Lateness falls to ~0.05 ms for ~1 ms of polling per slot.
-
-* Find the granted rate by bracketing it, not by a fixed cut and a blind climb. A rate found
-  over the limit (below) is an upper bound (the ceiling); a rate that got ``proven_after``
-  answers (or, where answers are scarce, ``proven_min`` in ``proven_seconds``: below) without
-  being found over is a lower bound (proven). The next rate tried is their geometric midpoint,
-  so a wrong guess costs one 429 and a fraction of a second, and the search narrows to within
-  ``margin`` in a handful of steps instead of oscillating around the limit.
-  A probe above the proven rate that is over goes straight back to it. Over after being proven
-  at the current rate means the limit is right here, or dropped: one ``margin`` step down.
-  Over soon after a change, with nothing proven, means we are well over: cut ``first_cut``
-  and twice as much each time in a row (10, 20, 40, 50 %), so a stray early 429 costs 10 % for
-  a few seconds while "sending twice what is granted" is found in three answers.
-
-* Recover from a low rate in bounded time, not in a bounded number of answers. Every answer
-  may cut the rate while climbing back needs answers too, and at a low rate each answer takes
-  long: a 20 s burst of 429s only (another app hammering the shared key) cut 4/s to the
-  0.05/s ``min_rate``, and the climb back to 90 % took 9,368 s in a simulated no-burst bucket
-  at 4/s (ten answers per proof at 20 s each, then a 300-answer cruise under the ceiling).
-  So, in the spirit of AWS's adaptive retry and CUBIC, which head back to the last rate that
-  worked within a time that does not depend on how far they fell: (1) cuts in a row stop at
-  ``collapse_floor`` (1/16) of the last rate proven good (else of the configured one);
-  refusals there only re-start the rate, and it halves once per ``floor_hold`` (30 s) of
-  them, so a limit that really fell that far is still followed, more slowly. (2) A rate is
-  also proven by ``proven_seconds`` (3 s) with ``proven_min`` (3) answers and no sign of
-  being over, whichever comes first; at or above ``proven_after / proven_seconds`` (3.3/s)
-  the answers come first, as before. (3) The highest rate proven outlives the burst that
-  resets the bracket; once a ceiling under it is ``recover_after`` (30 s) old, the climb
-  bisects towards that rate instead of cruising under the ceiling. A probe at or under it
-  that is refused drops it to the proven rate, so a limit that really fell costs one refused
-  probe more, once. In that simulation a 20 s burst is now recovered from in 34 s and a 60 s
-  one in 42 s; a stable limit of 1 to 20/s and 5-10 % noise measure as before, and with 22 %
-  noise at 4/s the unlucky seed gets 0.97 of the possible rate over an hour, not 0.36 (with
-  25 % it gets 0.17, not 0.01: noise that bunches up before anything is proven is still read
-  as "over", below, and is learnt slowly at the low rate that leaves).
-
-* Tell "over the limit" from 429s that come whatever our rate (another app's bursts on the
-  shared key, a busy server). Read every 429 as "over" and such noise (5 % of requests, on the
-  sandbox's ``throttle_storm``) ratchets the ceiling down after each cut, for ever: a run at
-  4/s took six times as long as the limit allows, and at 20/s nineteen times. What separates the
-  two is how the share of 429s depends on the rate. Below the limit only noise is refused;
-  over a bucket with no burst allowance, evenly spaced requests are refused every other one
-  (``over_share``) whatever the overshoot. So the noise share is measured where the rate is
-  shown to be under the limit: over the last ``noise_window`` answers to requests sent at or
-  below the proven rate, from a ``noise_prior`` of 1 % worth ``noise_prior_weight`` answers,
-  and never above ``noise_max``. Each answer is then weighed as the log-likelihood ratio of
-  "over" (429s at ``over_share``) against "noise" (429s at the measured share), and the rate
-  is only found over when the sum passes a line. At a new rate the sum counts every answer
-  since the change, down to minus the line (a 429 after ten clean answers is weak evidence,
-  one that comes at once is not), over ``alarm_unproven``: while the noise is unknown (or
-  under 2.5 %) one 429 at once passes it, so the search is as quick, and costs as few 429s, as
-  when every 429 meant "over"; with 5 % noise it takes two close together. At a proven rate it
-  is a CUSUM, floored at zero, over the higher ``alarm_proven``: one 429 passes it only after
-  some forty clean answers there, and with a few percent of noise it takes two or three close
-  together, so the noise is measured before it is mistaken for a limit that dropped. The 429s
-  of a rate not yet proven are not counted as noise (it may yet turn out to be over), and the
-  429s that set the ceiling are weighed again, with the noise known by then, against
-  ``credible_ceiling``: above a ceiling set by what now reads as noise the pacer probes at
-  once, not after a cruise, but as a cruise does, from ``first_step`` doubling while it goes
-  through (jittery 429s just under a real limit also read as noise, and jumping straight to
-  the configured rate cost row 2 up to four times its usual 429s on a loaded machine).
-  Measured on loopback (``bench`` row 2b, and ``python -m bench.storm`` for 4/s), a 5 %
-  storm now costs a few percent over the ideal instead of many times it, while rows 1 and 2
-  (no noise) keep their figures. What it still cannot tell apart: noise that bunches up in
-  the first few answers, before any rate is proven, is read as "over" and cut like a real
-  excess, and the climb back is a step at a time. Against a real limit under noise, probes
-  above it take two or three 429s to refute instead of one.
-
-Only answers to requests sent after the last rate change count, so one decrease is never
-doubled by the refusals that were already in flight.
-
-Even spacing is aiolimiter's leaky bucket with capacity one request, so there is never a
-burst. Its rate is fixed at construction; a rate change swaps in a new bucket right after a
-request took its slot (under a lock), so the change neither bursts nor wastes a slot. A hold
-(after a slow answer, or after a decrease, which must also space the slot already promised at
-the old rate) is a fractional ``acquire`` on the same bucket, so the next interval counts from
-the held moment.
+The limit belongs to the API key, which other apps may share, so the rate left for us can be
+lower than configured and can change. :class:`AdaptivePacer` never bursts, never exceeds the
+configured rate, spaces requests by when they probably *arrive* (a slow round trip holds the
+next slot back), brackets the granted rate between a ceiling (found over) and a proven rate,
+recovers from a burst of 429s in bounded time, and tells "over the limit" from 429s that come
+whatever the rate. The reasoning, and what it still cannot tell apart: ``docs/pacing.md``.
 """
 
 from __future__ import annotations
