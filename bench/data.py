@@ -8,7 +8,7 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
-from batchjob.sandbox._server import World
+from batchjob.sandbox import World
 
 HEADER = ("event_id", "order_ticket_key", "attendee")
 

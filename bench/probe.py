@@ -14,8 +14,8 @@ import time
 def main(argv: list[str]) -> int:
     what, path = argv
     if what == "plan":
-        from batchjob.plan._plan import build_plan
-        from batchjob.read._files import read_inputs
+        from batchjob.plan import build_plan
+        from batchjob.read import read_inputs
 
         started = time.perf_counter()
         plan = build_plan(read_inputs([path]))

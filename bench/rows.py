@@ -391,7 +391,7 @@ def _best_time(fn: Callable[[], object], rounds: int) -> float:
 def row_excel(ctx: Context) -> list[Row]:
     import pandas as pd
 
-    from batchjob.read._files import read_inputs
+    from batchjob.read import read_inputs
 
     rows = ctx.size(100_000, 5_000)
     say(f"row 4b: Excel, {rows:,} rows: calamine vs openpyxl")

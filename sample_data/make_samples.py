@@ -37,7 +37,7 @@ from pathlib import Path
 
 import openpyxl
 
-from batchjob._sandbox import EventState, World
+from batchjob.sandbox._server import EventState, World
 
 HERE = Path(__file__).resolve().parent
 SEED = 20250315
@@ -45,15 +45,68 @@ _FIXED_ZIP_TIME = (2025, 3, 16, 9, 0, 0)
 _FIXED_DOC_TIME = dt.datetime(2025, 3, 16, 9, 0, 0)
 
 FIRST_NAMES = (
-    "Amara", "Ben", "Chloé", "Daniel", "Elif", "Fatima", "Gareth", "Hana", "Ivan", "Jasmine",
-    "Kofi", "Lena", "Mateo", "Nadia", "Oscar", "Priya", "Quentin", "Rosa", "Samir", "Tessa",
-    "Uma", "Victor", "Wen", "Ximena", "Yusuf", "Zoë", "Aoife", "Bruno", "Carmen", "Dmitri",
+    "Amara",
+    "Ben",
+    "Chloé",
+    "Daniel",
+    "Elif",
+    "Fatima",
+    "Gareth",
+    "Hana",
+    "Ivan",
+    "Jasmine",
+    "Kofi",
+    "Lena",
+    "Mateo",
+    "Nadia",
+    "Oscar",
+    "Priya",
+    "Quentin",
+    "Rosa",
+    "Samir",
+    "Tessa",
+    "Uma",
+    "Victor",
+    "Wen",
+    "Ximena",
+    "Yusuf",
+    "Zoë",
+    "Aoife",
+    "Bruno",
+    "Carmen",
+    "Dmitri",
 )
 LAST_NAMES = (
-    "Adeyemi", "Bergström", "Castillo", "Dubois", "Eriksen", "Fernández", "Gallagher",
-    "Haddad", "Ishikawa", "Jansen", "Kowalski", "Lindqvist", "Moreau", "Nakamura", "O'Neill",
-    "Petrov", "Quinn", "Rossi", "Schäfer", "Tanaka", "Umarov", "Varga", "Whitfield", "Xu",
-    "Yilmaz", "Zimmermann", "Okafor", "Brennan", "Laurent", "Novak",
+    "Adeyemi",
+    "Bergström",
+    "Castillo",
+    "Dubois",
+    "Eriksen",
+    "Fernández",
+    "Gallagher",
+    "Haddad",
+    "Ishikawa",
+    "Jansen",
+    "Kowalski",
+    "Lindqvist",
+    "Moreau",
+    "Nakamura",
+    "O'Neill",
+    "Petrov",
+    "Quinn",
+    "Rossi",
+    "Schäfer",
+    "Tanaka",
+    "Umarov",
+    "Varga",
+    "Whitfield",
+    "Xu",
+    "Yilmaz",
+    "Zimmermann",
+    "Okafor",
+    "Brennan",
+    "Laurent",
+    "Novak",
 )
 
 
@@ -72,8 +125,9 @@ def _numeric_key(rng: random.Random) -> str:
     return str(rng.randrange(100_000, 1_000_000))
 
 
-def _keys(rng: random.Random, n_hex: int, n_zero: int, n_num: int
-          ) -> tuple[list[str], list[str], list[str]]:
+def _keys(
+    rng: random.Random, n_hex: int, n_zero: int, n_num: int
+) -> tuple[list[str], list[str], list[str]]:
     seen: set[str] = set()
 
     def unique(make: Callable[[random.Random], str], n: int) -> list[str]:
@@ -90,8 +144,9 @@ def _keys(rng: random.Random, n_hex: int, n_zero: int, n_num: int
 
 def _person(rng: random.Random) -> tuple[str, str, str]:
     first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-    ascii_name = (f"{first}.{last}".lower().replace("'", "")
-                  .translate(str.maketrans("éëöäáåø", "eeoaaao")))
+    ascii_name = (
+        f"{first}.{last}".lower().replace("'", "").translate(str.maketrans("éëöäáåø", "eeoaaao"))
+    )
     return first, last, f"{ascii_name}@{rng.choice(('example.com', 'example.org', 'example.net'))}"
 
 
@@ -99,7 +154,7 @@ def _swap_two(key: str, rng: random.Random) -> str:
     while True:
         i = rng.randrange(len(key) - 1)
         if key[i] != key[i + 1]:
-            return key[:i] + key[i + 1] + key[i] + key[i + 2:]
+            return key[:i] + key[i + 1] + key[i] + key[i + 2 :]
 
 
 Scan = tuple[dt.datetime, str, str | int, str]
@@ -116,8 +171,9 @@ class Samples:
 
 def build(rng: random.Random) -> Samples:
     """Everything the files hold, as plain data."""
-    harbor_id, lyon_id, gala_id = (str(uuid.UUID(int=rng.getrandbits(128), version=4))
-                                   for _ in range(3))
+    harbor_id, lyon_id, gala_id = (
+        str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(3)
+    )
 
     # Harbor City summit (COMPLETE): 60 tickets, 52 checked in.
     h_hex, h_zero, h_num = _keys(rng, 42, 9, 9)
@@ -133,21 +189,31 @@ def build(rng: random.Random) -> Samples:
         rng.shuffle(shuffled)
         return {k: k not in unchecked for k in shuffled}
 
-    world = World(events={
-        harbor_id: EventState("COMPLETE", tickets(h_hex + h_zero + h_num, h_unchecked),
-                              name="Harbor City Customer Summit 2025"),
-        lyon_id: EventState("ACTIVE", tickets(l_hex + l_zero + l_num, l_unchecked),
-                            name="Partner Workshop Lyon 2025"),
-        gala_id: EventState("DRAFT", tickets(g_hex, set(g_hex)),
-                            name="Volunteer Appreciation Evening 2026"),
-    })
+    world = World(
+        events={
+            harbor_id: EventState(
+                "COMPLETE",
+                tickets(h_hex + h_zero + h_num, h_unchecked),
+                name="Harbor City Customer Summit 2025",
+            ),
+            lyon_id: EventState(
+                "ACTIVE",
+                tickets(l_hex + l_zero + l_num, l_unchecked),
+                name="Partner Workshop Lyon 2025",
+            ),
+            gala_id: EventState(
+                "DRAFT", tickets(g_hex, set(g_hex)), name="Volunteer Appreciation Evening 2026"
+            ),
+        }
+    )
 
     # -- registrants-export.csv
     harbor_rows = [(harbor_id, k) for k in h_hex[0:19] + h_zero[0:4] + h_num[0:2] + [h_hex[34]]]
     lyon_typo = _swap_two(l_hex[17], rng)
     assert lyon_typo not in world.events[lyon_id].tickets
-    lyon_rows = [(lyon_id, k) for k in l_hex[0:17] + l_zero[0:4] + l_num[0:2]
-                 + [l_hex[32], lyon_typo, ""]]
+    lyon_rows = [
+        (lyon_id, k) for k in l_hex[0:17] + l_zero[0:4] + l_num[0:2] + [l_hex[32], lyon_typo, ""]
+    ]
     gala_rows = [(gala_id, k) for k in g_hex[0:4]]
     rng.shuffle(harbor_rows)
     rng.shuffle(lyon_rows)
@@ -174,8 +240,13 @@ def build(rng: random.Random) -> Samples:
         eu_rows.append((lyon_id, key, moment.strftime("%d/%m/%Y %H:%M"), rng.choice(gates)))
 
     # -- door-scans.xlsx: the Harbor City doors.
-    xlsx_keys = (h_hex[20:27] + h_zero[4:7] + h_num[2:9]  # not in the registrants file
-                 + h_hex[0:3] + [h_zero[0], h_num[0]])  # also there
+    xlsx_keys = (
+        h_hex[20:27]
+        + h_zero[4:7]
+        + h_num[2:9]  # not in the registrants file
+        + h_hex[0:3]
+        + [h_zero[0], h_num[0]]
+    )  # also there
     rng.shuffle(xlsx_keys)
     moment = dt.datetime(2025, 3, 15, 8, 45)
     scans: list[Scan] = []
@@ -188,8 +259,14 @@ def build(rng: random.Random) -> Samples:
     return Samples(world, registrants, eu_rows, main_entrance=scans[:13], side_door=scans[13:])
 
 
-def _write_csv(path: Path, header: tuple[str, ...], rows: Sequence[tuple[str, ...]], *,
-               delimiter: str, encoding: str) -> None:
+def _write_csv(
+    path: Path,
+    header: tuple[str, ...],
+    rows: Sequence[tuple[str, ...]],
+    *,
+    delimiter: str,
+    encoding: str,
+) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\r\n")
     writer.writerow(header)
@@ -200,15 +277,16 @@ def _write_csv(path: Path, header: tuple[str, ...], rows: Sequence[tuple[str, ..
 def _deterministic_zip(data: bytes) -> bytes:
     """openpyxl stamps the save time into the file twice; pin both to a fixed moment."""
     out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as src, \
-            zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+    with (
+        zipfile.ZipFile(io.BytesIO(data)) as src,
+        zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst,
+    ):
         for info in src.infolist():
             content = src.read(info.filename)
             if info.filename == "docProps/core.xml":
                 content = re.sub(
                     rb"(<dcterms:modified[^>]*>)[^<]*(</dcterms:modified>)",
-                    rb"\g<1>" + _FIXED_DOC_TIME.strftime("%Y-%m-%dT%H:%M:%SZ").encode()
-                    + rb"\g<2>",
+                    rb"\g<1>" + _FIXED_DOC_TIME.strftime("%Y-%m-%dT%H:%M:%SZ").encode() + rb"\g<2>",
                     content,
                 )
             fixed = zipfile.ZipInfo(info.filename, date_time=_FIXED_ZIP_TIME)
@@ -222,8 +300,9 @@ def _write_xlsx(path: Path, data: Samples) -> None:
     book.properties.creator = "Events Team"
     book.properties.created = _FIXED_DOC_TIME
     header = ("Scanned At", "Event ID", "Ticket Key", "Scanner")
-    for index, (title, scans) in enumerate((("Main entrance", data.main_entrance),
-                                              ("Side door", data.side_door))):
+    for index, (title, scans) in enumerate(
+        (("Main entrance", data.main_entrance), ("Side door", data.side_door))
+    ):
         sheet = book.active if index == 0 else book.create_sheet()
         sheet.title = title
         sheet.append(header)
@@ -249,11 +328,20 @@ def write_samples(out_dir: Path) -> None:
     data = build(random.Random(SEED))
     out_dir.mkdir(parents=True, exist_ok=True)
     data.world.to_json(out_dir / "sandbox_world.json")
-    _write_csv(out_dir / "registrants-export.csv",
-               ("Event ID", "Order Ticket Key", "First Name", "Last Name", "Email"),
-               data.registrants, delimiter=",", encoding="utf-8")
-    _write_csv(out_dir / "door-scans-eu.csv", ("event_id", "ticket_key", "scanned_at", "gate"),
-               data.eu_rows, delimiter=";", encoding="cp1252")
+    _write_csv(
+        out_dir / "registrants-export.csv",
+        ("Event ID", "Order Ticket Key", "First Name", "Last Name", "Email"),
+        data.registrants,
+        delimiter=",",
+        encoding="utf-8",
+    )
+    _write_csv(
+        out_dir / "door-scans-eu.csv",
+        ("event_id", "ticket_key", "scanned_at", "gate"),
+        data.eu_rows,
+        delimiter=";",
+        encoding="cp1252",
+    )
     _write_xlsx(out_dir / "door-scans.xlsx", data)
 
 

@@ -31,14 +31,8 @@ import pandas as pd
 from batchjob import JobConfig, RunResult, StopRequest, TokenSource, run_job
 from batchjob._cells import unescape_cell
 from batchjob._logging import Redactor, make_logger
-from batchjob.sandbox._server import RequestRecord, Sandbox, World
-from batchjob.send._transport import (
-    AiohttpTransport,
-    RawResponse,
-    Transport,
-    TransportError,
-    make_session,
-)
+from batchjob.sandbox import RequestRecord, Sandbox, World
+from batchjob.send import AiohttpTransport, RawResponse, Transport, TransportError, make_session
 from tests.support import read_report, token_for
 
 Pair = tuple[str, str]

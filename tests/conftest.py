@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from batchjob.sandbox._server import Faults, Sandbox, SandboxSettings, World
+from batchjob.sandbox import Faults, Sandbox, SandboxSettings, World
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pandas as pd
 
 from batchjob import JobConfig, RunResult, Secret, StaticToken, run_job
 from batchjob._logging import Redactor, make_logger
-from batchjob.sandbox._server import Sandbox, World
+from batchjob.sandbox import Sandbox, World
 
 # Fast but real: the sandbox limits at 400/s, the job paces at 300/s, backoff waits are short.
 FAST = {"rate": 300.0, "concurrency": 8, "retry_base": 0.005, "retry_cap": 0.05}

@@ -13,10 +13,15 @@ from aioresponses import aioresponses
 
 from batchjob._logging import MAX_SERVER_TEXT, TRUNCATED, Redactor
 from batchjob._tokens import Secret, StaticToken
-from batchjob.send._client import ApiClient, RequestGate, RetryPolicy
-from batchjob.send._messages import Verdict, classify, parse_error_body, parse_retry_after
-from batchjob.send._pacing import AdaptivePacer
-from batchjob.send._transport import AiohttpTransport
+from batchjob.send import (
+    AdaptivePacer,
+    AiohttpTransport,
+    ApiClient,
+    RequestGate,
+    RetryPolicy,
+    Verdict,
+)
+from batchjob.send._messages import classify, parse_error_body, parse_retry_after
 
 BASE = "https://api.example.test/v3"
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"

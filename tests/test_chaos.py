@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchjob import RunResult, StopRequest
-from batchjob.sandbox._server import Faults, Sandbox, SandboxSettings, World
+from batchjob.sandbox import Faults, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     CrashAfter,
     Pair,

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, RunResult, run_job
-from batchjob.sandbox._server import EventState, Sandbox, SandboxSettings, World
-from batchjob.send._transport import AiohttpTransport, RawResponse
+from batchjob.sandbox import EventState, Sandbox, SandboxSettings, World
+from batchjob.send import AiohttpTransport, RawResponse
 from tests.support import read_report, run, ticket_rows, token_for, write_csv
 
 HEADER = ("Event ID", "Order Ticket Key", "Name")
@@ -369,7 +369,7 @@ async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_kee
     monkeypatch: pytest.MonkeyPatch,
     error: Exception,
 ) -> None:
-    from batchjob.record._journal import Journal
+    from batchjob.record import Journal
 
     real_flush = Journal.flush
     flushes = 0

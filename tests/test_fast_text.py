@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batchjob._cells import escape_cell
-from batchjob.plan._plan import Plan
+from batchjob.plan import Plan
 from batchjob.record._rows import _csv_field, _format_times, _key_cells
 from batchjob.send._messages import undo_body
 

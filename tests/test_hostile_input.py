@@ -27,7 +27,7 @@ from aiohttp import web
 from batchjob import JobConfig, run_job
 from batchjob._cells import unescape_cell
 from batchjob._cli import main
-from batchjob.sandbox._server import EventState, Sandbox, SandboxSettings, World
+from batchjob.sandbox import EventState, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     TRIGGERS,
     Finished,

@@ -29,8 +29,8 @@ from aiohttp import web
 from batchjob import JobConfig, RunResult, Secret, StaticToken, run_job
 from batchjob._logging import MAX_SERVER_TEXT, TRUNCATED, make_logger
 from batchjob._tokens import FileTokenSource, TokenSet, TokenSource, write_token_file
-from batchjob.record._journal import Journal
-from batchjob.sandbox._server import Sandbox, SandboxSettings, World
+from batchjob.record import Journal
+from batchjob.sandbox import Sandbox, SandboxSettings, World
 from tests.support import FAST, read_report, ticket_rows, token_for, write_csv
 
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"

@@ -24,8 +24,7 @@ import batchjob.read._limits as workbook_limits
 from batchjob._cells import escape_cell
 from batchjob._errors import InputError
 from batchjob._model import REPORT_COLUMNS, ColumnAliases
-from batchjob.read._files import read_inputs
-from batchjob.read._shared import Inputs
+from batchjob.read import Inputs, read_inputs
 
 EVENT = "e3a7c9b2-1111-4222-8333-444455556666"
 OTHER_EVENT = "0f0e0d0c-0b0a-4909-8807-060504030201"

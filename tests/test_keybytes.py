@@ -7,7 +7,7 @@ import pyarrow.compute as pc
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchjob.read._keybytes import KeyBytes, word_count
+from batchjob.read import KeyBytes, word_count
 
 _texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=30)
 # Few distinct characters, so that equal and nearly equal keys are common.

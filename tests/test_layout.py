@@ -109,7 +109,7 @@ def test_every_module_is_placed_in_the_pipeline() -> None:
 
 
 def _modules_loaded(code: str) -> set[str]:
-    out = subprocess.run(
+    out = subprocess.run(  # noqa: S603 (our own interpreter and code)
         [sys.executable, "-c", code + "\nimport sys; print('\\n'.join(sys.modules))"],
         capture_output=True,
         text=True,

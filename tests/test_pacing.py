@@ -10,7 +10,7 @@ from collections.abc import Callable
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchjob.send._pacing import AdaptivePacer, PacingSettings
+from batchjob.send import AdaptivePacer, PacingSettings
 
 
 class Clock:

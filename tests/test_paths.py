@@ -19,11 +19,10 @@ import numpy as np
 import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
-from batchjob.plan._plan import Positions
-from batchjob.record._files import ReportPaths, remove_stale_temp_files
+from batchjob.plan import Positions
+from batchjob.record import ReportPaths, RowWriter, remove_stale_temp_files
 from batchjob.record._final import _write_atomically
-from batchjob.record._rows import RowWriter
-from batchjob.sandbox._server import Sandbox, SandboxSettings, World
+from batchjob.sandbox import Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     CrashAfter,
     cli,

@@ -14,9 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import batchjob.plan._plan as plan_module
-from batchjob.plan._plan import Hashes, Plan, build_plan
-from batchjob.read._files import read_inputs
-from batchjob.read._keybytes import Words
+from batchjob.plan import Plan, build_plan
+from batchjob.plan._plan import Hashes
+from batchjob.read import Words, read_inputs
 from tests.support import write_csv
 
 A = "07216444-4e3b-41ea-a3b8-5a418fce41f4"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from batchjob import JobConfig, ReportError, Secret, StaticToken, run_job
-from batchjob.sandbox._server import Faults, Sandbox, SandboxSettings, World
+from batchjob.sandbox import Faults, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     CrashAfter,
     Exchange,

@@ -23,16 +23,16 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
-from batchjob.sandbox._serve import _sandbox_from_args, add_sandbox_arguments
-from batchjob.sandbox._server import (
-    NO_REPLY,
+from batchjob.sandbox import (
     EventState,
     Faults,
     Sandbox,
     SandboxSettings,
     World,
-    _Bucket,
+    add_sandbox_arguments,
 )
+from batchjob.sandbox._serve import _sandbox_from_args
+from batchjob.sandbox._server import NO_REPLY, _Bucket
 
 ROOT = Path(__file__).absolute().parents[1]
 SAMPLES = ROOT / "sample_data"

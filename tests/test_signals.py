@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 
 from batchjob import StopRequest
-from batchjob.run._stop import install_signal_handlers
-from batchjob.sandbox._server import Faults, Sandbox, SandboxSettings, World
+from batchjob.run import install_signal_handlers
+from batchjob.sandbox import Faults, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     Pair,
     cli_env,

@@ -47,7 +47,7 @@ from batchjob._tokens import (
     rescue_tokens,
     token_source_from_env,
 )
-from batchjob.sandbox._server import Sandbox, SandboxSettings, World
+from batchjob.sandbox import Sandbox, SandboxSettings, World
 from tests.support import ticket_rows, write_csv
 
 FAST_RETRY = (0.01, 0.01)
