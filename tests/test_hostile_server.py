@@ -397,20 +397,35 @@ async def odd_status_event(server: Hostile, request: web.Request) -> web.StreamR
     return web.json_response({"status": status})
 
 
-@pytest.mark.parametrize("event", [endless_event, deeply_nested_event, odd_status_event])
+async def status_echo_event(server: Hostile, request: web.Request) -> web.StreamResponse:
+    return web.json_response({"status": request.headers.get("Authorization")})
+
+
+@pytest.mark.parametrize(
+    ("event", "error_key"),
+    [
+        (endless_event, "event_unreadable"),
+        (deeply_nested_event, "event_unreadable"),
+        (odd_status_event, "event_not_active"),
+        (status_echo_event, "event_not_active"),
+    ],
+)
 async def test_an_event_answered_with_an_unreadable_body_is_not_used(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, event: Behaviour
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, event: Behaviour, error_key: str
 ) -> None:
     async with Hostile(echo_in_json, event=event) as server:
         tokens = StaticToken(Secret(new_secret("access")))
         written = await run_against(server, tmp_path, monkeypatch, tokens=tokens)
         assert server.undo_requests == 0
 
-    # Its status unreadable, the event is not used: nothing is sent for it.
+    # Its status unreadable, the event is not used: nothing is sent for it, and the message
+    # says why (a body too large or not JSON is not "an event that is not active").
     assert_every_key_once(written, "failed")
-    assert written.report.error_key.eq("event_not_active").all()
+    assert written.report.error_key.eq(error_key).all()
     assert written.report.error_message.str.len().max() <= MAX_SERVER_TEXT
     assert_no_secret(written.files, sent_tokens(tokens))
+    # Not even with its letters' case changed (the status is compared in upper case).
+    assert_no_secret(written.files, [t.upper() for t in sent_tokens(tokens)])
     assert server.sent < 16 << 20  # 1 MiB read at most
 
 

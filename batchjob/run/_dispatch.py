@@ -26,6 +26,7 @@ from batchjob.record import Journal, Ledger, set_outcome
 from batchjob.run._isolate import Group, KeyIsolator
 from batchjob.run._stop import StopRequest
 from batchjob.send import (
+    MAX_SUCCESS_BODY,
     TOKEN_FAILED,
     AdaptivePacer,
     ApiClient,
@@ -319,8 +320,20 @@ class Dispatcher:
             return
         verdict = reply.verdict
         if verdict is Verdict.OK:
-            status = self.redactor.clean(_event_status(reply.body), 100)
-            if status in ACTIVE_STATUSES:
+            raw = _event_status(reply.body)
+            if raw is None:
+                self.log.warning("event.unreadable", event_id=event.event_id)
+                self.close_event(
+                    event,
+                    http_status=reply.status,
+                    error_key="event_unreadable",
+                    error_message="the event check answered 200, but not with a readable event "
+                    f"(not JSON, or over {MAX_SUCCESS_BODY // 2**20} MiB); nothing was sent",
+                )
+                return
+            # Cleaned before anything else: a server may echo the token as the status.
+            status = self.redactor.clean(raw, 100)
+            if raw.upper() in ACTIVE_STATUSES:
                 event.state = EventState.READY
                 if event.isolator is None:
                     event.isolator = self.new_isolator(event.positions)
@@ -532,9 +545,10 @@ class Dispatcher:
                     )
 
 
-def _event_status(body: bytes) -> str:
+def _event_status(body: bytes) -> str | None:
+    """The event's ``status`` as sent, "" when it has none; None when the body is no event."""
     try:
         data = json.loads(body)
-        return str(data.get("status", "")).upper() if isinstance(data, dict) else ""
     except (ValueError, UnicodeDecodeError, RecursionError):  # a server's body: anything goes
-        return ""
+        return None
+    return str(data.get("status", "")) if isinstance(data, dict) else None

@@ -14,6 +14,7 @@ from batchjob.send._client import ApiClient, Call, CallResult, RequestGate, Retr
 from batchjob.send._messages import TOKEN_FAILED, Reply, Verdict
 from batchjob.send._pacing import AdaptivePacer, PacingSettings
 from batchjob.send._transport import (
+    MAX_SUCCESS_BODY,
     AiohttpTransport,
     RawResponse,
     Transport,
@@ -22,6 +23,7 @@ from batchjob.send._transport import (
 )
 
 __all__ = [
+    "MAX_SUCCESS_BODY",
     "TOKEN_FAILED",
     "AdaptivePacer",
     "AiohttpTransport",
