@@ -218,10 +218,14 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
             redactor=redactor,
         )
     finally:
-        remove()
-        if tokens is not None:
-            # Waits for a refresh in flight, so a rotated refresh token reaches the file.
-            await tokens.close()
+        try:
+            if tokens is not None:
+                # Waits for a refresh in flight, so a rotated refresh token reaches the file.
+                # The signal handlers stay until then: a Ctrl-C or a hangup now would kill
+                # the process between the answer and the save, and lose the new pair.
+                await tokens.close()
+        finally:
+            remove()
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -257,3 +258,60 @@ async def test_a_second_hangup_does_not_hurry_but_a_ctrl_c_after_it_does() -> No
         remove()
         loop.remove_signal_handler(signal.SIGUSR1)
     assert (stop.exit_code, stop.reason) == (129, "interrupted by SIGHUP")
+
+
+class HeldTokenSandbox(Sandbox):
+    """Holds every token refresh until the test releases it: a refresh on the wire."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world, SandboxSettings(rate=None, burst=1.0, daily_quota=None, seed=3))
+        self.asked = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def _token(self, request: Any) -> Any:
+        await request.post()  # read (and kept by aiohttp) before the client may go
+        self.asked.set()
+        # Shielded: like a real server, it rotates the token even if the client has gone.
+        return await asyncio.shield(self._answer_when_released(request))
+
+    async def _answer_when_released(self, request: Any) -> Any:
+        await self.release.wait()
+        return await super()._token(request)
+
+
+async def test_ctrl_c_while_a_refresh_is_answered_never_loses_the_new_refresh_token(
+    tmp_path: Path, reap: list[asyncio.subprocess.Process]
+) -> None:
+    """Refresh tokens rotate: once the endpoint has answered, the old one is spent, so the
+    process must live until the new pair is in the file, however often Ctrl-C is pressed."""
+    world = World.generate(1, 20, seed=8)
+    inputs = write_csv(tmp_path / "in.csv", ticket_rows(world), HEADER)
+    report = tmp_path / "r.csv"
+    sandbox = HeldTokenSandbox(world)
+    async with sandbox:
+        token_file = tmp_path / "token.json"
+        # No access token: the first request needs a refresh, which the sandbox holds.
+        token_file.write_text(json.dumps({"refresh_token": sandbox.refresh_token}))
+        env = cli_env(
+            CC_BASE_URL=sandbox.base_url,
+            CC_TOKEN_URL=sandbox.token_url,
+            CC_TOKEN_FILE=str(token_file),
+            CC_CLIENT_ID=sandbox.client_id,
+        )
+        proc = await start_cli("run", str(inputs), "--report", str(report), *SLOW_JOB, env=env)
+        reap.append(proc)
+        await asyncio.wait_for(sandbox.asked.wait(), 30)
+        proc.send_signal(signal.SIGINT)  # the run stops; the refresh is still on the wire
+        await wait_until(report.exists, what="the report")
+        for _ in range(3):  # impatient presses while it waits for the refresh
+            with contextlib.suppress(ProcessLookupError):  # it died of one: asserted below
+                proc.send_signal(signal.SIGINT)
+            await asyncio.sleep(0.2)
+        sandbox.release.set()
+        stopped = await finish(proc)
+
+    assert stopped.code == 130, stopped.err
+    assert no_traceback(stopped.err)
+    assert report_pairs(report) == ticket_rows(world)
+    # The pair the endpoint handed out reached the file: the next run can refresh again.
+    assert json.loads(token_file.read_text())["refresh_token"] == sandbox.refresh_token
