@@ -124,7 +124,9 @@ _HOUR = 3600.0
 #: Ranges of the numeric settings. Upper bounds stop a typo (an extra zero, ``inf``) from
 #: turning into a flood of requests or a run that never gives up; far above any real need.
 RANGES: Mapping[str, _Range] = {
-    "rate": _Range(0, 1_000_000, low_included=False),  # the benchmarks use 1e6 for "unlimited"
+    # At least the pacer's floor (one request in 20 s), so a run always progresses; 1e6 is the
+    # benchmarks' "unlimited".
+    "rate": _Range(0.05, 1_000_000),
     "batch_size": _Range(1, 10_000, whole=True),
     "concurrency": _Range(1, 256, whole=True),
     "max_requests": _Range(0, None, whole=True),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 import time
@@ -42,6 +43,10 @@ UNDO = re.compile(rf"^{re.escape(BASE)}/events/{EVENT}/undo_check_in/tickets$")
         (403, "QPS.exceeded", Verdict.RETRY),
         (403, "throttled", Verdict.RETRY),
         (403, "corporate_policy", Verdict.FORBIDDEN),
+        (403, "rate_plan_inactive", Verdict.FORBIDDEN),
+        (403, "RateCard.NotAllowed", Verdict.FORBIDDEN),
+        (403, "RATE_LIMIT_EXCEEDED", Verdict.RETRY),
+        (403, "too_many_requests", Verdict.RETRY),
         (403, "unauthorized.scope", Verdict.FORBIDDEN),
         (413, "", Verdict.TOO_LARGE),
         (415, "", Verdict.REFUSED),
@@ -269,6 +274,20 @@ async def test_endless_throttling_ends_the_request_as_not_sent_and_closes_the_ga
         mock.post(UNDO, status=429, payload=THROTTLED, repeat=True)
         answer = await _client(session, max_throttled=0.05, gate=gate).undo_check_in(EVENT, ["a"])
     assert answer.reply.status == 429
+    assert "429 throttled" in answer.not_sent
+    assert gate.closed == answer.not_sent
+
+
+async def test_a_huge_retry_after_on_429s_does_not_outlast_the_throttling_stop(
+    session: aiohttp.ClientSession,
+) -> None:
+    gate = RequestGate()
+    headers = {"Retry-After": "1e9"}
+    with aioresponses() as mock:
+        mock.post(UNDO, status=429, payload=THROTTLED, headers=headers, repeat=True)
+        client = _client(session, max_throttled=0.2, gate=gate)
+        # A guard against a hang, not a timing: the stop is due after 0.2 s of 429s.
+        answer = await asyncio.wait_for(client.undo_check_in(EVENT, ["a"]), 30)
     assert "429 throttled" in answer.not_sent
     assert gate.closed == answer.not_sent
 

@@ -79,7 +79,7 @@ def test_bad_config_files_are_refused_with_the_reason(
 #: Numeric settings, values each refuses, and how a user can give it: a flag, an environment
 #: variable (both only for some), a config file (all).
 NUMBERS: dict[str, tuple[list[str], str | None, str | None]] = {
-    "rate": (["inf", "nan", "-1", "0", "2e6"], "--rate", "BATCHJOB_RATE"),
+    "rate": (["inf", "nan", "-1", "0", "1e-300", "0.01", "2e6"], "--rate", "BATCHJOB_RATE"),
     "batch_size": (["inf", "nan", "-1", "0", "10001"], "--batch-size", "BATCHJOB_BATCH_SIZE"),
     "concurrency": (["inf", "nan", "-1", "0", "257"], "--concurrency", "BATCHJOB_CONCURRENCY"),
     "max_requests": (["inf", "nan", "-1", "2.5"], "--max-requests", "BATCHJOB_MAX_REQUESTS"),

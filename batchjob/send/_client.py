@@ -262,7 +262,9 @@ class ApiClient:
                 raise NotSent(stop, reply)
             # The pacer has slowed down: its next slot is the wait, plus any Retry-After.
             if reply.retry_after is not None:
-                await asyncio.sleep(min(reply.retry_after, policy.max_retry_after))
+                # Never past the moment the run would stop for throttling anyway.
+                wait = min(reply.retry_after, policy.max_retry_after, self._throttled_left())
+                await asyncio.sleep(wait)
             call.throttled_time += time.monotonic() - began
 
     async def _attempt(self, call: Call) -> Reply:
@@ -304,11 +306,17 @@ class ApiClient:
                     continue
             return reply
 
+    def _throttled_left(self) -> float:
+        """Seconds until every answer will have been throttling for ``throttled_limit``."""
+        since = self._throttled_since
+        if since is None:
+            return self._policy.throttled_limit
+        return max(0.0, since + self._policy.throttled_limit - time.monotonic())
+
     def _throttled_too_long(self) -> str:
         """Why the run must stop, if every answer for ``throttled_limit`` was throttling."""
-        since = self._throttled_since
         limit = self._policy.throttled_limit
-        if since is None or time.monotonic() - since < limit:
+        if self._throttled_since is None or self._throttled_left() > 0:
             return ""
         return (
             f"every answer for {limit:g} s was 429 throttled: another app may be using up the "

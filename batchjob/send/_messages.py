@@ -85,15 +85,28 @@ def is_throttling(status: int, error_key: str = "") -> bool:
         return error_key != "quota_exceeded"
     if status != 403 or not error_key:
         return False
-    # "rate_limit", "requestRateExceeded", "QPS.exceeded", "throttled"; not "corporate".
+    # "rate_limit", "requestRateExceeded", "QPS.exceeded", "throttled": the request rate.
+    # Not "corporate_policy", nor "rate_plan_inactive" or "RateCard.NotAllowed" (a rate, but
+    # not of requests: retrying those for minutes would help nobody).
     spaced = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", error_key).lower()
     words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
     squashed = "".join(words)
     return (
-        "qps" in squashed
-        or "toomanyrequests" in squashed
-        or any(w.startswith(("rate", "throttl")) for w in words)
+        "qps" in words
+        or any(w.startswith("throttl") for w in words)
+        or any(part in squashed for part in _RATE_PHRASES)
     )
+
+
+#: How an error key says "too many requests per second" (squashed, lower case).
+_RATE_PHRASES = (
+    "ratelimit",
+    "rateexceeded",
+    "requestrate",
+    "toomanyrequests",
+    "overrate",
+    "persecond",
+)
 
 
 #: Most characters of a body that is not JSON (an HTML error page) shown as its message.
