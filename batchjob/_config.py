@@ -65,6 +65,7 @@ class JobConfig:
     token_file: Path | None = None
     client_id: str | None = None
     grace_period: float = 10.0  # seconds in-flight requests get after SIGINT/SIGTERM
+    config_file: Path | None = None  # the settings file this was read from: never written
 
     def __post_init__(self) -> None:
         for name in _CHECKED:
@@ -434,6 +435,8 @@ def load_config(
     for message, names in relation_problems(merged):
         where = "; ".join(f"{n} from {origins.get(n, 'the built-in default')}" for n in names)
         raise ConfigError(f"{message} ({where})")
+    if config_file is not None:
+        settings["config_file"] = config_file
     try:
         return JobConfig(**settings)
     except TypeError as exc:

@@ -264,9 +264,34 @@ def _journal_is_an_input(tmp_path: Path, world: World) -> dict[str, object]:
     return {"report": tmp_path / "r.csv", "resume": True}
 
 
+def _the_token_file(tmp_path: Path, world: World) -> dict[str, object]:
+    (tmp_path / "token.json").write_text('{"refresh_token": "only-copy"}')
+    return {"report": tmp_path / "r.csv", "failed_rows": tmp_path / "token.json",
+            "token_file": tmp_path / "token.json"}  # fmt: skip
+
+
+def _the_token_lock(tmp_path: Path, world: World) -> dict[str, object]:
+    return {"report": tmp_path / "token.json.lock", "token_file": tmp_path / "token.json"}
+
+
+def _the_config_file(tmp_path: Path, world: World) -> dict[str, object]:
+    (tmp_path / "nightly.toml").write_text("rate = 4\n")
+    return {"report": tmp_path / "r.csv", "failed_rows": tmp_path / "nightly.toml",
+            "config_file": tmp_path / "nightly.toml"}  # fmt: skip
+
+
+def _a_name_too_long_for_its_temporary_file(tmp_path: Path, world: World) -> dict[str, object]:
+    # 240 bytes fit the file system; ".<name>.<pid>.tmp", written at the end, would not.
+    return {"report": tmp_path / ("r" * 236 + ".csv")}
+
+
 @pytest.mark.parametrize(
     ("case", "message"),
     [
+        (_the_token_file, r"the failed-rows file .* is the token file"),
+        (_the_token_lock, r"the report .* is the token file's lock"),
+        (_the_config_file, r"the failed-rows file .* is the config file"),
+        (_a_name_too_long_for_its_temporary_file, r"its name is too long"),
         (_same_report, r"--failed-rows .* is the report"),
         (_the_journal, r"--failed-rows .* is the report's journal"),
         (_an_input, r"the failed-rows file .* is the input file"),

@@ -63,9 +63,12 @@ def _not_own_file(info: os.stat_result, *, in_place: bool) -> str:
     return ""
 
 
-def check_paths(paths: ReportPaths, inputs: Sequence[Path]) -> None:
-    """Refuse, before any file is touched, a run that would write over one of its inputs or
-    over another file of its own, or through a link. Raises :class:`ReportError` (exit 2)."""
+def check_paths(
+    paths: ReportPaths, inputs: Sequence[Path], keep: Sequence[tuple[str, Path]] = ()
+) -> None:
+    """Refuse, before any file is touched, a run that would write over one of its inputs,
+    over another file of its own, over a file it must ``keep`` (``(what, path)``: the token
+    file, the config file), or through a link. Raises :class:`ReportError` (exit 2)."""
     # The files written, with the option that names each; the failed-rows file is checked
     # against the other three, as the report's journal and lock sit beside it by construction.
     outputs = (
@@ -74,13 +77,13 @@ def check_paths(paths: ReportPaths, inputs: Sequence[Path]) -> None:
         ("the report's journal", paths.journal, "--report"),
         ("the report's lock file", paths.lock, "--report"),
     )
-    read = {_identity(path): path for path in reversed(inputs)}
+    read = {_identity(path): f"the input file {path}" for path in reversed(inputs)}
+    read |= {_identity(path): f"{what} {path}" for what, path in keep}
     for what, path, option in outputs:
         same = read.get(_identity(path))
         if same is not None:
             raise ReportError(
-                f"{what} {path} is the input file {same}: it would be overwritten; "
-                f"choose another {option} path"
+                f"{what} {path} is {same}: it would be overwritten; choose another {option} path"
             )
     failed = _identity(paths.failed_rows)
     for what, path, _ in outputs[1:]:
@@ -126,6 +129,27 @@ def check_writable(paths: ReportPaths) -> None:
             raise ReportError(f"{path}: cannot create its folder: {exc.strerror}") from None
         if not os.access(path.parent, os.W_OK):
             raise ReportError(f"{path}: its folder is not writable")
+        # Found now, not after every request was sent: each file is written to a temporary
+        # one beside it, whose name is longer (the report's journal name is shorter).
+        longest = os.fsencode(f".{path.name}.{'9' * _PID_DIGITS}.tmp")
+        limit = _name_max(path.parent)
+        if len(longest) > limit:
+            raise ReportError(
+                f"{path}: its name is too long: batchjob writes it through a temporary file "
+                f".{path.name}.<pid>.tmp, and this file system takes names of at most {limit} "
+                "bytes; choose a shorter name"
+            )
+
+
+#: Digits of the largest process id (Linux allows up to 4,194,304).
+_PID_DIGITS = 7
+
+
+def _name_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not POSIX, or it will not say
+        return 255
 
 
 def _writer_alive(pid: int) -> bool:

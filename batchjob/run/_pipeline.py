@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from batchjob._config import JobConfig
+from batchjob._tokens import lock_path_for
 from batchjob._errors import ExitCode, ReportError
 from batchjob._logging import Redactor, null_logger
 from batchjob._model import Outcome
@@ -72,7 +73,7 @@ async def run_job(
     stop = stop or StopRequest()
     report = config.report_path()
     paths = ReportPaths(report, config.failed_rows_path(report))
-    check_paths(paths, config.inputs)
+    check_paths(paths, config.inputs, _files_to_keep(config))
 
     inputs = read_inputs(config.inputs, aliases=config.columns, default_event_id=config.event_id)
     plan = build_plan(inputs)
@@ -254,3 +255,17 @@ async def send_all(
         if session is not None:
             await session.close()
     return run
+
+
+def _files_to_keep(config: JobConfig) -> list[tuple[str, Path]]:
+    """Files a run reads that an output path must never replace: losing the token file loses
+    the refresh token, which only a person with a browser can get again."""
+    keep = []
+    if config.token_file is not None:
+        keep += [
+            ("the token file", config.token_file),
+            ("the token file's lock", lock_path_for(config.token_file)),
+        ]
+    if config.config_file is not None:
+        keep.append(("the config file", config.config_file))
+    return keep
