@@ -9,14 +9,14 @@ before the report is written, any row still without an outcome (a bug) is report
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from batchjob._config import JobConfig
-from batchjob._tokens import lock_path_for
 from batchjob._errors import ExitCode, ReportError
 from batchjob._logging import Redactor, null_logger
 from batchjob._model import Outcome
-from batchjob._tokens import TokenSource
+from batchjob._tokens import TokenSource, lock_path_for
 from batchjob.plan import Plan, Positions, build_plan
 from batchjob.read import read_inputs
 from batchjob.record import (
