@@ -92,7 +92,7 @@ def is_throttling(status: int, error_key: str = "") -> bool:
     words = [w for w in re.split(r"[^a-z0-9]+", spaced) if w]
     squashed = "".join(words)
     return (
-        "qps" in words
+        "qps" in squashed
         or any(w.startswith("throttl") for w in words)
         or any(part in squashed for part in _RATE_PHRASES)
     )
