@@ -328,6 +328,9 @@ def read_token_file(path: Path) -> TokenSet:
         ) from None
     except UnicodeDecodeError:
         raise TokenError(f"token file {path} is not UTF-8 text") from None
+    except RecursionError:
+        # Deeper than the parser's stack: a malformed file, not an internal error.
+        raise TokenError(f"token file {path} is JSON nested too deeply: not a token file") from None
     if not isinstance(data, dict):
         raise TokenError(f"token file {path} must hold a JSON object")
     refresh = data.get("refresh_token")
@@ -706,6 +709,14 @@ async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
+def _scalar_text(value: object) -> str:
+    # Never str() of a list or object: one nested nearly as deep as the parser allows would
+    # recurse as deep again, and it is no OAuth error text anyway.
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, int | float) else ""
+
+
 def _parse_token_answer(
     status: int,
     payload: bytes,
@@ -722,13 +733,15 @@ def _parse_token_answer(
         )
     try:
         data: Any = json.loads(payload) if payload else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nested deeper than the parser's stack. Uncaught it would end the run
+        # as an internal error and skip the fallback to a still-valid access token.
         data = None
     if status != 200:
         error = description = ""
         if isinstance(data, dict):
-            error = str(data.get("error", ""))
-            description = str(data.get("error_description", ""))
+            error = _scalar_text(data.get("error"))
+            description = _scalar_text(data.get("error_description"))
         detail = f"{error}: {description}" if description else error or "no OAuth error given"
         raise TokenEndpointError(status=status, error=error, detail=_scrub(detail, known))
     if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):

@@ -1348,3 +1348,34 @@ def test_only_our_own_rescued_files_are_suggested(tmp_path: Path) -> None:
     (tmp_path / "t.json.lock").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(TokenError, match="lock file"):
         FileTokenSource(path, "cid").check()
+
+
+# --- JSON nested deeper than the parser goes --------------------------------------------------
+
+NESTED = b"[" * 100_000 + b"]" * 100_000  # 200 KB: under the answer cap, over any stack
+
+
+@pytest.mark.parametrize(
+    ("status", "body"), [(200, NESTED), (400, b'{"error": ' + NESTED + b"}")], ids=["200", "400"]
+)
+async def test_a_deeply_nested_answer_fails_the_refresh_and_keeps_the_current_token(
+    tmp_path: Path, status: int, body: bytes
+) -> None:
+    async def nested(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    # Due for a refresh (within the margin) but still good for 100 s: the fallback applies.
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", access_token="a0")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "expires_at": time.time() + 100}))
+    before = path.read_bytes()
+    async with token_server(nested) as url, FileTokenSource(path, "cid", token_url=url) as t:
+        assert await t.token() == "a0"
+        assert isinstance(t.last_error, TokenError)
+    assert path.read_bytes() == before
+
+
+def test_a_deeply_nested_token_file_is_a_token_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_bytes(NESTED)
+    with pytest.raises(TokenError, match="nested too deeply"):
+        read_token_file(path)
