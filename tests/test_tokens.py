@@ -1379,3 +1379,29 @@ def test_a_deeply_nested_token_file_is_a_token_error(tmp_path: Path) -> None:
     path.write_bytes(NESTED)
     with pytest.raises(TokenError, match="nested too deeply"):
         read_token_file(path)
+
+
+# --- a lock file that is not a file -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+async def test_a_lock_that_is_not_a_regular_file_stops_the_run_before_it_starts(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        lock = tmp_path / "t.json.lock"
+        if kind == "directory":
+            lock.mkdir()
+        else:
+            os.mkfifo(lock)
+        with pytest.raises(TokenError, match=r"lock file .* not a regular file"):
+            FileTokenSource(path, sb.client_id, token_url=sb.token_url).check()
+
+        inputs = write_csv(tmp_path / "in.csv", ticket_rows(world)[:3], KEY_HEADER)
+        monkeypatch.setenv("CC_TOKEN_FILE", str(path))
+        monkeypatch.setenv("CC_CLIENT_ID", sb.client_id)
+        monkeypatch.setenv("CC_TOKEN_URL", sb.token_url)
+        argv = ["run", str(inputs), "--report", str(tmp_path / "r.csv"), "--base-url", sb.base_url]
+        assert await asyncio.to_thread(cli_main, argv) == 2  # before it starts, not exit 3
+        assert sb.counters.total == 0 and sb.counters.token_requests == 0
