@@ -37,7 +37,9 @@ The file is replaced atomically (a temporary file in the same directory, created
 and O_EXCL|O_NOFOLLOW, fsynced, renamed over the old one, then the directory fsynced), so a
 reader sees the old pair or the new pair, never half of one. That temporary file is created,
 with room for the new pair, *before* the refresh token is sent: a folder that cannot take it
-(read-only, full) stops the refresh with the refresh token unused. Refresh tokens may rotate
+(read-only, full) stops the refresh with the refresh token unused; so does a token file that
+cannot be renamed over (immutable or append-only: a copy of its own bytes is renamed over it
+first, under the lock, which proves it can be). Refresh tokens may rotate
 (each works once), so the new pair is on disk *before* the new access token is handed out; if
 it still cannot replace the file, it goes to a new 0600 file (:func:`rescue_tokens`: next to
 the token file, else ``$XDG_STATE_HOME/batchjob``, else the temporary folder), the run stops,
@@ -65,6 +67,8 @@ import re
 import secrets
 import shlex
 import stat
+import struct
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -126,6 +130,10 @@ MAX_TOKEN_ANSWER_SIZE = 256 * 1024
 _RESERVED_BYTES = 16 * 1024
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW
+#: Linux's FS_IOC_GETFLAGS, _IOR('f', 1, long), and its immutable and append-only flags.
+_LONG_SIZE = struct.calcsize("l")
+_FS_IOC_GETFLAGS = (2 << 30) | (_LONG_SIZE << 16) | (ord("f") << 8) | 1
+_FS_FROZEN_FLAGS = 0x10 | 0x20  # FS_IMMUTABLE_FL | FS_APPEND_FL
 #: Where a new pair goes when the token file cannot take it (besides the token file's folder).
 STATE_HOME_ENV = "XDG_STATE_HOME"
 
@@ -407,10 +415,12 @@ class TokenFileWriter:
             raise
 
     def commit(self, tokens: TokenSet) -> None:
+        self.commit_bytes((json.dumps(tokens.to_json(), indent=2) + "\n").encode())
+
+    def commit_bytes(self, payload: bytes) -> None:
         fd = self._fd
         if fd is None or self._settled:
             raise ValueError("token file writer already used")
-        payload = (json.dumps(tokens.to_json(), indent=2) + "\n").encode()
         try:
             _write_all(fd, payload)
             os.ftruncate(fd, len(payload))
@@ -452,6 +462,78 @@ def check_folder_writable(path: Path) -> None:
         TokenFileWriter(path).discard()
     except OSError as exc:
         raise TokenError(unwritable_message(path, exc)) from None
+
+
+def _frozen(fd: int) -> bool:
+    """Whether the file is immutable or append-only: nothing, root included, renames over it.
+
+    Permission bits cannot tell; the flags live in ``st_flags`` (BSD, macOS) or behind the
+    FS_IOC_GETFLAGS ioctl (Linux). A file system without them answers False.
+    """
+    flags = getattr(os.fstat(fd), "st_flags", 0)
+    if flags & (stat.UF_IMMUTABLE | stat.UF_APPEND | stat.SF_IMMUTABLE | stat.SF_APPEND):
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        # The kernel writes an int; the buffer is a long's size, like the request number says.
+        answer = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(_LONG_SIZE))
+    except OSError:
+        return False
+    return bool(int.from_bytes(answer[:4], sys.byteorder) & _FS_FROZEN_FLAGS)
+
+
+def unreplaceable_message(path: Path, problem: str) -> str:
+    return (
+        f"token file {path} cannot be replaced ({problem}): every refresh replaces it, so the "
+        "refresh token was not used; remove the flag (chattr -i -a, or chflags nouchg "
+        "nouappnd) or move the file somewhere it can be replaced"
+    )
+
+
+def is_frozen(path: Path) -> bool:
+    """Whether ``path`` is an immutable or append-only file. Only reads: safe without the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW)
+    except OSError:
+        return False  # missing, a link, unreadable: read_token_file says what is wrong
+    try:
+        return _frozen(fd)
+    finally:
+        os.close(fd)
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise TokenError if ``path`` is immutable or append-only: a run checks it first."""
+    if is_frozen(path):
+        raise TokenError(unreplaceable_message(path, "it is immutable or append-only"))
+
+
+def prove_replaceable(path: Path) -> None:
+    """Rename a copy of the token file over it, so the rename after a refresh cannot fail.
+
+    The flags are not all that can refuse a rename over one file while its folder takes new
+    ones (a file bind-mounted in place, a security module): doing it is the only proof. The
+    copy holds the very bytes there, so a reader sees the same pair either way. Call with the
+    token-file lock held: unlocked, it could put back a pair another process just replaced.
+    Raises TokenError, the refresh token unused.
+    """
+    check_replaceable(path)
+    fd = _open_regular(path, "token file")
+    try:
+        raw = _read_at_most(fd, MAX_TOKEN_FILE_SIZE + 1)
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        writer = TokenFileWriter(path)
+    except OSError as exc:
+        raise TokenError(unwritable_message(path, exc)) from None
+    try:
+        writer.commit_bytes(raw)
+    except OSError as exc:
+        raise TokenError(unreplaceable_message(path, exc.strerror or str(exc))) from None
 
 
 def unwritable_message(path: Path, exc: OSError) -> str:
@@ -916,6 +998,7 @@ class FileTokenSource:
         tokens = read_token_file(self._path)
         check_lock_file(self._path)
         check_folder_writable(self._path)
+        check_replaceable(self._path)
         if self._current is None:
             self._adopt(tokens)
 
@@ -1062,9 +1145,11 @@ class FileTokenSource:
             if self._closing.is_set():
                 raise StoppingError(STOPPING_MESSAGE)
             remove_stale_temp_files(self._path)
+            # Before the refresh token is spent: a token file that cannot be replaced, or a
+            # folder that cannot take the new pair now, would lose it (rotating tokens work
+            # once). The folder check passes for an immutable file, hence both.
+            prove_replaceable(self._path)
             try:
-                # Before the refresh token is spent: a folder that cannot take the new pair
-                # now would lose it (rotating refresh tokens work once).
                 writer = TokenFileWriter(self._path)
             except OSError as exc:
                 raise TokenError(unwritable_message(self._path, exc)) from None

@@ -121,6 +121,19 @@ async def refresh_directly(sb: Sandbox, refresh_token: str) -> tuple[int, dict[s
         return resp.status, await resp.json()
 
 
+def refuse_new_pair(problem: OSError) -> Callable[[Any, Any], None]:
+    """An os.replace that fails once a refresh has answered: for a new pair, not for the
+    token file's own bytes, which a refresh renames over it first to prove it can."""
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst).exists() and Path(src).read_bytes() != Path(dst).read_bytes():
+            raise problem
+        real_replace(src, dst)
+
+    return replace
+
+
 def assert_no_tokens(text: str, *tokens: str) -> None:
     for token in tokens:
         assert token not in text
@@ -514,8 +527,7 @@ async def test_failed_save_keeps_the_new_pair_next_to_the_file_and_stops(
 ) -> None:
     # Disk full just as the answer arrives: the refresh token in the file is spent, so the new
     # pair must land somewhere the user can find it, and the run must stop and say where.
-    def refuse(src: Any, dst: Any) -> None:
-        raise OSError(28, "No space left on device")
+    refuse = refuse_new_pair(OSError(28, "No space left on device"))
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     async with Sandbox(world, settings(ttl=HOUR)) as sb:
@@ -970,9 +982,7 @@ async def test_save_failing_after_the_answer_rescues_the_pair(
 async def test_pair_that_fits_nowhere_says_it_is_lost(
     tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refuse(src: Any, dst: Any) -> None:
-        raise OSError(28, "No space left on device")
-
+    refuse = refuse_new_pair(OSError(28, "No space left on device"))
     async with Sandbox(world, settings()) as sb:
         path = token_file(tmp_path / "t.json", sb, expires_at=0)
         monkeypatch.setattr("batchjob._tokens.os.replace", refuse)
@@ -1405,3 +1415,82 @@ async def test_a_lock_that_is_not_a_regular_file_stops_the_run_before_it_starts(
         argv = ["run", str(inputs), "--report", str(tmp_path / "r.csv"), "--base-url", sb.base_url]
         assert await asyncio.to_thread(cli_main, argv) == 2  # before it starts, not exit 3
         assert sb.counters.total == 0 and sb.counters.token_requests == 0
+
+
+# --- a token file that cannot be replaced (its folder can) ------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["+i", "+a"])
+async def test_an_immutable_or_append_only_token_file_never_spends_the_refresh_token(
+    tmp_path: Path, world: World, flag: str
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        before = path.read_bytes()
+        if not chattr(path, flag):
+            pytest.skip(f"chattr {flag} is not available here")
+        try:
+            with pytest.raises(TokenError, match=r"cannot be replaced.*not used"):
+                source(path, sb).check()  # what a run does before it starts: exit 2
+            async with source(path, sb) as tokens:
+                with pytest.raises(TokenError, match="not used") as caught:
+                    await tokens.token()
+        finally:
+            chattr(path, "-" + flag[1:])
+        assert sb.counters.token_requests == 0
+        assert not isinstance(caught.value, TokenSaveError)
+        assert path.read_bytes() == before
+        assert no_temp_files(tmp_path) and not rescued_files(tmp_path)
+        status, _ = await refresh_directly(sb, sb.refresh_token)
+        assert status == 200  # still unspent
+
+
+async def test_a_token_file_the_rename_cannot_replace_is_found_before_the_refresh(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same without chattr: only renaming over the token file fails (EPERM).
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        before = path.read_bytes()
+        real_replace = os.replace
+
+        def refuse_over_token_file(src: Any, dst: Any) -> None:
+            if Path(dst) == path:
+                raise PermissionError(1, "Operation not permitted")
+            real_replace(src, dst)
+
+        monkeypatch.setattr("batchjob._tokens.os.replace", refuse_over_token_file)
+        async with source(path, sb) as tokens:
+            with pytest.raises(TokenError, match=r"Operation not permitted.*not used") as caught:
+                await tokens.token()
+        assert sb.counters.token_requests == 0
+        assert not isinstance(caught.value, TokenSaveError)
+        assert path.read_bytes() == before
+        assert no_temp_files(tmp_path) and not rescued_files(tmp_path)
+
+
+async def test_auth_refuses_an_immutable_token_file_before_spending_anything(
+    tmp_path: Path, world: World
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token="old")
+        if not chattr(path, "+i"):
+            pytest.skip("chattr +i is not available here")
+        stderr = io.StringIO()
+        args = auth_args("--import-refresh-token", "--token-file", str(path))
+        env = {"CC_CLIENT_ID": sb.client_id, "CC_TOKEN_URL": sb.token_url}
+        try:
+            code = await asyncio.to_thread(
+                run_auth_command,
+                args,
+                stdin=io.StringIO(sb.refresh_token + "\n"),
+                stdout=io.StringIO(),
+                stderr=stderr,
+                environ=env,
+            )
+        finally:
+            chattr(path, "-i")
+        assert code == 2, stderr.getvalue()
+        assert "immutable" in stderr.getvalue()
+        assert sb.counters.token_requests == 0  # the pasted token is still good
+        assert not rescued_files(tmp_path)
