@@ -43,7 +43,11 @@ first, under the lock, which proves it can be). Refresh tokens may rotate
 (each works once), so the new pair is on disk *before* the new access token is handed out; if
 it still cannot replace the file, it goes to a new 0600 file (:func:`rescue_tokens`: next to
 the token file, else ``$XDG_STATE_HOME/batchjob``, else the temporary folder), the run stops,
-and the message says where it is and how to put it back. Tokens never go to logs or messages.
+and the message says where it is and how to put it back. A run killed between writing the new
+pair and the rename leaves the only copy in the temporary file: the next refresh, under the
+lock and before it reads the refresh token, puts such a pair in place if it is newer than the
+token file, else rescues it (:func:`remove_stale_temp_files`). Tokens never go to logs or
+messages.
 
 Refreshes are serialised twice: an :class:`asyncio.Lock` within a process, and an exclusive
 ``flock`` on ``<token file>.lock`` (opened with O_NOFOLLOW, never written) across processes.
@@ -327,6 +331,10 @@ def read_token_file(path: Path) -> TokenSet:
         os.close(fd)
     if len(raw) > MAX_TOKEN_FILE_SIZE:
         raise TokenError(f"token file {path} is over {MAX_TOKEN_FILE_SIZE} bytes: not a token file")
+    return _parse_token_file(path, raw)
+
+
+def _parse_token_file(path: Path, raw: bytes) -> TokenSet:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -543,13 +551,93 @@ def unwritable_message(path: Path, exc: OSError) -> str:
     )
 
 
-def remove_stale_temp_files(path: Path) -> None:
-    """Remove temporary token files a killed process left. Call with the token-file lock held."""
+@dataclass(frozen=True)
+class LeftOver:
+    """What :func:`remove_stale_temp_files` did with the temporary files a killed run left."""
+
+    installed: bool = False  # a left pair replaced the token file
+    rescued: tuple[Path, ...] = ()  # left pairs older than the token file, kept aside
+    kept: tuple[Path, ...] = ()  # left pairs that could be moved nowhere: left as they are
+
+
+def _left_pair(temp: Path) -> tuple[TokenSet, int] | None:
+    """The pair in a left temporary file and when it was written, or None if it holds none.
+
+    A run killed after writing and fsyncing its new pair but before the rename leaves the only
+    copy of it there. One killed before cutting off the reserved room leaves NULs after it.
+    A reservation (all NULs), a torn write or another user's file holds no pair.
+    """
+    try:
+        fd = _open_regular(temp, "temporary token file")
+    except TokenError:
+        return None
+    try:
+        info = os.fstat(fd)
+        raw = _read_at_most(fd, MAX_TOKEN_FILE_SIZE + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if info.st_uid != os.getuid() or len(raw) > MAX_TOKEN_FILE_SIZE:
+        return None
+    try:
+        return _parse_token_file(temp, raw.rstrip(b"\0")), info.st_mtime_ns
+    except TokenError:
+        return None
+
+
+def _token_file_state(path: Path) -> tuple[TokenSet, int] | None:
+    try:
+        return read_token_file(path), path.lstat().st_mtime_ns
+    except (TokenError, OSError):
+        return None
+
+
+def remove_stale_temp_files(path: Path) -> LeftOver:
+    """Deal with temporary token files a killed process left. Call with the token-file lock
+    held, before the refresh token is read: it may be spent, with the new pair left here.
+
+    A left pair is newer than the token file if it was written after it (rename keeps a
+    file's mtime, so the token file's is when its pair was written): it is the newest link of
+    the rotating chain, so it replaces the token file. One written before the token file's
+    pair (a later run, ``batchjob auth`` or the user replaced the file since) may still be
+    good (a new chain), so it is rescued for :func:`find_rescued_tokens` to point at, not
+    deleted. Anything else (a reservation, a torn write) is removed. A pair is only ever
+    removed once a copy of it is on disk elsewhere.
+    """
+    temps: list[Path] = []
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
-        for entry in entries:
-            if _is_temp_name(path, entry.name):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)  # unlink removes a link itself, not its target
+        temps = [Path(e.path) for e in entries if _is_temp_name(path, e.name)]
+    pairs: list[tuple[int, Path, TokenSet]] = []
+    for temp in temps:
+        left = _left_pair(temp)
+        if left is None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)  # unlink removes a link itself, not its target
+        else:
+            pairs.append((left[1], temp, left[0]))
+    installed = False
+    rescued: list[Path] = []
+    kept: list[Path] = []
+    for written, temp, tokens in sorted(pairs, key=lambda p: p[0]):  # oldest first
+        current = _token_file_state(path)
+        try:
+            if current is not None and current[0] == tokens:
+                pass  # the same pair (a trial rename's copy): nothing to keep
+            elif current is not None and written >= current[1]:
+                # Rewritten rather than renamed: the left file may end in NULs. Ties go to
+                # the left pair: it was written after the refresh answered.
+                write_token_file(path, tokens)
+                installed = True
+            else:
+                # Older, or no readable token file to compare with: kept aside, not guessed.
+                rescued.append(rescue_tokens(path, tokens))
+        except OSError:
+            kept.append(temp)
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+    return LeftOver(installed, tuple(rescued), tuple(kept))
 
 
 # --- a new pair that cannot be saved ----------------------------------------------------------
@@ -1137,6 +1225,9 @@ class FileTokenSource:
         async with token_file_lock(
             self._path, give_up_after=self._lock_timeout, stop=self._closing
         ):
+            # First: a run killed before its rename may have left the only copy of the
+            # newest pair, and the refresh token in the file spent.
+            self._log_left_over(remove_stale_temp_files(self._path))
             on_disk = read_token_file(self._path)
             self._adopt(on_disk)
             fresh = self._fresh(rejected)
@@ -1144,7 +1235,6 @@ class FileTokenSource:
                 return fresh  # another process refreshed and stored its tokens
             if self._closing.is_set():
                 raise StoppingError(STOPPING_MESSAGE)
-            remove_stale_temp_files(self._path)
             # Before the refresh token is spent: a token file that cannot be replaced, or a
             # folder that cannot take the new pair now, would lose it (rotating tokens work
             # once). The folder check passes for an immutable file, hence both.
@@ -1166,6 +1256,30 @@ class FileTokenSource:
             )
             assert new.access_token is not None
             return new.access_token.value
+
+    def _log_left_over(self, left: LeftOver) -> None:
+        if left.installed:
+            self._log.warning(
+                "token.recovered",
+                token_file=str(self._path),
+                note="a run killed while saving its new pair had left it in a temporary file; "
+                "it is in the token file now",
+            )
+        for rescued in left.rescued:
+            self._log.warning(
+                "token.left_pair_rescued",
+                token_file=str(self._path),
+                rescued=str(rescued),
+                note="a killed run left a pair older than the token file; kept in case the "
+                "token file's refresh token is refused",
+            )
+        for kept in left.kept:
+            self._log.warning(
+                "token.left_pair_kept",
+                token_file=str(self._path),
+                left=str(kept),
+                note="a killed run left a pair that could not be moved anywhere",
+            )
 
     async def _request(self, on_disk: TokenSet) -> tuple[TokenSet, float]:
         started = self._clock()

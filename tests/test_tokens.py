@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from batchjob._tokens import (
     token_source_from_env,
 )
 from batchjob.sandbox._server import Sandbox, SandboxSettings, World
+from tests.chaos_support import cli, cli_env, finish
 from tests.support import ticket_rows, write_csv
 
 FAST_RETRY = (0.01, 0.01)
@@ -81,8 +83,12 @@ def source(path: Path, sb: Sandbox, **kwargs: Any) -> FileTokenSource:
     return FileTokenSource(path, sb.client_id, token_url=sb.token_url, **kwargs)
 
 
+def temp_files(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
 def no_temp_files(directory: Path) -> bool:
-    return not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    return not temp_files(directory)
 
 
 def rescued_files(directory: Path) -> list[Path]:
@@ -968,8 +974,12 @@ async def test_save_failing_after_the_answer_rescues_the_pair(
         assert_no_tokens(message, spent, sb.refresh_token, sb.access_token)
         assert mode(rescued) == 0o600
         assert read_token_file(rescued).refresh_token.value == sb.refresh_token
-
-        # The next run finds the spent token refused, and is told where the good one is.
+        # The read-only folder also kept the temporary file holding the pair: the next run
+        # would put it in place (see test_left_temporary_files_are_put_in_place_...). Without
+        # it, the next run finds the spent token refused, and is told where the good one is.
+        (left,) = temp_files(folder)
+        assert sb.refresh_token.encode() in left.read_bytes()
+        left.unlink()
         async with source(path, sb) as tokens:
             with pytest.raises(TokenError, match="invalid_grant") as refused:
                 await tokens.token()
@@ -1494,3 +1504,95 @@ async def test_auth_refuses_an_immutable_token_file_before_spending_anything(
         assert "immutable" in stderr.getvalue()
         assert sb.counters.token_requests == 0  # the pasted token is still good
         assert not rescued_files(tmp_path)
+
+
+# --- a new pair left in a temporary file by a kill -9 -----------------------------------------
+
+#: A run whose rename of a new pair over the token file stalls (announcing it), so the test
+#: can kill -9 it between the fsynced temporary file and the rename.
+STALLED_RENAME = """
+import os, sys, time
+from pathlib import Path
+from batchjob._cli import main
+
+real, token_path = os.replace, Path(sys.argv.pop(1))
+
+def replace(src, dst, *args, **kwargs):
+    # Not the trial rename of the file's own bytes: the new pair's.
+    if Path(dst) == token_path and Path(src).read_bytes() != token_path.read_bytes():
+        print("renaming", flush=True)
+        time.sleep(600)
+    return real(src, dst, *args, **kwargs)
+
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+async def test_a_new_pair_left_in_a_temporary_file_by_a_kill_9_is_put_in_place(
+    tmp_path: Path, world: World
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token=sb.refresh_token, access_token=None)
+        inputs = write_csv(tmp_path / "in.csv", ticket_rows(world)[:5], KEY_HEADER)
+        env = cli_env(
+            None,
+            CC_BASE_URL=sb.base_url,
+            CC_TOKEN_URL=sb.token_url,
+            CC_TOKEN_FILE=str(path),
+            CC_CLIENT_ID=sb.client_id,
+        )
+        run = ("run", str(inputs), "--report", str(tmp_path / "r.csv"), "--no-progress")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", STALLED_RENAME, str(path), *run,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"renaming\n"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert (await finish(proc)).code == -signal.SIGKILL
+        (left,) = temp_files(tmp_path)
+        assert sb.refresh_token.encode() in left.read_bytes()  # the only copy of the new pair
+        assert sb.counters.token_requests == 1
+
+        rerun = await cli(*run, "--resume", env=env)
+
+    assert rerun.code == 0, rerun.err
+    assert sb.counters.token_requests == 1  # the new pair's access token was still good
+    assert read_token_file(path).refresh_token.value == sb.refresh_token
+    assert read_token_file(path).access_token == Secret(sb.access_token)
+    assert no_temp_files(tmp_path) and not rescued_files(tmp_path)
+    assert "token.recovered" in rerun.err
+    assert_no_tokens(rerun.err + rerun.out, sb.refresh_token, sb.access_token)
+
+
+def left_temp(path: Path, content: bytes, mtime: float) -> Path:
+    temp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    temp.write_bytes(content)
+    os.utime(temp, (mtime, mtime))
+    return temp
+
+
+async def test_left_temporary_files_are_put_in_place_rescued_or_removed(
+    tmp_path: Path, world: World, event_id: str
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token="spent", access_token="old")
+        now = path.stat().st_mtime
+        pair = json.dumps({"refresh_token": sb.refresh_token, "access_token": sb.access_token})
+        older = json.dumps({"refresh_token": "r-older", "access_token": "a-older"})
+        reserved = left_temp(path, bytes(16384), now + 2)  # killed before the refresh answered
+        # Killed after writing the pair, before cutting the reserved room off: NULs follow.
+        newer = left_temp(path, pair.encode() + b"\n" + bytes(1000), now + 1)
+        # Older than the token file (someone replaced it since): kept aside, not put in place.
+        stale = left_temp(path, older.encode(), now - 60)
+        async with source(path, sb) as tokens, aiohttp.ClientSession() as session:
+            assert await get_event(session, sb, event_id, tokens) == 200
+        assert sb.counters.token_requests == 0  # the left pair's access token was good
+        stored = read_token_file(path)
+        assert stored.refresh_token.value == sb.refresh_token
+        assert not (reserved.exists() or newer.exists() or stale.exists())
+        (rescued,) = rescued_files(tmp_path)
+        assert mode(rescued) == 0o600
+        assert read_token_file(rescued).refresh_token.value == "r-older"
+        assert find_rescued_tokens(path) == rescued
