@@ -86,7 +86,7 @@ import aiohttp
 
 from batchjob._config import DEFAULT_TOKEN_URL, JobConfig, check_url_is_safe
 from batchjob._errors import StoppingError, TokenEndpointError, TokenError, TokenSaveError
-from batchjob._logging import null_logger
+from batchjob._logging import null_logger, secret_forms
 
 __all__ = [
     "FileTokenSource",
@@ -800,16 +800,18 @@ def default_token_session(
     )
 
 
-def _basic_auth(client_id: str, client_secret: Secret) -> str:
+def basic_credential(client_id: str, client_secret: Secret) -> str:
+    """The HTTP Basic credential (after ``Basic ``): a secret too, the client secret in base64."""
     # RFC 6749 2.3.1: both parts form-urlencoded before base64, so a ':' in either survives.
     pair = f"{quote(client_id, safe='')}:{quote(client_secret.value, safe='')}"
-    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    return base64.b64encode(pair.encode()).decode("ascii")
 
 
 def _scrub(text: str, known: Sequence[str]) -> str:
-    for value in known:
-        if value:
-            text = text.replace(value, "***")
+    # Every form a server could echo (percent-encoded, JSON-escaped, base64), longest first.
+    forms = sorted({f for value in known for f in secret_forms(value)}, key=len, reverse=True)
+    for form in forms:
+        text = text.replace(form, "***")
     return text
 
 
@@ -834,12 +836,12 @@ async def request_tokens(
     body = dict(form)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     if client_secret is not None:
-        headers["Authorization"] = _basic_auth(client_id, client_secret)
+        headers["Authorization"] = "Basic " + basic_credential(client_id, client_secret)
     else:
         body["client_id"] = client_id
     known = [v for k, v in body.items() if k in ("refresh_token", "code", "code_verifier")]
     if client_secret is not None:
-        known.append(client_secret.value)
+        known += [client_secret.value, basic_credential(client_id, client_secret)]
     problem = ""
     for attempt in range(len(retry_waits) + 1):
         if attempt:
@@ -1039,6 +1041,8 @@ class FileTokenSource:
         self.refreshes = 0  # successful refreshes by this source (for logs and tests)
         if client_secret is not None:
             self._remember(client_secret.value)
+            # A server echoing the Authorization header shows the secret in base64.
+            self._remember(basic_credential(client_id, client_secret))
 
     def __repr__(self) -> str:
         return f"FileTokenSource({str(self._path)!r}, client_id={self._client_id!r})"
