@@ -70,6 +70,7 @@ from batchjob._tokens import (
     TokenFileWriter,
     TokenSet,
     default_token_session,
+    is_frozen,
     request_tokens,
     rescue_tokens,
     symlink_message,
@@ -201,6 +202,13 @@ def _prepare_directory(path: Path) -> None:
         raise _UsageError(symlink_message(path, "--token-file"))
     if path.is_dir():
         raise _UsageError(f"--token-file {path} is a directory")
+    if is_frozen(path):
+        # Its folder may take new files, but nothing renames over this one: the pair just
+        # obtained would only be rescued elsewhere.
+        raise _UsageError(
+            f"--token-file {path} is immutable or append-only and batchjob replaces it: remove "
+            "the flag (chattr -i -a, or chflags nouchg nouappnd)"
+        )
     directory = path.parent
     try:
         # 0700: the directory of a secrets file need not be listable by others either.

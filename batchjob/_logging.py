@@ -6,11 +6,14 @@ orchestrator) keeps its own logging setup and two runs in one process do not int
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import re
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
+from urllib.parse import quote, quote_plus
 
 import structlog
 from structlog.typing import EventDict, WrappedLogger
@@ -50,15 +53,55 @@ def clip(text: str, limit: int) -> str:
     return text[: max(0, limit - len(TRUNCATED))] + TRUNCATED
 
 
+_HEX_ESCAPE = re.compile(r"%[0-9A-F]{2}|\\u[0-9a-f]{4}")
+_URL_SAFE = str.maketrans("+/", "-_")
+
+
+def _other_case(match: re.Match[str]) -> str:
+    text = match.group()
+    return text.lower() if text.startswith("%") else text[:2] + text[2:].upper()
+
+
+def secret_forms(secret: str) -> frozenset[str]:
+    """``secret`` and the ways a server could echo it back, to redact them all.
+
+    A token endpoint may echo its form body (percent-encoded: ``quote_plus``, or ``quote``
+    from a re-encoding; either case of hex digits), put a secret into JSON text that reaches us
+    still escaped (``\\u00e9``, ``\\/``), or hand back base64 of it (standard or URL-safe,
+    padded or not). A base64 secret (the HTTP Basic credential) also gets its URL-safe spelling.
+    """
+    if not secret:
+        return frozenset()
+    forms = {
+        secret,
+        quote(secret, safe=""),
+        quote(secret),
+        quote_plus(secret),
+        quote_plus(secret, safe="/"),
+        json.dumps(secret)[1:-1],
+        json.dumps(secret, ensure_ascii=False)[1:-1],
+        repr(secret)[1:-1],
+        secret.translate(_URL_SAFE),
+    }
+    for escaped in (json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]):
+        forms.add(escaped.replace("/", "\\/"))
+    for encoded in (base64.b64encode(secret.encode()), base64.urlsafe_b64encode(secret.encode())):
+        forms |= {encoded.decode(), encoded.decode().rstrip("=")}
+    forms |= {_HEX_ESCAPE.sub(_other_case, form) for form in forms}
+    return frozenset(form for form in forms if form)
+
+
 class Redactor:
     """Knows a run's secrets and keeps them out of every text it cleans.
 
-    Replaces every known secret with ``***`` anywhere in a log event's values (it is a
-    structlog processor) and in any text passed to :meth:`scrub` or :meth:`clean`.
+    Replaces every known secret, in each form of :func:`secret_forms`, with ``***`` anywhere
+    in a log event's values (it is a structlog processor) and in any text passed to
+    :meth:`scrub` or :meth:`clean`.
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._secrets: set[str] = set()
+        self._forms: set[str] = set()
         self._ordered: tuple[str, ...] = ()
         for secret in secrets:
             self.add(secret)
@@ -66,8 +109,9 @@ class Redactor:
     def add(self, secret: str) -> None:
         if secret and secret not in self._secrets:
             self._secrets.add(secret)
-            # Longest first: a secret that holds another is replaced whole.
-            self._ordered = tuple(sorted(self._secrets, key=len, reverse=True))
+            self._forms |= secret_forms(secret)
+            # Longest first: a secret (or form) that holds another is replaced whole.
+            self._ordered = tuple(sorted(self._forms, key=len, reverse=True))
 
     def __contains__(self, secret: str) -> bool:
         return secret in self._secrets
@@ -146,4 +190,5 @@ __all__ = [
     "make_logger",
     "null_logger",
     "printable",
+    "secret_forms",
 ]

@@ -37,11 +37,17 @@ The file is replaced atomically (a temporary file in the same directory, created
 and O_EXCL|O_NOFOLLOW, fsynced, renamed over the old one, then the directory fsynced), so a
 reader sees the old pair or the new pair, never half of one. That temporary file is created,
 with room for the new pair, *before* the refresh token is sent: a folder that cannot take it
-(read-only, full) stops the refresh with the refresh token unused. Refresh tokens may rotate
+(read-only, full) stops the refresh with the refresh token unused; so does a token file that
+cannot be renamed over (immutable or append-only: a copy of its own bytes is renamed over it
+first, under the lock, which proves it can be). Refresh tokens may rotate
 (each works once), so the new pair is on disk *before* the new access token is handed out; if
 it still cannot replace the file, it goes to a new 0600 file (:func:`rescue_tokens`: next to
 the token file, else ``$XDG_STATE_HOME/batchjob``, else the temporary folder), the run stops,
-and the message says where it is and how to put it back. Tokens never go to logs or messages.
+and the message says where it is and how to put it back. A run killed between writing the new
+pair and the rename leaves the only copy in the temporary file: the next refresh, under the
+lock and before it reads the refresh token, puts such a pair in place if it is newer than the
+token file, else rescues it (:func:`remove_stale_temp_files`). Tokens never go to logs or
+messages.
 
 Refreshes are serialised twice: an :class:`asyncio.Lock` within a process, and an exclusive
 ``flock`` on ``<token file>.lock`` (opened with O_NOFOLLOW, never written) across processes.
@@ -65,6 +71,8 @@ import re
 import secrets
 import shlex
 import stat
+import struct
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -78,7 +86,7 @@ import aiohttp
 
 from batchjob._config import DEFAULT_TOKEN_URL, JobConfig, check_url_is_safe
 from batchjob._errors import StoppingError, TokenEndpointError, TokenError, TokenSaveError
-from batchjob._logging import null_logger
+from batchjob._logging import null_logger, secret_forms
 
 __all__ = [
     "FileTokenSource",
@@ -126,6 +134,10 @@ MAX_TOKEN_ANSWER_SIZE = 256 * 1024
 _RESERVED_BYTES = 16 * 1024
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW
+#: Linux's FS_IOC_GETFLAGS, _IOR('f', 1, long), and its immutable and append-only flags.
+_LONG_SIZE = struct.calcsize("l")
+_FS_IOC_GETFLAGS = (2 << 30) | (_LONG_SIZE << 16) | (ord("f") << 8) | 1
+_FS_FROZEN_FLAGS = 0x10 | 0x20  # FS_IMMUTABLE_FL | FS_APPEND_FL
 #: Where a new pair goes when the token file cannot take it (besides the token file's folder).
 STATE_HOME_ENV = "XDG_STATE_HOME"
 
@@ -319,6 +331,10 @@ def read_token_file(path: Path) -> TokenSet:
         os.close(fd)
     if len(raw) > MAX_TOKEN_FILE_SIZE:
         raise TokenError(f"token file {path} is over {MAX_TOKEN_FILE_SIZE} bytes: not a token file")
+    return _parse_token_file(path, raw)
+
+
+def _parse_token_file(path: Path, raw: bytes) -> TokenSet:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
@@ -328,6 +344,9 @@ def read_token_file(path: Path) -> TokenSet:
         ) from None
     except UnicodeDecodeError:
         raise TokenError(f"token file {path} is not UTF-8 text") from None
+    except RecursionError:
+        # Deeper than the parser's stack: a malformed file, not an internal error.
+        raise TokenError(f"token file {path} is JSON nested too deeply: not a token file") from None
     if not isinstance(data, dict):
         raise TokenError(f"token file {path} must hold a JSON object")
     refresh = data.get("refresh_token")
@@ -404,10 +423,12 @@ class TokenFileWriter:
             raise
 
     def commit(self, tokens: TokenSet) -> None:
+        self.commit_bytes((json.dumps(tokens.to_json(), indent=2) + "\n").encode())
+
+    def commit_bytes(self, payload: bytes) -> None:
         fd = self._fd
         if fd is None or self._settled:
             raise ValueError("token file writer already used")
-        payload = (json.dumps(tokens.to_json(), indent=2) + "\n").encode()
         try:
             _write_all(fd, payload)
             os.ftruncate(fd, len(payload))
@@ -451,6 +472,78 @@ def check_folder_writable(path: Path) -> None:
         raise TokenError(unwritable_message(path, exc)) from None
 
 
+def _frozen(fd: int) -> bool:
+    """Whether the file is immutable or append-only: nothing, root included, renames over it.
+
+    Permission bits cannot tell; the flags live in ``st_flags`` (BSD, macOS) or behind the
+    FS_IOC_GETFLAGS ioctl (Linux). A file system without them answers False.
+    """
+    flags = getattr(os.fstat(fd), "st_flags", 0)
+    if flags & (stat.UF_IMMUTABLE | stat.UF_APPEND | stat.SF_IMMUTABLE | stat.SF_APPEND):
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        # The kernel writes an int; the buffer is a long's size, like the request number says.
+        answer = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(_LONG_SIZE))
+    except OSError:
+        return False
+    return bool(int.from_bytes(answer[:4], sys.byteorder) & _FS_FROZEN_FLAGS)
+
+
+def unreplaceable_message(path: Path, problem: str) -> str:
+    return (
+        f"token file {path} cannot be replaced ({problem}): every refresh replaces it, so the "
+        "refresh token was not used; remove the flag (chattr -i -a, or chflags nouchg "
+        "nouappnd) or move the file somewhere it can be replaced"
+    )
+
+
+def is_frozen(path: Path) -> bool:
+    """Whether ``path`` is an immutable or append-only file. Only reads: safe without the lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW)
+    except OSError:
+        return False  # missing, a link, unreadable: read_token_file says what is wrong
+    try:
+        return _frozen(fd)
+    finally:
+        os.close(fd)
+
+
+def check_replaceable(path: Path) -> None:
+    """Raise TokenError if ``path`` is immutable or append-only: a run checks it first."""
+    if is_frozen(path):
+        raise TokenError(unreplaceable_message(path, "it is immutable or append-only"))
+
+
+def prove_replaceable(path: Path) -> None:
+    """Rename a copy of the token file over it, so the rename after a refresh cannot fail.
+
+    The flags are not all that can refuse a rename over one file while its folder takes new
+    ones (a file bind-mounted in place, a security module): doing it is the only proof. The
+    copy holds the very bytes there, so a reader sees the same pair either way. Call with the
+    token-file lock held: unlocked, it could put back a pair another process just replaced.
+    Raises TokenError, the refresh token unused.
+    """
+    check_replaceable(path)
+    fd = _open_regular(path, "token file")
+    try:
+        raw = _read_at_most(fd, MAX_TOKEN_FILE_SIZE + 1)
+    except OSError as exc:
+        raise TokenError(f"cannot read token file {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        writer = TokenFileWriter(path)
+    except OSError as exc:
+        raise TokenError(unwritable_message(path, exc)) from None
+    try:
+        writer.commit_bytes(raw)
+    except OSError as exc:
+        raise TokenError(unreplaceable_message(path, exc.strerror or str(exc))) from None
+
+
 def unwritable_message(path: Path, exc: OSError) -> str:
     return (
         f"cannot write a new file in {path.parent} ({exc.strerror or exc}): every refresh "
@@ -458,13 +551,93 @@ def unwritable_message(path: Path, exc: OSError) -> str:
     )
 
 
-def remove_stale_temp_files(path: Path) -> None:
-    """Remove temporary token files a killed process left. Call with the token-file lock held."""
+@dataclass(frozen=True)
+class LeftOver:
+    """What :func:`remove_stale_temp_files` did with the temporary files a killed run left."""
+
+    installed: bool = False  # a left pair replaced the token file
+    rescued: tuple[Path, ...] = ()  # left pairs older than the token file, kept aside
+    kept: tuple[Path, ...] = ()  # left pairs that could be moved nowhere: left as they are
+
+
+def _left_pair(temp: Path) -> tuple[TokenSet, int] | None:
+    """The pair in a left temporary file and when it was written, or None if it holds none.
+
+    A run killed after writing and fsyncing its new pair but before the rename leaves the only
+    copy of it there. One killed before cutting off the reserved room leaves NULs after it.
+    A reservation (all NULs), a torn write or another user's file holds no pair.
+    """
+    try:
+        fd = _open_regular(temp, "temporary token file")
+    except TokenError:
+        return None
+    try:
+        info = os.fstat(fd)
+        raw = _read_at_most(fd, MAX_TOKEN_FILE_SIZE + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if info.st_uid != os.getuid() or len(raw) > MAX_TOKEN_FILE_SIZE:
+        return None
+    try:
+        return _parse_token_file(temp, raw.rstrip(b"\0")), info.st_mtime_ns
+    except TokenError:
+        return None
+
+
+def _token_file_state(path: Path) -> tuple[TokenSet, int] | None:
+    try:
+        return read_token_file(path), path.lstat().st_mtime_ns
+    except (TokenError, OSError):
+        return None
+
+
+def remove_stale_temp_files(path: Path) -> LeftOver:
+    """Deal with temporary token files a killed process left. Call with the token-file lock
+    held, before the refresh token is read: it may be spent, with the new pair left here.
+
+    A left pair is newer than the token file if it was written after it (rename keeps a
+    file's mtime, so the token file's is when its pair was written): it is the newest link of
+    the rotating chain, so it replaces the token file. One written before the token file's
+    pair (a later run, ``batchjob auth`` or the user replaced the file since) may still be
+    good (a new chain), so it is rescued for :func:`find_rescued_tokens` to point at, not
+    deleted. Anything else (a reservation, a torn write) is removed. A pair is only ever
+    removed once a copy of it is on disk elsewhere.
+    """
+    temps: list[Path] = []
     with contextlib.suppress(OSError), os.scandir(path.parent) as entries:
-        for entry in entries:
-            if _is_temp_name(path, entry.name):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)  # unlink removes a link itself, not its target
+        temps = [Path(e.path) for e in entries if _is_temp_name(path, e.name)]
+    pairs: list[tuple[int, Path, TokenSet]] = []
+    for temp in temps:
+        left = _left_pair(temp)
+        if left is None:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)  # unlink removes a link itself, not its target
+        else:
+            pairs.append((left[1], temp, left[0]))
+    installed = False
+    rescued: list[Path] = []
+    kept: list[Path] = []
+    for written, temp, tokens in sorted(pairs, key=lambda p: p[0]):  # oldest first
+        current = _token_file_state(path)
+        try:
+            if current is not None and current[0] == tokens:
+                pass  # the same pair (a trial rename's copy): nothing to keep
+            elif current is not None and written >= current[1]:
+                # Rewritten rather than renamed: the left file may end in NULs. Ties go to
+                # the left pair: it was written after the refresh answered.
+                write_token_file(path, tokens)
+                installed = True
+            else:
+                # Older, or no readable token file to compare with: kept aside, not guessed.
+                rescued.append(rescue_tokens(path, tokens))
+        except OSError:
+            kept.append(temp)
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+    return LeftOver(installed, tuple(rescued), tuple(kept))
 
 
 # --- a new pair that cannot be saved ----------------------------------------------------------
@@ -553,11 +726,24 @@ def _open_lock(lock_path: Path) -> int:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise TokenError(symlink_message(lock_path, "lock file")) from None
+        if exc.errno == errno.EISDIR:
+            raise TokenError(f"lock file {lock_path} is not a regular file: remove it") from None
         raise TokenError(f"cannot open lock file {lock_path}: {exc.strerror or exc}") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise TokenError(f"lock file {lock_path} is not a regular file: remove it")
     return fd
+
+
+def check_lock_file(path: Path) -> None:
+    """Raise TokenError unless ``<path>.lock`` is absent or a regular file we can open.
+
+    Opened the way a refresh opens it, so a directory, FIFO or link there stops a run before
+    it starts (exit 2) instead of at its first refresh, hours later. Not created here.
+    """
+    lock_path = lock_path_for(path)
+    if os.path.lexists(lock_path):
+        os.close(_open_lock(lock_path))
 
 
 @contextlib.asynccontextmanager
@@ -614,16 +800,18 @@ def default_token_session(
     )
 
 
-def _basic_auth(client_id: str, client_secret: Secret) -> str:
+def basic_credential(client_id: str, client_secret: Secret) -> str:
+    """The HTTP Basic credential (after ``Basic ``): a secret too, the client secret in base64."""
     # RFC 6749 2.3.1: both parts form-urlencoded before base64, so a ':' in either survives.
     pair = f"{quote(client_id, safe='')}:{quote(client_secret.value, safe='')}"
-    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+    return base64.b64encode(pair.encode()).decode("ascii")
 
 
 def _scrub(text: str, known: Sequence[str]) -> str:
-    for value in known:
-        if value:
-            text = text.replace(value, "***")
+    # Every form a server could echo (percent-encoded, JSON-escaped, base64), longest first.
+    forms = sorted({f for value in known for f in secret_forms(value)}, key=len, reverse=True)
+    for form in forms:
+        text = text.replace(form, "***")
     return text
 
 
@@ -648,12 +836,12 @@ async def request_tokens(
     body = dict(form)
     headers = {"Content-Type": "application/x-www-form-urlencoded"}
     if client_secret is not None:
-        headers["Authorization"] = _basic_auth(client_id, client_secret)
+        headers["Authorization"] = "Basic " + basic_credential(client_id, client_secret)
     else:
         body["client_id"] = client_id
     known = [v for k, v in body.items() if k in ("refresh_token", "code", "code_verifier")]
     if client_secret is not None:
-        known.append(client_secret.value)
+        known += [client_secret.value, basic_credential(client_id, client_secret)]
     problem = ""
     for attempt in range(len(retry_waits) + 1):
         if attempt:
@@ -706,6 +894,14 @@ async def _sleep_unless(stop: asyncio.Event | None, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
+def _scalar_text(value: object) -> str:
+    # Never str() of a list or object: one nested nearly as deep as the parser allows would
+    # recurse as deep again, and it is no OAuth error text anyway.
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, int | float) else ""
+
+
 def _parse_token_answer(
     status: int,
     payload: bytes,
@@ -722,13 +918,15 @@ def _parse_token_answer(
         )
     try:
         data: Any = json.loads(payload) if payload else None
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        # RecursionError: nested deeper than the parser's stack. Uncaught it would end the run
+        # as an internal error and skip the fallback to a still-valid access token.
         data = None
     if status != 200:
         error = description = ""
         if isinstance(data, dict):
-            error = str(data.get("error", ""))
-            description = str(data.get("error_description", ""))
+            error = _scalar_text(data.get("error"))
+            description = _scalar_text(data.get("error_description"))
         detail = f"{error}: {description}" if description else error or "no OAuth error given"
         raise TokenEndpointError(status=status, error=error, detail=_scrub(detail, known))
     if not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
@@ -843,6 +1041,8 @@ class FileTokenSource:
         self.refreshes = 0  # successful refreshes by this source (for logs and tests)
         if client_secret is not None:
             self._remember(client_secret.value)
+            # A server echoing the Authorization header shows the secret in base64.
+            self._remember(basic_credential(client_id, client_secret))
 
     def __repr__(self) -> str:
         return f"FileTokenSource({str(self._path)!r}, client_id={self._client_id!r})"
@@ -888,10 +1088,9 @@ class FileTokenSource:
         the access token runs out in the middle of the run.
         """
         tokens = read_token_file(self._path)
-        lock = lock_path_for(self._path)
-        if lock.is_symlink():
-            raise TokenError(symlink_message(lock, "lock file"))
+        check_lock_file(self._path)
         check_folder_writable(self._path)
+        check_replaceable(self._path)
         if self._current is None:
             self._adopt(tokens)
 
@@ -1030,6 +1229,9 @@ class FileTokenSource:
         async with token_file_lock(
             self._path, give_up_after=self._lock_timeout, stop=self._closing
         ):
+            # First: a run killed before its rename may have left the only copy of the
+            # newest pair, and the refresh token in the file spent.
+            self._log_left_over(remove_stale_temp_files(self._path))
             on_disk = read_token_file(self._path)
             self._adopt(on_disk)
             fresh = self._fresh(rejected)
@@ -1037,10 +1239,11 @@ class FileTokenSource:
                 return fresh  # another process refreshed and stored its tokens
             if self._closing.is_set():
                 raise StoppingError(STOPPING_MESSAGE)
-            remove_stale_temp_files(self._path)
+            # Before the refresh token is spent: a token file that cannot be replaced, or a
+            # folder that cannot take the new pair now, would lose it (rotating tokens work
+            # once). The folder check passes for an immutable file, hence both.
+            prove_replaceable(self._path)
             try:
-                # Before the refresh token is spent: a folder that cannot take the new pair
-                # now would lose it (rotating refresh tokens work once).
                 writer = TokenFileWriter(self._path)
             except OSError as exc:
                 raise TokenError(unwritable_message(self._path, exc)) from None
@@ -1057,6 +1260,30 @@ class FileTokenSource:
             )
             assert new.access_token is not None
             return new.access_token.value
+
+    def _log_left_over(self, left: LeftOver) -> None:
+        if left.installed:
+            self._log.warning(
+                "token.recovered",
+                token_file=str(self._path),
+                note="a run killed while saving its new pair had left it in a temporary file; "
+                "it is in the token file now",
+            )
+        for rescued in left.rescued:
+            self._log.warning(
+                "token.left_pair_rescued",
+                token_file=str(self._path),
+                rescued=str(rescued),
+                note="a killed run left a pair older than the token file; kept in case the "
+                "token file's refresh token is refused",
+            )
+        for kept in left.kept:
+            self._log.warning(
+                "token.left_pair_kept",
+                token_file=str(self._path),
+                left=str(kept),
+                note="a killed run left a pair that could not be moved anywhere",
+            )
 
     async def _request(self, on_disk: TokenSet) -> tuple[TokenSet, float]:
         started = self._clock()

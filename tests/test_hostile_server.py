@@ -11,9 +11,11 @@ run that finishes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import os
+import re
 import secrets
 import sys
 import zlib
@@ -21,13 +23,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pandas as pd
 import pytest
 from aiohttp import web
 
 from batchjob import JobConfig, RunResult, Secret, StaticToken, run_job
-from batchjob._logging import MAX_SERVER_TEXT, TRUNCATED, make_logger
+from batchjob._logging import MAX_SERVER_TEXT, TRUNCATED, Redactor, make_logger
 from batchjob._tokens import FileTokenSource, TokenSet, TokenSource, write_token_file
 from batchjob.record import Journal
 from batchjob.sandbox import Sandbox, SandboxSettings, World
@@ -664,3 +667,112 @@ async def test_two_runs_on_one_api_key_at_once_both_undo_every_key(
         assert list(zip(report.event_id, report.order_ticket_key, strict=True)) == part
         assert set(report.outcome) == {"undone"}
     assert not any(v for ev in sandbox.world.events.values() for v in ev.tickets.values())
+
+
+# --- a token endpoint that echoes what it was sent --------------------------------------------
+
+
+def encoded_forms(secret: str) -> dict[str, str]:
+    """``secret`` as a server could echo it back; none may appear in anything batchjob writes."""
+    raw = secret.encode()
+    return {
+        "raw": secret,
+        "quote_plus": quote_plus(secret),
+        "quote": quote(secret, safe=""),
+        "quote lower-case hex": re.sub("%[0-9A-F]{2}", lambda m: m.group().lower(), quote(secret)),
+        "JSON escaped": json.dumps(secret)[1:-1],
+        "base64": base64.b64encode(raw).decode(),
+        "URL-safe base64": base64.urlsafe_b64encode(raw).decode().rstrip("="),
+    }
+
+
+def everything_written(directory: Path, *, but: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p != but}
+
+
+async def test_a_token_endpoint_echoing_the_basic_credential_and_the_form_leaks_nothing(
+    tmp_path: Path,
+) -> None:
+    # Every character a form or Basic credential encodes: '+', '/', '=', a space, non-ASCII.
+    refresh = f"rt+/= \u00fc{secrets.token_hex(8)}"
+    client_secret = f"cs+/= \u00e9{secrets.token_hex(8)}"
+    access = new_secret("access")
+    credential = ""
+
+    async def echo_token(request: web.Request) -> web.StreamResponse:
+        nonlocal credential
+        auth = request.headers.get("Authorization", "")
+        credential = auth.removeprefix("Basic ")
+        body = await request.text()  # as sent: percent-encoded
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        echoed = " | ".join(
+            [
+                f"auth={auth}",
+                f"url-safe={credential.translate(str.maketrans('+/', '-_'))}",
+                f"body={body}",
+                f"form={json.dumps(form)}",  # JSON inside JSON: \\u00fc survives one decoding
+                f"re-encoded={quote(form.get('refresh_token', ''), safe='')}",
+                "base64=" + base64.b64encode(form.get("refresh_token", "").encode()).decode(),
+            ]
+        )
+        return web.json_response(
+            {"error": "invalid_request", "error_description": f"bad request: {echoed}"}, status=400
+        )
+
+    app = web.Application()
+    app.router.add_post("/token", echo_token)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    token_file = tmp_path / "tokens.json"
+    # Expired: the refresh is needed at once, and its failure stops the run (exit 3).
+    token_file.write_text(
+        json.dumps({"refresh_token": refresh, "access_token": access, "expires_at": 1000})
+    )
+    inputs = write_csv(tmp_path / "in.csv", [(EVENT, k) for k in KEYS], HEADER)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CC_", "BATCHJOB_"))}
+    env |= {
+        "CC_TOKEN_FILE": str(token_file),
+        "CC_CLIENT_ID": "cid",
+        "CC_CLIENT_SECRET": client_secret,
+        "CC_TOKEN_URL": f"{url}/token",
+    }
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "batchjob", "run", str(inputs),
+            "--report", str(tmp_path / "report.csv"), "--base-url", f"{url}/v3",
+            "--log-format", "json", "--log-level", "debug", "--no-progress",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        stdout, stderr = await asyncio.wait_for(process.communicate(), 120)
+    finally:
+        await runner.cleanup()
+
+    assert process.returncode == 3, stderr.decode()
+    assert credential  # the secret went as HTTP Basic auth, and came back
+    files = everything_written(tmp_path, but=token_file)
+    files |= {"stdout": stdout, "stderr": stderr}
+    assert {"report.csv", "report.failed.csv"} <= set(files)
+    assert b"bad request" in files["report.csv"]  # redacted, not dropped
+    secret_values = [refresh, client_secret, access, credential]
+    for name, data in files.items():
+        text = data.decode()
+        for value in secret_values:
+            for form, encoded in encoded_forms(value).items():
+                assert encoded not in text, f"{name} holds a secret ({form})"
+
+
+def test_the_redactor_knows_the_encoded_forms_of_every_secret() -> None:
+    secret = "a+b/c= d\u00e9"
+    redactor = Redactor([secret])
+    echoes = [
+        *encoded_forms(secret).values(),
+        "a%2bb%2fc%3d+d%c3%a9",  # lower-case hex
+        "a+b\\/c= d\\u00E9",  # JSON with '/' escaped, upper-case \\u hex
+        "a-b_c= d\u00e9",  # a base64 secret in its URL-safe alphabet
+        base64.urlsafe_b64encode(secret.encode()).decode(),  # padded
+    ]
+    for echoed in echoes:
+        assert redactor.scrub(f"<{echoed}>") == "<***>", echoed
+    assert redactor.scrub("nothing secret") == "nothing secret"

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from batchjob._tokens import (
     token_source_from_env,
 )
 from batchjob.sandbox import Sandbox, SandboxSettings, World
+from tests.chaos_support import cli, cli_env, finish
 from tests.support import ticket_rows, write_csv
 
 FAST_RETRY = (0.01, 0.01)
@@ -81,8 +83,12 @@ def source(path: Path, sb: Sandbox, **kwargs: Any) -> FileTokenSource:
     return FileTokenSource(path, sb.client_id, token_url=sb.token_url, **kwargs)
 
 
+def temp_files(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+
 def no_temp_files(directory: Path) -> bool:
-    return not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+    return not temp_files(directory)
 
 
 def rescued_files(directory: Path) -> list[Path]:
@@ -119,6 +125,19 @@ async def refresh_directly(sb: Sandbox, refresh_token: str) -> tuple[int, dict[s
         session.post(sb.token_url, data=form) as resp,
     ):
         return resp.status, await resp.json()
+
+
+def refuse_new_pair(problem: OSError) -> Callable[[Any, Any], None]:
+    """An os.replace that fails once a refresh has answered: for a new pair, not for the
+    token file's own bytes, which a refresh renames over it first to prove it can."""
+    real_replace = os.replace
+
+    def replace(src: Any, dst: Any) -> None:
+        if Path(dst).exists() and Path(src).read_bytes() != Path(dst).read_bytes():
+            raise problem
+        real_replace(src, dst)
+
+    return replace
 
 
 def assert_no_tokens(text: str, *tokens: str) -> None:
@@ -514,8 +533,7 @@ async def test_failed_save_keeps_the_new_pair_next_to_the_file_and_stops(
 ) -> None:
     # Disk full just as the answer arrives: the refresh token in the file is spent, so the new
     # pair must land somewhere the user can find it, and the run must stop and say where.
-    def refuse(src: Any, dst: Any) -> None:
-        raise OSError(28, "No space left on device")
+    refuse = refuse_new_pair(OSError(28, "No space left on device"))
 
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     async with Sandbox(world, settings(ttl=HOUR)) as sb:
@@ -956,8 +974,12 @@ async def test_save_failing_after_the_answer_rescues_the_pair(
         assert_no_tokens(message, spent, sb.refresh_token, sb.access_token)
         assert mode(rescued) == 0o600
         assert read_token_file(rescued).refresh_token.value == sb.refresh_token
-
-        # The next run finds the spent token refused, and is told where the good one is.
+        # The read-only folder also kept the temporary file holding the pair: the next run
+        # would put it in place (see test_left_temporary_files_are_put_in_place_...). Without
+        # it, the next run finds the spent token refused, and is told where the good one is.
+        (left,) = temp_files(folder)
+        assert sb.refresh_token.encode() in left.read_bytes()
+        left.unlink()
         async with source(path, sb) as tokens:
             with pytest.raises(TokenError, match="invalid_grant") as refused:
                 await tokens.token()
@@ -970,9 +992,7 @@ async def test_save_failing_after_the_answer_rescues_the_pair(
 async def test_pair_that_fits_nowhere_says_it_is_lost(
     tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def refuse(src: Any, dst: Any) -> None:
-        raise OSError(28, "No space left on device")
-
+    refuse = refuse_new_pair(OSError(28, "No space left on device"))
     async with Sandbox(world, settings()) as sb:
         path = token_file(tmp_path / "t.json", sb, expires_at=0)
         monkeypatch.setattr("batchjob._tokens.os.replace", refuse)
@@ -1348,3 +1368,231 @@ def test_only_our_own_rescued_files_are_suggested(tmp_path: Path) -> None:
     (tmp_path / "t.json.lock").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(TokenError, match="lock file"):
         FileTokenSource(path, "cid").check()
+
+
+# --- JSON nested deeper than the parser goes --------------------------------------------------
+
+NESTED = b"[" * 100_000 + b"]" * 100_000  # 200 KB: under the answer cap, over any stack
+
+
+@pytest.mark.parametrize(
+    ("status", "body"), [(200, NESTED), (400, b'{"error": ' + NESTED + b"}")], ids=["200", "400"]
+)
+async def test_a_deeply_nested_answer_fails_the_refresh_and_keeps_the_current_token(
+    tmp_path: Path, status: int, body: bytes
+) -> None:
+    async def nested(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=status, body=body, content_type="application/json")
+
+    # Due for a refresh (within the margin) but still good for 100 s: the fallback applies.
+    path = write_raw(tmp_path / "t.json", refresh_token="r0", access_token="a0")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "expires_at": time.time() + 100}))
+    before = path.read_bytes()
+    async with token_server(nested) as url, FileTokenSource(path, "cid", token_url=url) as t:
+        assert await t.token() == "a0"
+        assert isinstance(t.last_error, TokenError)
+    assert path.read_bytes() == before
+
+
+def test_a_deeply_nested_token_file_is_a_token_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_bytes(NESTED)
+    with pytest.raises(TokenError, match="nested too deeply"):
+        read_token_file(path)
+
+
+# --- a lock file that is not a file -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo"])
+async def test_a_lock_that_is_not_a_regular_file_stops_the_run_before_it_starts(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        lock = tmp_path / "t.json.lock"
+        if kind == "directory":
+            lock.mkdir()
+        else:
+            os.mkfifo(lock)
+        with pytest.raises(TokenError, match=r"lock file .* not a regular file"):
+            FileTokenSource(path, sb.client_id, token_url=sb.token_url).check()
+
+        inputs = write_csv(tmp_path / "in.csv", ticket_rows(world)[:3], KEY_HEADER)
+        monkeypatch.setenv("CC_TOKEN_FILE", str(path))
+        monkeypatch.setenv("CC_CLIENT_ID", sb.client_id)
+        monkeypatch.setenv("CC_TOKEN_URL", sb.token_url)
+        argv = ["run", str(inputs), "--report", str(tmp_path / "r.csv"), "--base-url", sb.base_url]
+        assert await asyncio.to_thread(cli_main, argv) == 2  # before it starts, not exit 3
+        assert sb.counters.total == 0 and sb.counters.token_requests == 0
+
+
+# --- a token file that cannot be replaced (its folder can) ------------------------------------
+
+
+@pytest.mark.parametrize("flag", ["+i", "+a"])
+async def test_an_immutable_or_append_only_token_file_never_spends_the_refresh_token(
+    tmp_path: Path, world: World, flag: str
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        before = path.read_bytes()
+        if not chattr(path, flag):
+            pytest.skip(f"chattr {flag} is not available here")
+        try:
+            with pytest.raises(TokenError, match=r"cannot be replaced.*not used"):
+                source(path, sb).check()  # what a run does before it starts: exit 2
+            async with source(path, sb) as tokens:
+                with pytest.raises(TokenError, match="not used") as caught:
+                    await tokens.token()
+        finally:
+            chattr(path, "-" + flag[1:])
+        assert sb.counters.token_requests == 0
+        assert not isinstance(caught.value, TokenSaveError)
+        assert path.read_bytes() == before
+        assert no_temp_files(tmp_path) and not rescued_files(tmp_path)
+        status, _ = await refresh_directly(sb, sb.refresh_token)
+        assert status == 200  # still unspent
+
+
+async def test_a_token_file_the_rename_cannot_replace_is_found_before_the_refresh(
+    tmp_path: Path, world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The same without chattr: only renaming over the token file fails (EPERM).
+    async with Sandbox(world, settings()) as sb:
+        path = token_file(tmp_path / "t.json", sb, expires_at=0)
+        before = path.read_bytes()
+        real_replace = os.replace
+
+        def refuse_over_token_file(src: Any, dst: Any) -> None:
+            if Path(dst) == path:
+                raise PermissionError(1, "Operation not permitted")
+            real_replace(src, dst)
+
+        monkeypatch.setattr("batchjob._tokens.os.replace", refuse_over_token_file)
+        async with source(path, sb) as tokens:
+            with pytest.raises(TokenError, match=r"Operation not permitted.*not used") as caught:
+                await tokens.token()
+        assert sb.counters.token_requests == 0
+        assert not isinstance(caught.value, TokenSaveError)
+        assert path.read_bytes() == before
+        assert no_temp_files(tmp_path) and not rescued_files(tmp_path)
+
+
+async def test_auth_refuses_an_immutable_token_file_before_spending_anything(
+    tmp_path: Path, world: World
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token="old")
+        if not chattr(path, "+i"):
+            pytest.skip("chattr +i is not available here")
+        stderr = io.StringIO()
+        args = auth_args("--import-refresh-token", "--token-file", str(path))
+        env = {"CC_CLIENT_ID": sb.client_id, "CC_TOKEN_URL": sb.token_url}
+        try:
+            code = await asyncio.to_thread(
+                run_auth_command,
+                args,
+                stdin=io.StringIO(sb.refresh_token + "\n"),
+                stdout=io.StringIO(),
+                stderr=stderr,
+                environ=env,
+            )
+        finally:
+            chattr(path, "-i")
+        assert code == 2, stderr.getvalue()
+        assert "immutable" in stderr.getvalue()
+        assert sb.counters.token_requests == 0  # the pasted token is still good
+        assert not rescued_files(tmp_path)
+
+
+# --- a new pair left in a temporary file by a kill -9 -----------------------------------------
+
+#: A run whose rename of a new pair over the token file stalls (announcing it), so the test
+#: can kill -9 it between the fsynced temporary file and the rename.
+STALLED_RENAME = """
+import os, sys, time
+from pathlib import Path
+from batchjob._cli import main
+
+real, token_path = os.replace, Path(sys.argv.pop(1))
+
+def replace(src, dst, *args, **kwargs):
+    # Not the trial rename of the file's own bytes: the new pair's.
+    if Path(dst) == token_path and Path(src).read_bytes() != token_path.read_bytes():
+        print("renaming", flush=True)
+        time.sleep(600)
+    return real(src, dst, *args, **kwargs)
+
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+async def test_a_new_pair_left_in_a_temporary_file_by_a_kill_9_is_put_in_place(
+    tmp_path: Path, world: World
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token=sb.refresh_token, access_token=None)
+        inputs = write_csv(tmp_path / "in.csv", ticket_rows(world)[:5], KEY_HEADER)
+        env = cli_env(
+            None,
+            CC_BASE_URL=sb.base_url,
+            CC_TOKEN_URL=sb.token_url,
+            CC_TOKEN_FILE=str(path),
+            CC_CLIENT_ID=sb.client_id,
+        )
+        run = ("run", str(inputs), "--report", str(tmp_path / "r.csv"), "--no-progress")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", STALLED_RENAME, str(path), *run,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        assert await asyncio.wait_for(proc.stdout.readline(), 60) == b"renaming\n"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert (await finish(proc)).code == -signal.SIGKILL
+        (left,) = temp_files(tmp_path)
+        assert sb.refresh_token.encode() in left.read_bytes()  # the only copy of the new pair
+        assert sb.counters.token_requests == 1
+
+        rerun = await cli(*run, "--resume", env=env)
+
+    assert rerun.code == 0, rerun.err
+    assert sb.counters.token_requests == 1  # the new pair's access token was still good
+    assert read_token_file(path).refresh_token.value == sb.refresh_token
+    assert read_token_file(path).access_token == Secret(sb.access_token)
+    assert no_temp_files(tmp_path) and not rescued_files(tmp_path)
+    assert "token.recovered" in rerun.err
+    assert_no_tokens(rerun.err + rerun.out, sb.refresh_token, sb.access_token)
+
+
+def left_temp(path: Path, content: bytes, mtime: float) -> Path:
+    temp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    temp.write_bytes(content)
+    os.utime(temp, (mtime, mtime))
+    return temp
+
+
+async def test_left_temporary_files_are_put_in_place_rescued_or_removed(
+    tmp_path: Path, world: World, event_id: str
+) -> None:
+    async with Sandbox(world, settings()) as sb:
+        path = write_raw(tmp_path / "t.json", refresh_token="spent", access_token="old")
+        now = path.stat().st_mtime
+        pair = json.dumps({"refresh_token": sb.refresh_token, "access_token": sb.access_token})
+        older = json.dumps({"refresh_token": "r-older", "access_token": "a-older"})
+        reserved = left_temp(path, bytes(16384), now + 2)  # killed before the refresh answered
+        # Killed after writing the pair, before cutting the reserved room off: NULs follow.
+        newer = left_temp(path, pair.encode() + b"\n" + bytes(1000), now + 1)
+        # Older than the token file (someone replaced it since): kept aside, not put in place.
+        stale = left_temp(path, older.encode(), now - 60)
+        async with source(path, sb) as tokens, aiohttp.ClientSession() as session:
+            assert await get_event(session, sb, event_id, tokens) == 200
+        assert sb.counters.token_requests == 0  # the left pair's access token was good
+        stored = read_token_file(path)
+        assert stored.refresh_token.value == sb.refresh_token
+        assert not (reserved.exists() or newer.exists() or stale.exists())
+        (rescued,) = rescued_files(tmp_path)
+        assert mode(rescued) == 0o600
+        assert read_token_file(rescued).refresh_token.value == "r-older"
+        assert find_rescued_tokens(path) == rescued
