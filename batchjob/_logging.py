@@ -91,6 +91,11 @@ def secret_forms(secret: str) -> frozenset[str]:
     return frozenset(form for form in forms if form)
 
 
+#: The shortest start of a secret taken for one at the end of a cut text: shorter ones are
+#: too likely to be ordinary text, and say too little of the secret to matter.
+_MIN_TAIL = 6
+
+
 class Redactor:
     """Knows a run's secrets and keeps them out of every text it cleans.
 
@@ -124,8 +129,19 @@ class Redactor:
 
     def clean(self, text: str, limit: int = MAX_SERVER_TEXT) -> str:
         """``text`` safe to write anywhere: no secret, no control character, at most ``limit``
-        characters. Secrets go first, so a cut can never leave part of one."""
-        return clip(printable(self.scrub(text)), limit)
+        characters. Secrets go first, so a cut can never leave part of one; and a text that
+        ends in the first part of a secret (a server's answer cut at the read limit) loses it.
+        """
+        return clip(printable(self.scrub_tail(self.scrub(text))), limit)
+
+    def scrub_tail(self, text: str) -> str:
+        """``text`` without a trailing start of a secret (at least ``_MIN_TAIL`` characters)."""
+        for form in self._ordered:
+            longest = min(len(form) - 1, len(text))
+            for size in range(longest, _MIN_TAIL - 1, -1):
+                if text.endswith(form[:size]):
+                    return text[:-size] + "***"
+        return text
 
     def __call__(self, _: WrappedLogger, __: str, event: EventDict) -> EventDict:
         if not self._secrets:

@@ -86,7 +86,7 @@ import aiohttp
 
 from batchjob._config import DEFAULT_TOKEN_URL, JobConfig, check_url_is_safe
 from batchjob._errors import StoppingError, TokenEndpointError, TokenError, TokenSaveError
-from batchjob._logging import null_logger, secret_forms
+from batchjob._logging import MAX_SERVER_TEXT, clip, null_logger, printable, secret_forms
 
 __all__ = [
     "FileTokenSource",
@@ -141,6 +141,8 @@ _FS_FROZEN_FLAGS = 0x10 | 0x20  # FS_IMMUTABLE_FL | FS_APPEND_FL
 #: Where a new pair goes when the token file cannot take it (besides the token file's folder).
 STATE_HOME_ENV = "XDG_STATE_HOME"
 
+#: RFC 6750's b64token: what an access token may be made of.
+_BEARER = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 #: A longer ``expires_in`` is not believed (the token is then refreshed after a 401 only).
 _MAX_LIFETIME = 366 * 86400.0
@@ -1215,7 +1217,7 @@ class FileTokenSource:
             fallback = self._unexpired() is not None and not isinstance(exc, TokenSaveError)
             self._log.warning(
                 "token.refresh_failed",
-                error=str(exc),
+                error=clip(printable(str(exc)), MAX_SERVER_TEXT),
                 fallback="using the current access token until it expires"
                 if fallback
                 else "none: the run stops",
@@ -1381,6 +1383,13 @@ def token_source_from_env(
     if access:
         if on_new_secret is not None:
             on_new_secret(access)
+        if not _BEARER.fullmatch(access):
+            # A newline would be refused by aiohttp mid-run (exit 3), and an odd byte could
+            # come back escaped in a server's echo, where the redactor would not know it.
+            raise TokenError(
+                f"{ACCESS_TOKEN_ENV} holds a character a bearer token cannot have (a space, a "
+                "line break, a control character or a non-ASCII letter): copy the token again"
+            )
         return StaticToken(Secret(access))
     token_file = config.token_file
     if token_file is None and environ.get(TOKEN_FILE_ENV, "").strip():

@@ -34,6 +34,7 @@ from batchjob._logging import MAX_SERVER_TEXT, TRUNCATED, Redactor, make_logger
 from batchjob._tokens import FileTokenSource, TokenSet, TokenSource, write_token_file
 from batchjob.record import Journal
 from batchjob.sandbox import Sandbox, SandboxSettings, World
+from batchjob.send._transport import MAX_BODY
 from tests.support import FAST, read_report, ticket_rows, token_for, write_csv
 
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
@@ -448,6 +449,26 @@ async def test_a_huge_error_message_is_stored_cut_and_says_so(
     assert messages.str.len().max() <= MAX_SERVER_TEXT
     assert messages.str.endswith(TRUNCATED).all()
     assert len(written.files["report"]) < 10 * MAX_SERVER_TEXT
+
+
+async def token_cut_by_the_read_limit(server: Hostile, request: web.Request) -> web.StreamResponse:
+    # Whitespace padding (shown folded to one space) puts the token across the 64 KiB a
+    # client reads: what it keeps of the body ends in the first part of the token.
+    secret = request.headers.get("Authorization", "")
+    head = "x" + " " * (MAX_BODY - len(secret) // 2 - 1)
+    return web.Response(status=400, text=head + secret + " tail", content_type="text/plain")
+
+
+async def test_a_body_cut_at_the_read_limit_in_the_middle_of_the_token_keeps_none_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Hostile(token_cut_by_the_read_limit) as server:
+        tokens = StaticToken(Secret(new_secret("access")))
+        written = await run_against(server, tmp_path, monkeypatch, tokens=tokens)
+
+    assert_every_key_once(written, "failed")
+    assert written.report.error_message.str.contains("Bearer").all()  # the text is shown
+    assert_no_secret(written.files, sent_tokens(tokens))
 
 
 async def binary_400(server: Hostile, request: web.Request) -> web.StreamResponse:

@@ -684,6 +684,21 @@ def test_source_from_env_problems(tmp_path: Path) -> None:
         token_source_from_env(JobConfig(token_file=path, client_id="cid"), {})
 
 
+@pytest.mark.parametrize("token", ["abc\ndef", "abc\x01def", "abc def", "abcdéf"])
+async def test_an_access_token_no_server_could_have_issued_stops_the_run_before_it_starts(
+    tmp_path: Path, token: str
+) -> None:
+    """A newline would make aiohttp refuse the header mid-run (exit 3 'internal error'); an
+    odd byte could come back escaped in a server's echo, a form the redactor does not know."""
+    event = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
+    inputs = write_csv(tmp_path / "in.csv", [(event, "k")], ("event_id", "order_ticket_key"))
+    env = cli_env(CC_ACCESS_TOKEN=token, CC_BASE_URL="http://127.0.0.1:9/v3")
+    done = await cli("run", str(inputs), "--report", str(tmp_path / "r.csv"), env=env)
+    assert done.code == 2, done.err
+    assert "CC_ACCESS_TOKEN" in done.err
+    assert token.strip() not in done.err + done.out
+
+
 # --- batchjob auth ----------------------------------------------------------------------------
 
 
