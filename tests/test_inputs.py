@@ -949,6 +949,21 @@ def test_a_workbook_that_unpacks_past_the_limit_is_refused_unread(
     assert str(caught.value).startswith(f"{path}: declares 40,0")
 
 
+def test_a_workbook_with_too_many_parts_names_the_part_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _sheet_book(tmp_path)
+    with zipfile.ZipFile(path, "a") as archive:
+        for i in range(30):
+            archive.writestr(f"xl/media/x{i}.bin", b"")
+    monkeypatch.setattr(workbook_limits, "_MAX_PARTS", 20)
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(f"{path}: has 3")
+    assert "parts, more than the 20 batchjob reads from a workbook" in str(caught.value)
+
+
 def test_a_workbook_part_that_unpacks_past_its_declared_size_is_refused(tmp_path: Path) -> None:
     path = _sheet_book(tmp_path)
     data = bytearray(path.read_bytes())
