@@ -6,6 +6,7 @@ import codecs
 import csv
 import datetime as dt
 import mmap
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -853,6 +854,42 @@ def test_a_control_character_in_a_key_makes_its_row_invalid_wherever_it_is(
     assert rows_with == list(range(position, position + len(bad)))
     assert {found[i - 2] for i in rows_with} == {CONTROL}
     assert keys(result)[position - 2 : position - 2 + len(bad)] == bad
+
+
+INVISIBLE = (
+    "column 'Ticket Key': the key holds an invisible character or an unusual space (such as a "
+    "zero-width space, a direction mark, a line separator or a no-break space inside it), so it "
+    "is not the key it shows"
+)
+#: Keys that str.strip() used to change silently (and merge with "K1"): now invalid, unchanged.
+EDGE_KEYS = {
+    "K1\x1f": CONTROL, "K1\x85": CONTROL, "\tK1": CONTROL, "K1\v": CONTROL, "\fK1": CONTROL,
+    "K1\x1c": CONTROL, "K1\u2028": INVISIBLE, "\u2029K1": INVISIBLE, "K1\u3000": INVISIBLE,
+    "\u200bK1": INVISIBLE, "K1\u200b": INVISIBLE, "\u202eK1": INVISIBLE, "\ufeffK1": INVISIBLE,
+    "K\u00a01": INVISIBLE, "K\u20601": INVISIBLE, "K\u00ad1": INVISIBLE,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("workbook", [False, True], ids=["csv", "xlsx"])
+def test_whitespace_like_characters_at_a_keys_ends_make_it_invalid_not_stripped(
+    tmp_path: Path, workbook: bool
+) -> None:
+    edge = dict(EDGE_KEYS)
+    if workbook:  # openpyxl refuses to write most C0 controls
+        edge = {k: v for k, v in edge.items() if not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", k)}
+    originals = ["K1", *edge, " K1 ", "\u00a0K1\u00a0", "Zoë-é"]
+    if workbook:
+        path = write_xlsx(tmp_path / "a.xlsx", {"S": [["Ticket Key"], *[[k] for k in originals]]})
+    else:
+        path = tmp_path / "a.csv"
+        lines = ['"' + key + '"' for key in originals]
+        path.write_bytes(("Ticket Key\n" + "\n".join(lines) + "\n").encode())
+
+    result = read_inputs([path], default_event_id=EVENT)
+
+    # Only the plain and the no-break space are stripped; nothing else about a key changes.
+    assert keys(result) == ["K1", *edge, "K1", "K1", "Zoë-é"]
+    assert problems(result) == ["", *edge.values(), "", "", ""]
 
 
 @pytest.mark.parametrize("tolerant", [False, True], ids=["pyarrow", "pandas"])
