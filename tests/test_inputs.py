@@ -220,7 +220,7 @@ def test_cp1252_far_into_the_file_is_detected_in_the_event_column_too(tmp_path: 
     ("prefix", "late_bytes", "expected"),
     [
         (b"", b"\x81", "neither UTF-8 nor Windows-1252"),
-        (codecs.BOM_UTF8, b"\xe9", "byte order mark but is not valid UTF-8"),
+        (codecs.BOM_UTF8, b"\xe9", "starts with a UTF-8 byte order mark\\): row 8002 holds"),
     ],
 )
 def test_undecodable_bytes_far_into_the_file_are_an_input_error(
@@ -235,6 +235,39 @@ def test_undecodable_bytes_far_into_the_file_are_an_input_error(
     with pytest.raises(InputError, match=expected) as caught:
         read_inputs([path])
     assert str(caught.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("row", [2, 5])
+def test_a_file_with_a_utf8_bom_and_a_bad_byte_early_names_its_row(
+    tmp_path: Path, row: int
+) -> None:
+    """Within the first 256 KiB the message had no row."""
+    lines = [f"{EVENT},K{i}".encode() for i in range(5)]
+    lines[row - 2] = EVENT.encode() + b",K\xff1"
+    path = tmp_path / "a.csv"
+    path.write_bytes(codecs.BOM_UTF8 + b"Event ID,Ticket Key\n" + b"\n".join(lines) + b"\n")
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(
+        f"{path}: is not valid UTF-8 (it starts with a UTF-8 byte order mark): row {row} holds "
+    )
+
+
+@pytest.mark.parametrize("blank_lines", [0, 2])
+def test_an_unclosed_quote_names_the_row_that_opens_it(tmp_path: Path, blank_lines: int) -> None:
+    """pandas said "EOF inside string starting at row 1" for row 2."""
+    path = tmp_path / "a.csv"
+    path.write_text(
+        "\n" * blank_lines
+        + f'Event ID,Ticket Key,Name\n{EVENT},"K""1",a\n{EVENT},"K2,b\n{EVENT},K3,c\n'
+    )
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(
+        f'{path}: row {3 + blank_lines} opens a quote (") that is never closed'
+    )
 
 
 def test_bytes_that_are_neither_utf8_nor_cp1252_are_an_input_error(tmp_path: Path) -> None:
