@@ -755,7 +755,7 @@ async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written
     original keys. A daily quota of one request (the event check) leaves every key failed."""
     sendable = [*FORMULA_KEYS, *MARKED.values()]
     world = World({EVENT: EventState("ACTIVE", dict.fromkeys(sendable, True))})
-    # A leading tab or CR is stripped with the rest of the surrounding whitespace on input.
+    # A leading tab or CR is a control character: that row is invalid, never stripped and sent.
     data = [(EVENT, k) for k in [*FORMULA_KEYS, *MARKED, *APOSTROPHE_KEYS]]
     data += [(EVENT, "\t=1+2"), (EVENT, "\r-7")]
     data += [("=2+3", "plain-1"), ("@evil", "-7")]  # formula-like event ids: invalid rows
@@ -786,7 +786,9 @@ async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written
         invalid = [row for row in report[1:] if row[2] == "invalid"]
         assert [unescape_cell(row[1]) for row in invalid[:2]] == ["'+two", "'plain"]
         assert all("starts with an apostrophe" in row[5] for row in invalid[:2])
-        assert [row[0] for row in invalid[2:]] == ["'=2+3", "'@evil"]
+        assert [unescape_cell(row[1]) for row in invalid[2:4]] == ["\t=1+2", "\r-7"]
+        assert all("control character" in row[5] for row in invalid[2:4])
+        assert [row[0] for row in invalid[4:]] == ["'=2+3", "'@evil"]
 
         sandbox.reset_quota()
         sandbox.settings.daily_quota = None
