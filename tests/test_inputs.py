@@ -357,12 +357,26 @@ def test_a_file_that_cannot_be_memory_mapped_is_read_as_a_stream(
     assert column(result, "source_row") == [2, 3]
 
 
-@pytest.mark.parametrize("padded", [" K5", "K5 ", "K5\t", "K5\u00a0", "\u3000K5"])
+@pytest.mark.parametrize("padded", [" K5", "K5 ", "K5\u00a0", " \u00a0K5 "])
 def test_one_padded_key_among_many_clean_ones_is_stripped(tmp_path: Path, padded: str) -> None:
     rows = [f"{EVENT},K{i}" for i in range(5)] + [f"{EVENT},{padded}"]
     path = write(tmp_path / "a.csv", "\n".join(["Event ID,Ticket Key", *rows, ""]))
 
     assert keys(read_inputs([path])) == [f"K{i}" for i in range(5)] + ["K5"]
+
+
+@pytest.mark.parametrize("padded", ["K5\t", "\u3000K5"])
+def test_a_key_padded_with_other_whitespace_is_invalid_and_unchanged(
+    tmp_path: Path, padded: str
+) -> None:
+    rows = [f"{EVENT},K{i}" for i in range(5)] + [f"{EVENT},{padded}"]
+    path = write(tmp_path / "a.csv", "\n".join(["Event ID,Ticket Key", *rows, ""]))
+
+    result = read_inputs([path])
+
+    assert keys(result) == [f"K{i}" for i in range(5)] + [padded]
+    assert problems(result)[:5] == [""] * 5
+    assert problems(result)[5] in (CONTROL, INVISIBLE)
 
 
 def test_rows_with_missing_or_extra_fields(tmp_path: Path) -> None:
@@ -768,8 +782,13 @@ def test_unknown_extension_lists_the_supported_ones(tmp_path: Path) -> None:
 
 # --- properties --------------------------------------------------------------------------------
 
+# No controls, invisible characters or separators but the space: those make a key invalid.
 _printable_keys = st.text(
-    alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=30
+    alphabet=st.characters(
+        blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp", "Zs"), whitelist_characters=" "
+    ),
+    min_size=1,
+    max_size=30,
 ).filter(lambda key: key.strip() != "" and not key.strip().startswith("'"))
 
 
