@@ -27,6 +27,8 @@ from aiohttp import web
 from batchjob import JobConfig, run_job
 from batchjob._cells import unescape_cell
 from batchjob._cli import main
+from batchjob._errors import InputError
+from batchjob.read._limits import _check_workbook_size
 from batchjob.sandbox import EventState, Sandbox, SandboxSettings, World
 from tests.chaos_support import (
     TRIGGERS,
@@ -451,20 +453,24 @@ async def test_a_far_away_cell_in_a_sheet_part_with_an_odd_name_is_found(tmp_pat
     assert_refused(done, str(path), "sheet 'Late & far' has cells as far as XFD1048576")
 
 
-def _xls(cells: list[tuple[int, int]]) -> bytes:
-    """A minimal old-format workbook: one sheet, a NUMBER record per cell (row, column)."""
+def _record(kind: int, data: bytes) -> bytes:
+    return struct.pack("<HH", kind, len(data)) + data
 
-    def record(kind: int, data: bytes) -> bytes:
-        return struct.pack("<HH", kind, len(data)) + data
+
+def _xls(
+    cells: list[tuple[int, int]], *, sheet_records: bytes = b"", book_records: bytes = b""
+) -> bytes:
+    """A minimal old-format workbook: one sheet, a NUMBER record per cell (row, column)."""
+    record = _record
 
     bof = record(0x0809, struct.pack("<HHHHII", 0x0600, 0x0005, 0, 0, 0, 0))
     eof = record(0x000A, b"")
     name = b"Far"
     sheet_entry_size = 4 + 8 + len(name)
-    sheet_at = len(bof) + sheet_entry_size + len(eof)
+    sheet_at = len(bof) + sheet_entry_size + len(book_records) + len(eof)
     globals_ = bof + record(0x0085, struct.pack("<IBBBB", sheet_at, 0, 0, len(name), 0) + name)
-    globals_ += eof
-    sheet = record(0x0809, struct.pack("<HHHHII", 0x0600, 0x0010, 0, 0, 0, 0))
+    globals_ += book_records + eof
+    sheet = record(0x0809, struct.pack("<HHHHII", 0x0600, 0x0010, 0, 0, 0, 0)) + sheet_records
     for row, column in cells:
         sheet += record(0x0203, struct.pack("<HHHd", row, column, 0, 1.0))
     stream = globals_ + sheet + eof
@@ -503,6 +509,185 @@ async def test_an_old_format_workbook_with_a_far_away_cell_exits_2(tmp_path: Pat
                      env=cli_env())  # fmt: skip
 
     assert_refused(done, str(path), "sheet 'Far' has cells as far as CRXP65536")
+
+
+def _renamed(name: str, build: Callable[[Path], Path]) -> Callable[[Path], Path]:
+    def rename(tmp_path: Path) -> Path:
+        return build(tmp_path).rename(tmp_path / name)
+
+    return rename
+
+
+def _far_ods(tmp_path: Path) -> Path:
+    """An .ods whose one repeated row reaches row 1,000,000,002."""
+    table = "urn:oasis:names:tc:opendocument:xmlns:table:1.0"
+    content = (
+        '<?xml version="1.0" encoding="UTF-8"?><office:document-content '
+        'xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" '
+        f'xmlns:table="{table}" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0">'
+        '<office:body><office:spreadsheet><table:table table:name="Far">'
+        '<table:table-row><table:table-cell office:value-type="string"><text:p>Ticket Key'
+        "</text:p></table:table-cell></table:table-row>"
+        '<table:table-row table:number-rows-repeated="1000000000">'
+        '<table:table-cell office:value-type="string"><text:p>x</text:p></table:table-cell>'
+        "</table:table-row></table:table></office:spreadsheet></office:body>"
+        "</office:document-content>"
+    )
+    path = tmp_path / "far.ods"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
+        archive.writestr("content.xml", content)
+    return path
+
+
+#: The engine picks the format from the content, whatever the name says (exit 134 before).
+LYING_SUFFIXES: dict[str, tuple[Callable[[Path], Path], str]] = {
+    ".xlsx named .ods": (
+        _renamed("far.ods", lambda p: _far_cell_book(p, lambda xml: xml)),
+        "sheet 'Late & far' has cells as far as XFD1048576",
+    ),
+    ".xlsx named .xlsb": (
+        _renamed("far.xlsb", lambda p: _far_cell_book(p, lambda xml: xml)),
+        "sheet 'Late & far' has cells as far as XFD1048576",
+    ),
+    ".ods named .xlsx": (_renamed("far.xlsx", _far_ods), "sheet 'Far' has cells as far as"),
+}
+
+
+@pytest.mark.parametrize(
+    ("build", "words"), [pytest.param(b, w, id=n) for n, (b, w) in LYING_SUFFIXES.items()]
+)
+async def test_a_workbook_whose_suffix_lies_is_still_checked(
+    tmp_path: Path, build: Callable[[Path], Path], words: str
+) -> None:
+    path = build(tmp_path)
+    assert path.stat().st_size < 200_000
+
+    done = await cli("run", str(path), "--dry-run", "--report", str(tmp_path / "r.csv"),
+                     env=cli_env())  # fmt: skip
+
+    assert_refused(done, str(path), words)
+
+
+def _with_part(path: Path, name: str, data: bytes) -> Path:
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, data)
+    return path
+
+
+async def test_a_shared_strings_count_bomb_exits_2(tmp_path: Path) -> None:
+    """uniqueCount="4294967295" with one string: the engine reserved 103 GB and aborted."""
+    path = tmp_path / "book.xlsx"
+    path.write_bytes(xlsx_bytes(tmp_path))
+    _with_part(
+        path,
+        "xl/sharedStrings.xml",
+        b'<?xml version="1.0"?><sst xmlns="http://schemas.openxmlformats.org/spreadsheetml/'
+        b'2006/main" count="4294967295" uniqueCount="4294967295"><si><t>a</t></si></sst>',
+    )
+
+    done = await cli("run", str(path), "--dry-run", "--report", str(tmp_path / "r.csv"),
+                     env=cli_env())  # fmt: skip
+
+    assert_refused(done, str(path), "part 'xl/sharedStrings.xml' declares 4,294,967,295 shared")
+
+
+async def test_an_old_format_workbook_declaring_huge_dimensions_exits_2(tmp_path: Path) -> None:
+    """DIMENSIONS rows 0..2^32-1: the engine reserved petabytes and aborted."""
+    path = tmp_path / "dims.xls"
+    dimensions = _record(0x0200, struct.pack("<IIHHH", 0, 0xFFFFFFFF, 0, 0xFFFF, 0))
+    path.write_bytes(_xls([(0, 0)], sheet_records=dimensions))
+
+    done = await cli("run", str(path), "--dry-run", "--report", str(tmp_path / "r.csv"),
+                     env=cli_env())  # fmt: skip
+
+    assert_refused(done, str(path), "sheet 'Far' declares 4,294,967,295 rows x 65,535 columns")
+
+
+def test_an_old_format_workbook_declaring_too_many_strings_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "sst.xls"
+    strings = _record(0x00FC, struct.pack("<IIHB", 0xFFFFFFFF, 0xFFFFFFFF, 1, 0) + b"a")
+    path.write_bytes(_xls([(0, 0)], book_records=strings))
+
+    with pytest.raises(InputError, match="declares 4,294,967,295 shared strings"):
+        _check_workbook_size(str(path), ".xls", path.read_bytes()[:8])
+
+
+def test_an_old_format_workbook_declaring_more_fat_sectors_than_it_has_is_refused(
+    tmp_path: Path,
+) -> None:
+    data = bytearray(_xls([(0, 0)]))
+    struct.pack_into("<I", data, 0x2C, 0xFFFFFFFF)  # the engine reserves 16 GB for these
+    path = tmp_path / "fat.xls"
+    path.write_bytes(bytes(data))
+
+    with pytest.raises(InputError, match="declares 4,294,967,295 FAT sectors"):
+        _check_workbook_size(str(path), ".xls", bytes(data[:8]))
+
+
+@pytest.mark.parametrize("reference", ["$A$3", "&#88;FD1048576", "B-5"])
+def test_a_cell_reference_excel_never_writes_exits_2_naming_file_and_sheet(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, reference: str
+) -> None:
+    """Was an internal error (exit 3): the scan could not parse the reference."""
+    path = _far_cell_book(
+        tmp_path,
+        lambda xml: _without_dimension(xml).replace(b'r="XFD1048576"', f'r="{reference}"'.encode()),
+    )
+
+    done = dry_run(capsys, path, tmp_path / "r.csv")
+
+    assert_refused(done, str(path), f"sheet 'Late & far' has a cell at {reference!r}")
+
+
+@pytest.mark.parametrize(
+    ("reference", "suffix", "words"),
+    [
+        ("BGQCV16", ".xlsx", "as far as BGQCV16 (1,048,576 columns), wider than the 16,384"),
+        ("XFE3", ".xlsx", "as far as XFE3 (16,385 columns), wider than the 16,384 (column XFD)"),
+        ("XFD1024", ".xls", "as far as XFD1024 (16,384 columns), wider than the 256 (column IV)"),
+        ("IW1", ".xls", "as far as IW1 (257 columns), wider than the 256 (column IV)"),
+    ],
+)
+def test_a_sheet_wider_than_its_format_allows_is_refused_unread(
+    tmp_path: Path, reference: str, suffix: str, words: str
+) -> None:
+    """Under the cell limit but very wide: BGQCV16 took a minute and 3 GB in pandas."""
+    letters = reference.rstrip("0123456789")
+    row = int(reference[len(letters) :])
+    column = 0
+    for letter in letters:
+        column = column * 26 + ord(letter) - ord("A") + 1
+    if suffix == ".xls":
+        path = tmp_path / "wide.xls"
+        path.write_bytes(_xls([(0, 0), (row - 1, column - 1)]))
+    else:
+        path = _far_cell_book(
+            tmp_path,
+            lambda xml: _without_dimension(xml).replace(
+                b'<row r="1048576"><c r="XFD1048576"',
+                f'<row r="{row}"><c r="{reference}"'.encode(),
+            ),
+        )
+    head = path.read_bytes()[:8]
+
+    with pytest.raises(InputError, match=re.escape(words)):
+        _check_workbook_size(str(path), suffix, head)
+
+
+@pytest.mark.parametrize("reference", ["XFD1024", "P1048576"])
+def test_the_widest_and_longest_sheets_within_the_limits_pass_the_check(
+    tmp_path: Path, reference: str
+) -> None:
+    row = reference.lstrip("ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    path = _far_cell_book(
+        tmp_path,
+        lambda xml: _without_dimension(xml).replace(
+            b'<row r="1048576"><c r="XFD1048576"', f'<row r="{row}"><c r="{reference}"'.encode()
+        ),
+    )
+
+    _check_workbook_size(str(path), ".xlsx", path.read_bytes()[:8])
 
 
 # --- report paths ---------------------------------------------------------------------------------
@@ -570,7 +755,7 @@ async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written
     original keys. A daily quota of one request (the event check) leaves every key failed."""
     sendable = [*FORMULA_KEYS, *MARKED.values()]
     world = World({EVENT: EventState("ACTIVE", dict.fromkeys(sendable, True))})
-    # A leading tab or CR is stripped with the rest of the surrounding whitespace on input.
+    # A leading tab or CR is a control character: that row is invalid, never stripped and sent.
     data = [(EVENT, k) for k in [*FORMULA_KEYS, *MARKED, *APOSTROPHE_KEYS]]
     data += [(EVENT, "\t=1+2"), (EVENT, "\r-7")]
     data += [("=2+3", "plain-1"), ("@evil", "-7")]  # formula-like event ids: invalid rows
@@ -601,7 +786,9 @@ async def test_formula_like_keys_are_escaped_in_reports_and_sent_back_as_written
         invalid = [row for row in report[1:] if row[2] == "invalid"]
         assert [unescape_cell(row[1]) for row in invalid[:2]] == ["'+two", "'plain"]
         assert all("starts with an apostrophe" in row[5] for row in invalid[:2])
-        assert [row[0] for row in invalid[2:]] == ["'=2+3", "'@evil"]
+        assert [unescape_cell(row[1]) for row in invalid[2:4]] == ["\t=1+2", "\r-7"]
+        assert all("control character" in row[5] for row in invalid[2:4])
+        assert [row[0] for row in invalid[4:]] == ["'=2+3", "'@evil"]
 
         sandbox.reset_quota()
         sandbox.settings.daily_quota = None

@@ -6,6 +6,7 @@ import codecs
 import csv
 import datetime as dt
 import mmap
+import re
 import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
@@ -218,7 +219,7 @@ def test_cp1252_far_into_the_file_is_detected_in_the_event_column_too(tmp_path: 
     ("prefix", "late_bytes", "expected"),
     [
         (b"", b"\x81", "neither UTF-8 nor Windows-1252"),
-        (codecs.BOM_UTF8, b"\xe9", "byte order mark but is not valid UTF-8"),
+        (codecs.BOM_UTF8, b"\xe9", "starts with a UTF-8 byte order mark\\): row 8002 holds"),
     ],
 )
 def test_undecodable_bytes_far_into_the_file_are_an_input_error(
@@ -233,6 +234,39 @@ def test_undecodable_bytes_far_into_the_file_are_an_input_error(
     with pytest.raises(InputError, match=expected) as caught:
         read_inputs([path])
     assert str(caught.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("row", [2, 5])
+def test_a_file_with_a_utf8_bom_and_a_bad_byte_early_names_its_row(
+    tmp_path: Path, row: int
+) -> None:
+    """Within the first 256 KiB the message had no row."""
+    lines = [f"{EVENT},K{i}".encode() for i in range(5)]
+    lines[row - 2] = EVENT.encode() + b",K\xff1"
+    path = tmp_path / "a.csv"
+    path.write_bytes(codecs.BOM_UTF8 + b"Event ID,Ticket Key\n" + b"\n".join(lines) + b"\n")
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(
+        f"{path}: is not valid UTF-8 (it starts with a UTF-8 byte order mark): row {row} holds "
+    )
+
+
+@pytest.mark.parametrize("blank_lines", [0, 2])
+def test_an_unclosed_quote_names_the_row_that_opens_it(tmp_path: Path, blank_lines: int) -> None:
+    """pandas said "EOF inside string starting at row 1" for row 2."""
+    path = tmp_path / "a.csv"
+    path.write_text(
+        "\n" * blank_lines
+        + f'Event ID,Ticket Key,Name\n{EVENT},"K""1",a\n{EVENT},"K2,b\n{EVENT},K3,c\n'
+    )
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(
+        f'{path}: row {3 + blank_lines} opens a quote (") that is never closed'
+    )
 
 
 def test_bytes_that_are_neither_utf8_nor_cp1252_are_an_input_error(tmp_path: Path) -> None:
@@ -322,12 +356,26 @@ def test_a_file_that_cannot_be_memory_mapped_is_read_as_a_stream(
     assert column(result, "source_row") == [2, 3]
 
 
-@pytest.mark.parametrize("padded", [" K5", "K5 ", "K5\t", "K5\u00a0", "\u3000K5"])
+@pytest.mark.parametrize("padded", [" K5", "K5 ", "K5\u00a0", " \u00a0K5 "])
 def test_one_padded_key_among_many_clean_ones_is_stripped(tmp_path: Path, padded: str) -> None:
     rows = [f"{EVENT},K{i}" for i in range(5)] + [f"{EVENT},{padded}"]
     path = write(tmp_path / "a.csv", "\n".join(["Event ID,Ticket Key", *rows, ""]))
 
     assert keys(read_inputs([path])) == [f"K{i}" for i in range(5)] + ["K5"]
+
+
+@pytest.mark.parametrize("padded", ["K5\t", "\u3000K5"])
+def test_a_key_padded_with_other_whitespace_is_invalid_and_unchanged(
+    tmp_path: Path, padded: str
+) -> None:
+    rows = [f"{EVENT},K{i}" for i in range(5)] + [f"{EVENT},{padded}"]
+    path = write(tmp_path / "a.csv", "\n".join(["Event ID,Ticket Key", *rows, ""]))
+
+    result = read_inputs([path])
+
+    assert keys(result) == [f"K{i}" for i in range(5)] + [padded]
+    assert problems(result)[:5] == [""] * 5
+    assert problems(result)[5] in (CONTROL, INVISIBLE)
 
 
 def test_rows_with_missing_or_extra_fields(tmp_path: Path) -> None:
@@ -733,8 +781,13 @@ def test_unknown_extension_lists_the_supported_ones(tmp_path: Path) -> None:
 
 # --- properties --------------------------------------------------------------------------------
 
+# No controls, invisible characters or separators but the space: those make a key invalid.
 _printable_keys = st.text(
-    alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=30
+    alphabet=st.characters(
+        blacklist_categories=("Cc", "Cs", "Cf", "Zl", "Zp", "Zs"), whitelist_characters=" "
+    ),
+    min_size=1,
+    max_size=30,
 ).filter(lambda key: key.strip() != "" and not key.strip().startswith("'"))
 
 
@@ -854,6 +907,42 @@ def test_a_control_character_in_a_key_makes_its_row_invalid_wherever_it_is(
     assert keys(result)[position - 2 : position - 2 + len(bad)] == bad
 
 
+INVISIBLE = (
+    "column 'Ticket Key': the key holds an invisible character or an unusual space (such as a "
+    "zero-width space, a direction mark, a line separator or a no-break space inside it), so it "
+    "is not the key it shows"
+)
+#: Keys that str.strip() used to change silently (and merge with "K1"): now invalid, unchanged.
+EDGE_KEYS = {
+    "K1\x1f": CONTROL, "K1\x85": CONTROL, "\tK1": CONTROL, "K1\v": CONTROL, "\fK1": CONTROL,
+    "K1\x1c": CONTROL, "K1\u2028": INVISIBLE, "\u2029K1": INVISIBLE, "K1\u3000": INVISIBLE,
+    "\u200bK1": INVISIBLE, "K1\u200b": INVISIBLE, "\u202eK1": INVISIBLE, "\ufeffK1": INVISIBLE,
+    "K\u00a01": INVISIBLE, "K\u20601": INVISIBLE, "K\u00ad1": INVISIBLE,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("workbook", [False, True], ids=["csv", "xlsx"])
+def test_whitespace_like_characters_at_a_keys_ends_make_it_invalid_not_stripped(
+    tmp_path: Path, workbook: bool
+) -> None:
+    edge = dict(EDGE_KEYS)
+    if workbook:  # openpyxl refuses to write most C0 controls
+        edge = {k: v for k, v in edge.items() if not re.search("[\x00-\x08\x0b\x0c\x0e-\x1f]", k)}
+    originals = ["K1", *edge, " K1 ", "\u00a0K1\u00a0", "Zoë-é"]
+    if workbook:
+        path = write_xlsx(tmp_path / "a.xlsx", {"S": [["Ticket Key"], *[[k] for k in originals]]})
+    else:
+        path = tmp_path / "a.csv"
+        lines = ['"' + key + '"' for key in originals]
+        path.write_bytes(("Ticket Key\n" + "\n".join(lines) + "\n").encode())
+
+    result = read_inputs([path], default_event_id=EVENT)
+
+    # Only the plain and the no-break space are stripped; nothing else about a key changes.
+    assert keys(result) == ["K1", *edge, "K1", "K1", "Zoë-é"]
+    assert problems(result) == ["", *edge.values(), "", "", ""]
+
+
 @pytest.mark.parametrize("tolerant", [False, True], ids=["pyarrow", "pandas"])
 def test_keys_longer_than_the_limit_are_invalid(tmp_path: Path, tolerant: bool) -> None:
     keys_in = ["k" * 256, "k" * 257, "é" * 256, "é" * 257, "x" * 5_000_000, "short"]
@@ -946,6 +1035,21 @@ def test_a_workbook_that_unpacks_past_the_limit_is_refused_unread(
     with pytest.raises(InputError, match="zip bomb") as caught:
         read_inputs([path])
     assert str(caught.value).startswith(f"{path}: declares 40,0")
+
+
+def test_a_workbook_with_too_many_parts_names_the_part_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _sheet_book(tmp_path)
+    with zipfile.ZipFile(path, "a") as archive:
+        for i in range(30):
+            archive.writestr(f"xl/media/x{i}.bin", b"")
+    monkeypatch.setattr(workbook_limits, "_MAX_PARTS", 20)
+
+    with pytest.raises(InputError) as caught:
+        read_inputs([path])
+    assert str(caught.value).startswith(f"{path}: has 3")
+    assert "parts, more than the 20 batchjob reads from a workbook" in str(caught.value)
 
 
 def test_a_workbook_part_that_unpacks_past_its_declared_size_is_refused(tmp_path: Path) -> None:

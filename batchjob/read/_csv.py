@@ -64,9 +64,7 @@ def _read_csv(path: str, head: bytes, whole: bool, matcher: _Matcher, default: s
     except (pa.lib.ArrowException, UnicodeError):
         if encoding in ("utf-8", "utf-8-sig") and not _decodes(path, encoding):
             if encoding == "utf-8-sig":
-                raise InputError(
-                    f"{path}: starts with a UTF-8 byte order mark but is not valid UTF-8"
-                ) from None
+                raise _undecodable(path, encoding) from None
             layout = _csv_layout(path, head, whole, "cp1252", matcher)
             _refuse_mixed_encodings(path, layout)
         event, key, overflow = _read_csv_tolerant(path, layout)
@@ -233,7 +231,38 @@ def _record_numbers(path: str, offsets: Sequence[int]) -> list[int]:
 def _undecodable(path: str, encoding: str) -> InputError:
     if encoding == "cp1252":
         return InputError(f"{path}: cannot be decoded: it is neither UTF-8 nor Windows-1252 text")
+    if encoding in ("utf-8", "utf-8-sig"):
+        offset = _first_non_utf8(path)
+        if offset is not None:
+            (row,) = _record_numbers(path, [offset])
+            marked = " (it starts with a UTF-8 byte order mark)" if encoding == "utf-8-sig" else ""
+            return InputError(
+                f"{path}: is not valid UTF-8{marked}: row {row} holds a byte that is not; save "
+                "the file again as UTF-8 (Excel: 'CSV UTF-8') and rerun"
+            )
     return InputError(f"{path}: cannot be decoded as {encoding}")
+
+
+def _unclosed_quote(path: str) -> int | None:
+    """The offset of the quote that is never closed, if any: with an odd number of '"' in
+    the file, the last one opens a value (a doubled quote inside a value counts two)."""
+    total = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            total += chunk.count(b'"')
+    if total % 2 == 0:
+        return None
+    base = 0
+    seen = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            here = chunk.count(b'"')
+            if seen + here >= total:
+                quotes = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == ord('"'))
+                return base + int(quotes[total - seen - 1])
+            seen += here
+            base += len(chunk)
+    return None
 
 
 def _csv_layout(
@@ -409,6 +438,14 @@ def _read_csv_tolerant(
     except UnicodeDecodeError:
         raise _undecodable(path, layout.encoding) from None
     except (pd.errors.ParserError, ValueError) as exc:
+        opened = _unclosed_quote(path) if "EOF inside string" in str(exc) else None
+        if opened is not None:
+            # pandas numbers rows from after the header, from 0, so it named the wrong row.
+            (row,) = _record_numbers(path, [opened])
+            raise InputError(
+                f'{path}: row {row} opens a quote (") that is never closed, so the rest of the '
+                "file would be one value; close or remove that quote"
+            ) from None
         raise InputError(f"{path}: is not valid CSV: {exc}") from exc
     key = frame[names[columns.key]].fillna("")
     event = None

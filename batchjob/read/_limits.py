@@ -35,6 +35,15 @@ MAX_UNPACKED_BYTES: Final = 1 << 30
 #: A sheet may span at most this many cells, from A1 to its last row and column (calamine and
 #: pandas hold every cell of that rectangle, empty or not: ~100 bytes each).
 MAX_SHEET_CELLS: Final = 1 << 24
+#: The widest sheet each format can hold (XFD; IV for .xls). pandas costs ~50 us and ~3 KB per
+#: column on top of the cells, so a 5 KB file with one cell at BGQCV16 (16M cells, a million
+#: columns) took a minute and 3 GB; at XFD1024, the widest sheet within the cell limit, ~5 s.
+MAX_COLUMNS: Final = 16_384
+MAX_XLS_COLUMNS: Final = 256
+MAX_XLS_ROWS: Final = 65_536
+#: A declared count of shared strings may exceed the strings really there by this much (calamine
+#: reserves room for the declared count up front: 4,294,967,295 of them is 103 GB).
+_COUNT_SLACK: Final = 1 << 16
 
 _ZIP_READ: Final = 1 << 20
 _MAX_PARTS: Final = 10_000
@@ -46,6 +55,8 @@ _XML_TAG_END = re.compile(rb"\s*/?>")
 _CELL_REF = re.compile(rb"([A-Za-z]*)0*([0-9]*)")
 _SHEET_ENTRY = re.compile(rb"<(?:[\w.-]+:)?sheet(?=\s)")
 _RELATIONSHIP = re.compile(rb"<(?:[\w.-]+:)?Relationship(?=\s)")
+_SST_TAG = re.compile(rb"<(?:[\w.-]+:)?sst(?=[\s/>])")
+_SI_TAG = re.compile(rb"<(?:[\w.-]+:)?si(?=[\s/>])")
 _NAME_ENDS: Final = np.frombuffer(b" \t\n\r/>", dtype=np.uint8)
 
 
@@ -73,10 +84,17 @@ def _column_letters(number: int) -> str:
     return letters
 
 
-def _check_extent(path: str, sheet: str, extent: _Extent) -> None:
+def _check_extent(path: str, sheet: str, extent: _Extent, max_columns: int = MAX_COLUMNS) -> None:
+    corner = f"{_column_letters(extent.columns)}{extent.rows}"
+    if extent.columns > max_columns:
+        raise InputError(
+            f"{path}: sheet {sheet!r} has cells as far as {corner} ({extent.columns:,} "
+            f"columns), wider than the {max_columns:,} (column {_column_letters(max_columns)}) "
+            "such a workbook can have; the workbook is damaged or built to attack readers: "
+            "copy the data to a new workbook, or export it as CSV"
+        )
     if extent.cells <= MAX_SHEET_CELLS:
         return
-    corner = f"{_column_letters(extent.columns)}{extent.rows}"
     raise InputError(
         f"{path}: sheet {sheet!r} has cells as far as {corner} ({extent.rows:,} rows x "
         f"{extent.columns:,} columns = {extent.cells:,} cells from A1), more than the "
@@ -98,36 +116,55 @@ def _check_workbook_size(path: str, suffix: str, head: bytes) -> None:
         return
     try:
         with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
-            _check_zip_workbook(path, suffix, archive, raw)
+            _check_zip_workbook(path, archive, raw)
     except zipfile.BadZipFile as exc:
         raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
 
 
-def _check_zip_workbook(path: str, suffix: str, archive: zipfile.ZipFile, raw: Any) -> None:
+def _check_zip_workbook(path: str, archive: zipfile.ZipFile, raw: Any) -> None:
     members = archive.infolist()
     if len(members) > _MAX_PARTS:
-        raise _too_big(path, f"has {len(members):,} parts")
+        raise InputError(
+            f"{path}: has {len(members):,} parts, more than the {_MAX_PARTS:,} batchjob reads "
+            "from a workbook; export the data as CSV instead"
+        )
     declared = sum(member.file_size for member in members)
     if declared > MAX_UNPACKED_BYTES:
         raise _too_big(path, f"declares {declared:,} bytes unpacked")
-    names = _xlsx_sheet_names(archive) if suffix != ".ods" else {}
-    binary_sheets = _xlsb_sheet_parts(archive) if suffix == ".xlsb" else set()
+    names = _xlsx_sheet_names(archive)
+    # The engine finds the format from the content, not the file's name (an .xlsx renamed .ods
+    # is read as .xlsx), so every format's check runs on whatever parts that format would read.
+    binary_sheets = _xlsb_sheet_parts(archive)
     left = MAX_UNPACKED_BYTES
     for member in members:
-        scan = _member_scanner(suffix, member.filename, binary_sheets)
+        scanners = _member_scanners(member.filename, binary_sheets)
         sheet = names.get(member.filename, member.filename)
         produced = 0
+        found: list[tuple[str | None, _Extent]] = []
         try:
             for chunk in _unpack(path, raw, member, left):
                 produced += len(chunk)
-                if scan is not None:
+                for scan in scanners:
                     scan.feed(chunk)
-            found = scan.close() if scan is not None else []
+            for scan in scanners:
+                found.extend(scan.close())
         except _SheetTooBig as exc:
             found = [(exc.sheet, exc.extent)]
+        except _Refused as exc:
+            where = f"part {member.filename!r}" if exc.whole_part else f"sheet {sheet!r}"
+            raise InputError(f"{path}: {where} {exc}") from None
         left -= produced
         for name, extent in found:
             _check_extent(path, name or sheet, extent)
+
+
+class _Refused(Exception):
+    """A part the engine would misread or die on; the text follows "<file>: sheet <name>" (or
+    "<file>: part <name>" for a part that is no sheet)."""
+
+    def __init__(self, text: str, *, whole_part: bool = False) -> None:
+        super().__init__(text)
+        self.whole_part = whole_part
 
 
 def _too_big(path: str, what: str) -> InputError:
@@ -211,14 +248,18 @@ class _Scanner:
         raise NotImplementedError
 
 
-def _member_scanner(suffix: str, name: str, binary_sheets: set[str]) -> _Scanner | None:
-    if suffix == ".ods":
-        return _OdsScanner() if name == "content.xml" else None  # the engine reads only that
-    if suffix == ".xlsb":
-        return _XlsbScanner() if name in binary_sheets else None
+def _member_scanners(name: str, binary_sheets: set[str]) -> list[_Scanner]:
     # Every part, whatever its name: a sheet can be any part the workbook points to, and no
     # other part holds <c> or <row> tags by chance.
-    return _XlsxScanner()
+    scanners: list[_Scanner] = [_XlsxScanner()]
+    folded = name.replace("\\", "/").lower()  # the engine finds parts ignoring case
+    if folded == "content.xml":
+        scanners.append(_OdsScanner())
+    if folded.rpartition("/")[2] == "sharedstrings.xml":
+        scanners.append(_SharedStringsScanner())
+    if name in binary_sheets:
+        scanners.append(_XlsbScanner())
+    return scanners
 
 
 def _xlsb_sheet_parts(archive: zipfile.ZipFile) -> set[str]:
@@ -226,16 +267,20 @@ def _xlsb_sheet_parts(archive: zipfile.ZipFile) -> set[str]:
 
     (Other parts may be XML or images, which are no record streams: those are skipped.)
     """
+    folded = {name.replace("\\", "/").lower(): name for name in archive.namelist()}
+    if "xl/workbook.bin" not in folded:
+        return set()  # not a binary workbook: the engine reads no record streams
     try:
-        rels = archive.read("xl/_rels/workbook.bin.rels")
+        rels = archive.read(folded.get("xl/_rels/workbook.bin.rels", "xl/_rels/workbook.bin.rels"))
     except (KeyError, zipfile.BadZipFile, OSError, RuntimeError, zlib.error):
         rels = b""
-    parts = {name for name in archive.namelist() if "worksheets/" in name}
+    parts = {name for name in archive.namelist() if "worksheets/" in name.lower()}
     for tag in _RELATIONSHIP.finditer(rels[: 16 * _ZIP_READ]):
         target = _attribute(rels, tag.end(), b"Target")
         if target:
             text = target.decode(errors="replace")
-            parts.add(text.lstrip("/") if text.startswith("/") else "xl/" + text)
+            text = text.lstrip("/") if text.startswith("/") else "xl/" + text
+            parts.add(folded.get(text.lower(), text))
     # A relationship may also point to XML (a theme): not a record stream.
     return {name for name in parts if not _starts_like_xml(archive, name)}
 
@@ -336,7 +381,17 @@ class _XlsxScanner(_Scanner):
                 self.column += 1
                 row = max(self.row, 1)
             else:
-                letters, digits = _CELL_REF.fullmatch(reference).groups()  # type: ignore[union-attr]
+                match = _CELL_REF.fullmatch(reference)
+                if match is None:
+                    # The engine stops at such a reference (or, for one it does take, places
+                    # the cell where this scan cannot follow): refused either way.
+                    shown = reference[:40].decode(errors="replace")
+                    raise _Refused(
+                        f"has a cell at {shown!r}, which is no cell reference Excel writes; "
+                        "the workbook is damaged or built to attack readers: copy the data "
+                        "to a new workbook, or export it as CSV"
+                    )
+                letters, digits = match.groups()
                 self.column = _column_number(letters) if letters else self.column + 1
                 row = int(digits) if digits else max(self.row, 1)
             self.extent.reach(row, self.column)
@@ -400,6 +455,54 @@ def _column_number(letters: bytes) -> int:
     for letter in letters.upper():
         number = number * 26 + letter - ord("A") + 1
     return number
+
+
+class _SharedStringsScanner(_Scanner):
+    """Refuses a string table declaring more strings than it holds.
+
+    calamine reserves room for ``uniqueCount`` strings before reading one, so
+    ``<sst uniqueCount="4294967295">`` with one ``<si>`` asks for 103 GB and aborts.
+    """
+
+    def __init__(self) -> None:
+        self.declared: list[int] = []
+        self.strings = 0
+        self.carry = b""
+        self.seen_table = False
+
+    def feed(self, data: bytes) -> None:
+        data = self.carry + data
+        cut = data.rfind(b"<")  # as in _XlsxScanner: no tag straddles the cut
+        if cut < 0:
+            self.carry = b""
+            return
+        self.carry = data[cut:]
+        if len(self.carry) > _ZIP_READ:
+            raise ValueError("a tag longer than 1 MiB")
+        self._scan(data, cut)
+
+    def _scan(self, data: bytes, end: int) -> None:
+        if not self.seen_table:
+            table = _SST_TAG.search(data, 0, end)
+            if table is None:
+                return
+            self.seen_table = True
+            for name in (b"count", b"uniqueCount"):
+                value = _attribute(data, table.end(), name)
+                if value is not None and value.isdigit():
+                    self.declared.append(int(value))
+        self.strings += len(_SI_TAG.findall(data, 0, end))
+
+    def close(self) -> list[tuple[str | None, _Extent]]:
+        self._scan(self.carry, len(self.carry))
+        top = max(self.declared, default=0)
+        if top > self.strings + _COUNT_SLACK:
+            raise _Refused(
+                f"declares {top:,} shared strings but holds {self.strings:,}: the workbook is "
+                "damaged or built to attack readers; copy the data to a new workbook",
+                whole_part=True,
+            )
+        return []
 
 
 class _OdsScanner(_Scanner):
@@ -550,16 +653,21 @@ _BIFF_CELLS: Final = frozenset({0x0203, 0x0204, 0x00D6, 0x0205, 0x027E, 0x00FD, 
 _BIFF_MUL_RK: Final = 0x00BD
 _BIFF_BOF: Final = 0x0809
 _BIFF_SHEET: Final = 0x0085
+_BIFF_SST: Final = 0x00FC
+_BIFF_CONTINUE: Final = 0x003C
+_BIFF_DIMENSIONS: Final = 0x0200
 
 
 def _check_xls(path: str) -> None:
     """Bound an old-format workbook's sheets (rows and columns are 16-bit there, so one stray
-    cell can still ask for 65,536 x 65,536 cells)."""
+    cell can still ask for 65,536 x 65,536 cells), and the sizes its records declare."""
     size = Path(path).stat().st_size
     if size > MAX_UNPACKED_BYTES:
         raise _too_big(path, f"holds {size:,} bytes")
+    data = Path(path).read_bytes()
+    _check_cfb_header(path, data)
     try:
-        stream = _cfb_stream(Path(path).read_bytes(), ("workbook", "book"))
+        stream = _cfb_stream(data, ("workbook", "book"))
     except (ValueError, IndexError, struct.error):
         return  # not a compound file we can walk: the engine will refuse it
     if stream is None:
@@ -576,8 +684,12 @@ def _check_xls(path: str) -> None:
             names[offset] = _biff_sheet_name(data)
         elif kind == _BIFF_BOF:
             if extent is not None:
-                _check_extent(path, sheet, extent)
+                _check_extent(path, sheet, extent, MAX_XLS_COLUMNS)
             extent, sheet = _Extent(), names.get(at, f"at byte {at}")
+        elif kind == _BIFF_SST and len(data) >= 8:
+            _check_xls_strings(path, stream, at, data)
+        elif extent is not None and kind == _BIFF_DIMENSIONS:
+            _check_xls_dimensions(path, sheet, data)
         elif extent is not None and kind in _BIFF_CELLS and len(data) >= 4:
             row, column = struct.unpack_from("<HH", data)
             extent.reach(row + 1, column + 1)
@@ -587,7 +699,66 @@ def _check_xls(path: str) -> None:
             extent.reach(row + 1, last + 1)
         at += 4 + size
     if extent is not None:
-        _check_extent(path, sheet, extent)
+        _check_extent(path, sheet, extent, MAX_XLS_COLUMNS)
+
+
+def _check_cfb_header(path: str, data: bytes) -> None:
+    """The engine reserves room for the FAT and DIFAT sector counts the header declares (up to
+    16 GB each): no count may exceed the sectors the file really has."""
+    if len(data) < 512:
+        return  # the engine refuses a file shorter than its header
+    shift = struct.unpack_from("<H", data, 0x1E)[0]
+    sector = 1 << min(shift, 16)
+    sectors = max(0, len(data) - 512) // sector + 1
+    (fat,) = struct.unpack_from("<I", data, 0x2C)
+    (mini_fat,) = struct.unpack_from("<I", data, 0x40)
+    (difat,) = struct.unpack_from("<I", data, 0x48)
+    for what, count in (("FAT", fat), ("mini FAT", mini_fat), ("DIFAT", difat)):
+        if count > sectors:
+            raise InputError(
+                f"{path}: is a damaged workbook: it declares {count:,} {what} sectors but holds "
+                f"{sectors:,} sectors in all; save it again from Excel, or export it as CSV"
+            )
+
+
+def _check_xls_dimensions(path: str, sheet: str, data: bytes) -> None:
+    """DIMENSIONS (used rows and columns): the engine reserves room for that many cells."""
+    if len(data) >= 14:
+        first_row, last_row, first_column, last_column = struct.unpack_from("<IIHH", data)
+    elif len(data) >= 8:
+        first_row, last_row, first_column, last_column = struct.unpack_from("<HHHH", data)
+    else:
+        return
+    # The last row and column are one past the used ones; the engine counts from the first
+    # (and from column 0 when the first is out of range).
+    rows = max(0, last_row - first_row)
+    columns = max(0, last_column - (first_column if first_column <= 0xFF else 0))
+    if rows > MAX_XLS_ROWS or last_row > MAX_XLS_ROWS or columns > MAX_XLS_COLUMNS:
+        raise InputError(
+            f"{path}: sheet {sheet!r} declares {rows:,} rows x {columns:,} columns, more than a "
+            f".xls sheet can have ({MAX_XLS_ROWS:,} x {MAX_XLS_COLUMNS:,}); the workbook is "
+            "damaged or built to attack readers: save it again from Excel, or export it as CSV"
+        )
+    _check_extent(path, sheet, _Extent(rows, columns), MAX_XLS_COLUMNS)
+
+
+def _check_xls_strings(path: str, stream: bytes, at: int, data: bytes) -> None:
+    """SST: each string takes at least 3 bytes of it and its CONTINUE records."""
+    total, unique = struct.unpack_from("<II", data)
+    room = len(data) - 8
+    at += 4 + len(data)
+    while at + 4 <= len(stream):
+        kind, size = struct.unpack_from("<HH", stream, at)
+        if kind != _BIFF_CONTINUE:
+            break
+        room += size
+        at += 4 + size
+    if unique > room // 3 + _COUNT_SLACK:
+        raise InputError(
+            f"{path}: declares {unique:,} shared strings in {room:,} bytes: the workbook is "
+            "damaged or built to attack readers; save it again from Excel, or export it as CSV"
+        )
+    del total  # a count of uses, not of strings: nothing is reserved for it
 
 
 def _biff_sheet_name(data: bytes) -> str:

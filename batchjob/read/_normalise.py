@@ -19,7 +19,7 @@ from batchjob._cells import unescape_cell
 from batchjob._model import canonical_event_id
 from batchjob.read._columns import _Columns
 from batchjob.read._keybytes import KeyBytes
-from batchjob.read._shared import _SHOWN_VALUE_LIMIT, FRAME_COLUMNS, MAX_KEY_CHARS
+from batchjob.read._shared import _SHOWN_VALUE_LIMIT, FRAME_COLUMNS, MAX_KEY_CHARS, pa, pa_compute
 
 _Codes = npt.NDArray[np.signedinteger[Any]]
 
@@ -110,9 +110,19 @@ _KEY_OK: Final = 0
 _KEY_EMPTY: Final = 1
 _KEY_TOO_LONG: Final = 2
 _KEY_CONTROL: Final = 3
-_KEY_APOSTROPHE: Final = 4
+_KEY_INVISIBLE: Final = 4
+_KEY_APOSTROPHE: Final = 5
 _APOSTROPHE: Final = ord("'")
 _CONTROL: Final = "[\x00-\x1f\x7f-\x9f]"
+#: Only these are stripped from a key's ends: the space, and the no-break space that text copied
+#: from a web page or an office suite ends with. Other whitespace is a control (tab, U+0085) or
+#: invisible (U+2028): such a key is invalid, not silently changed.
+_STRIPPED: Final = " \u00a0"
+#: Characters that show as nothing, or as a plain space, but are not one (RE2 syntax): format
+#: characters (Cf: zero width space, direction marks and overrides, byte order mark, soft
+#: hyphen) and every separator but U+0020 (no-break and other spaces, line and paragraph
+#: separators). A key holding one displays differently from what would be sent.
+_INVISIBLE: Final = r"\p{Cf}|[^ \PZ]"
 
 
 def _key_problem_texts(name: str) -> list[str]:
@@ -121,6 +131,9 @@ def _key_problem_texts(name: str) -> list[str]:
         f"column '{name}' is empty",
         f"column '{name}': the key is longer than {MAX_KEY_CHARS} characters",
         f"column '{name}': the key holds a control character (such as NUL, a tab or a line break)",
+        f"column '{name}': the key holds an invisible character or an unusual space (such as a "
+        "zero-width space, a direction mark, a line separator or a no-break space inside it), "
+        "so it is not the key it shows",
         f"column '{name}': the key starts with an apostrophe, which spreadsheets take for a "
         "text marker and drop; remove it if it is not part of the key",
     ]
@@ -135,7 +148,9 @@ def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8]]:
     """
     found = KeyBytes.of_series(key)
     if found is None or found.may_need_strip():
-        key = key.str.strip()
+        # Not str.strip(): it also drops controls and Unicode separators (\x1f, \x85, U+2028),
+        # silently changing a key that must be reported instead.
+        key = key.str.strip(_STRIPPED)
         found = KeyBytes.of_series(key)
     marked = _starts_with_apostrophe(key, found)
     if marked.any():
@@ -146,6 +161,9 @@ def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8]]:
     # Later assignments win: least significant first.
     if marked.any():
         codes[marked] = _KEY_APOSTROPHE
+    invisible = _with_invisible(key, found)
+    if invisible is not None:
+        codes[invisible] = _KEY_INVISIBLE
     if found is not None:
         codes[found.with_control()] = _KEY_CONTROL
         long = np.flatnonzero(found.lengths > MAX_KEY_CHARS)  # bytes >= characters
@@ -157,6 +175,18 @@ def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8]]:
         codes[(key.str.len() > MAX_KEY_CHARS).to_numpy(dtype=np.bool_)] = _KEY_TOO_LONG
         codes[(key == "").to_numpy(dtype=np.bool_)] = _KEY_EMPTY
     return key, codes
+
+
+def _with_invisible(key: pd.Series, found: KeyBytes | None) -> npt.NDArray[np.bool_] | None:
+    """Which keys hold an ``_INVISIBLE`` character; None for none. All such characters are
+    multi-byte in UTF-8, so the usual all-ASCII file costs a reduction it has already paid for."""
+    if found is not None and found.byte_range[1] < 0x80:
+        return None
+    chunked = getattr(key.array, "_pa_array", None)
+    values = chunked if chunked is not None else pa.array(key.tolist(), type=pa.large_string())
+    matched = pa_compute.match_substring_regex(values, _INVISIBLE).fill_null(False)
+    found_rows: npt.NDArray[np.bool_] = matched.to_numpy(zero_copy_only=False).astype(np.bool_)
+    return found_rows
 
 
 def _starts_with_apostrophe(key: pd.Series, found: KeyBytes | None) -> npt.NDArray[np.bool_]:

@@ -14,6 +14,7 @@ import pandas as pd
 
 pa: Any = importlib.import_module("pyarrow")
 pa_csv: Any = importlib.import_module("pyarrow.csv")
+pa_compute: Any = importlib.import_module("pyarrow.compute")
 
 FRAME_COLUMNS: Final = ("event_id", "order_ticket_key", "source_file", "source_row", "problem")
 
