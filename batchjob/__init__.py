@@ -31,11 +31,10 @@ from batchjob._errors import (
 from batchjob._model import REPORT_COLUMNS, ColumnAliases, Outcome
 
 if TYPE_CHECKING:
+    __version__: str
     from batchjob._tokens import Secret, StaticToken, TokenSource
     from batchjob.run import RunResult, StopRequest, run_job
     from batchjob.send import RawResponse, Transport, TransportError
-
-__version__ = "1.0.0"
 
 _LAZY = {
     "RawResponse": "batchjob.send",
@@ -51,12 +50,24 @@ _LAZY = {
 
 
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        return _version()
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'batchjob' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
+
+
+def _version() -> str:
+    """The installed distribution's version: pyproject.toml is the one place it is written."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("batchjob")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def __dir__() -> list[str]:

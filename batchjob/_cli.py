@@ -35,10 +35,19 @@ if TYPE_CHECKING:
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _installed_version() -> str:
+    import batchjob
+
+    return str(batchjob.__version__)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="batchjob",
         description="Reverse Constant Contact event ticket check-ins in bulk.",
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"batchjob {_installed_version()}"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
