@@ -14,7 +14,8 @@ import contextlib
 import io
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
@@ -46,9 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="batchjob",
         description="Reverse Constant Contact event ticket check-ins in bulk.",
     )
-    parser.add_argument(
-        "--version", action="version", version=f"batchjob {_installed_version()}"
-    )
+    parser.add_argument("--version", action="version", version=f"batchjob {_installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -237,9 +236,20 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
             remove()
 
 
+def _run_to_end(job: Coroutine[Any, Any, RunResult]) -> RunResult:
+    """``asyncio.run(job)``, also when called from a running event loop (a notebook, an async
+    orchestrator): there the job gets a thread and a loop of its own."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(job)
+    with ThreadPoolExecutor(1, thread_name_prefix="batchjob") as pool:
+        return pool.submit(asyncio.run, job).result()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _config_from(args)
-    result = asyncio.run(_run(config))
+    result = _run_to_end(_run(config))
     _say(result.summary(), sys.stdout)
     return result.exit_code
 
@@ -269,7 +279,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             return await _run(config, StaticToken(Secret(sandbox.access_token)))
 
     print("inputs: " + ", ".join(str(p) for p in inputs))
-    result = asyncio.run(demo())
+    result = _run_to_end(demo())
     print(result.summary())
     # The sample data holds bad rows on purpose, so "finished, some keys not undone" is success.
     return (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import signal
+import threading
 from collections.abc import Callable
 
 from batchjob._errors import ExitCode
@@ -47,7 +48,11 @@ def install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
 
     A signal this process was started with ignored (``nohup``, ``&`` in a script) stays
     ignored. SIGHUP never hurries: one hangup can arrive twice (the kernel, then the shell).
+    Outside the main thread nothing is installed: signals belong to the host (an orchestrator's
+    worker thread), which can stop the run with its own StopRequest.
     """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
     loop = asyncio.get_running_loop()
     installed: list[signal.Signals] = []
     for sig, code in (
