@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import time
@@ -151,6 +152,20 @@ def _client(
         ),
         rng=random.Random(1),
     )
+
+
+async def test_retries_leave_no_plain_text_lines_in_the_host_s_logging(
+    session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    """backoff logs 'Backing off ...' to its own logger by default: outside batchjob's
+    structured, redacted logs, in whatever logging the host (an orchestrator) set up."""
+    caplog.set_level(logging.DEBUG)
+    with aioresponses() as mock:
+        mock.post(UNDO, status=503)
+        mock.post(UNDO, status=204)
+        answer = await _client(session).undo_check_in(EVENT, ["a"])
+    assert answer.attempts == 2
+    assert [r for r in caplog.records if r.name.startswith("backoff")] == []
 
 
 async def test_transient_errors_are_retried_until_success(session: aiohttp.ClientSession) -> None:
