@@ -32,8 +32,8 @@ from batchjob._model import REPORT_COLUMNS, ColumnAliases, Outcome
 
 if TYPE_CHECKING:
     __version__: str
-    from batchjob._tokens import Secret, StaticToken, TokenSource
-    from batchjob.run import RunResult, StopRequest, run_job
+    from batchjob._tokens import FileTokenSource, Secret, StaticToken, TokenSource
+    from batchjob.run import RunResult, StopRequest, run_job, run_job_sync
     from batchjob.send import RawResponse, Transport, TransportError
 
 _LAZY = {
@@ -46,6 +46,8 @@ _LAZY = {
     "Transport": "batchjob.send",
     "TransportError": "batchjob.send",
     "run_job": "batchjob.run",
+    "run_job_sync": "batchjob.run",
+    "FileTokenSource": "batchjob._tokens",
 }
 
 
@@ -80,6 +82,7 @@ __all__ = [
     "ColumnAliases",
     "ConfigError",
     "ExitCode",
+    "FileTokenSource",
     "InputError",
     "JobConfig",
     "Outcome",
@@ -98,4 +101,5 @@ __all__ = [
     "__version__",
     "load_config",
     "run_job",
+    "run_job_sync",
 ]

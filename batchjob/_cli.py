@@ -9,13 +9,11 @@ hands its arguments.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import io
 import os
 import sys
-from collections.abc import Coroutine, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
 
@@ -236,20 +234,11 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
             remove()
 
 
-def _run_to_end(job: Coroutine[Any, Any, RunResult]) -> RunResult:
-    """``asyncio.run(job)``, also when called from a running event loop (a notebook, an async
-    orchestrator): there the job gets a thread and a loop of its own."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(job)
-    with ThreadPoolExecutor(1, thread_name_prefix="batchjob") as pool:
-        return pool.submit(asyncio.run, job).result()
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     config = _config_from(args)
-    result = _run_to_end(_run(config))
+    from batchjob.run import run_to_end
+
+    result = run_to_end(_run(config))
     _say(result.summary(), sys.stdout)
     return result.exit_code
 
@@ -279,7 +268,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             return await _run(config, StaticToken(Secret(sandbox.access_token)))
 
     print("inputs: " + ", ".join(str(p) for p in inputs))
-    result = _run_to_end(demo())
+    from batchjob.run import run_to_end
+
+    result = run_to_end(demo())
     print(result.summary())
     # The sample data holds bad rows on purpose, so "finished, some keys not undone" is success.
     return (

@@ -40,6 +40,7 @@ PUBLIC_API = {
     "ColumnAliases",
     "ConfigError",
     "ExitCode",
+    "FileTokenSource",
     "InputError",
     "JobConfig",
     "Outcome",
@@ -58,6 +59,7 @@ PUBLIC_API = {
     "__version__",
     "load_config",
     "run_job",
+    "run_job_sync",
 }
 
 

@@ -4,13 +4,16 @@ worker). Each is a dry run: the same set-up as a real run, nothing sent."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from batchjob._cli import main
-from tests.support import write_csv
+from batchjob.sandbox import Sandbox, SandboxSettings, World
+from tests.support import read_report, ticket_rows, write_csv
 
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
 
@@ -38,3 +41,27 @@ async def test_the_command_runs_from_inside_a_running_event_loop(
 ) -> None:
     assert main(dry_run_args(tmp_path)) == 0, capsys.readouterr().err
     assert (tmp_path / "r.csv").exists()
+
+
+def readme_example() -> str:
+    """The README's orchestrator example, as a user would copy it."""
+    text = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    start = text.index("```python\nfrom pathlib import Path\n\nfrom batchjob import ExitCode")
+    return text[start + len("```python\n") : text.index("```", start + 3)]
+
+
+async def test_the_readme_s_orchestrator_task_undoes_every_key_from_a_worker_thread(
+    tmp_path: Path,
+) -> None:
+    world = World.generate(2, 30, seed=11)
+    inputs = write_csv(tmp_path / "in.csv", ticket_rows(world), ("event_id", "order_ticket_key"))
+    namespace: dict[str, Any] = {}
+    exec(compile(readme_example(), "README.md", "exec"), namespace)  # noqa: S102 (our README)
+    task = namespace["undo_check_ins"]
+    async with Sandbox(world, SandboxSettings(rate=None, daily_quota=None)) as sandbox:
+        # As a thread-based orchestrator runs a task: a worker thread, no loop of its own.
+        counts = await asyncio.to_thread(
+            task, [str(inputs)], str(tmp_path / "r.csv"), sandbox.access_token, sandbox.base_url
+        )
+    assert counts["undone"] == len(ticket_rows(world))
+    assert read_report(tmp_path / "r.csv").outcome.eq("undone").all()

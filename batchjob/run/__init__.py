@@ -5,6 +5,7 @@
 - :mod:`._isolate`: which keys go in each request; finding bad keys (group testing).
 - :mod:`._result`: :class:`RunResult` and its summary.
 - :mod:`._stop`: :class:`StopRequest` and the signal handlers that set it.
+- :mod:`._sync`: :func:`run_job_sync`, for callers that are not async.
 
 What the command line (and an orchestrator) may use:
 """
@@ -13,6 +14,7 @@ from batchjob.run._dispatch import Progress
 from batchjob.run._pipeline import run_job
 from batchjob.run._result import RunResult
 from batchjob.run._stop import StopRequest, install_signal_handlers
+from batchjob.run._sync import run_job_sync, run_to_end
 
 __all__ = [
     "Progress",
@@ -20,4 +22,6 @@ __all__ = [
     "StopRequest",
     "install_signal_handlers",
     "run_job",
+    "run_job_sync",
+    "run_to_end",
 ]
