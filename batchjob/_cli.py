@@ -13,6 +13,7 @@ import contextlib
 import io
 import os
 import sys
+import sysconfig
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, cast
@@ -25,13 +26,22 @@ from batchjob._config import (
     JobConfig,
     load_config,
 )
-from batchjob._errors import BatchjobError, ExitCode
+from batchjob._errors import BatchjobError, ConfigError, ExitCode
 
 if TYPE_CHECKING:
     from batchjob._tokens import ManagedTokenSource
     from batchjob.run import RunResult
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_folder(name: str) -> Path:
+    """``sample_data`` or ``configs``: the checkout's, else the installed copy (pyproject's
+    data-files put them under <prefix>/share/batchjob)."""
+    for folder in (REPO_ROOT / name, Path(sysconfig.get_path("data")) / "share/batchjob" / name):
+        if folder.is_dir():
+            return folder
+    raise ConfigError(f"cannot find batchjob's {name} folder: reinstall batchjob")
 
 
 def _installed_version() -> str:
@@ -88,9 +98,36 @@ def build_parser() -> argparse.ArgumentParser:
     add_auth_arguments(auth)
 
     demo = commands.add_parser("demo", help="run the job on sample_data/ against the sandbox")
-    demo.add_argument("--sample-dir", type=Path, default=REPO_ROOT / "sample_data")
+    demo.add_argument("--sample-dir", type=Path, help="default: the sample data batchjob ships")
     demo.add_argument("--report", type=Path)
+
+    config = commands.add_parser("config", help="write a commented settings file to start from")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    init = config_commands.add_parser(
+        "init", help="write every setting with its default and what it does (a TOML file)"
+    )
+    init.add_argument("path", type=Path, help="the file to write (never overwritten)")
+    init.add_argument(
+        "--example",
+        choices=("default", "nightly"),
+        default="default",
+        help="default: every setting; nightly: a commented scheduled-run example",
+    )
     return parser
+
+
+def _cmd_config_init(args: argparse.Namespace) -> int:
+    source = shared_folder("configs") / f"{args.example}.toml"
+    try:
+        # "x": a new file only; never a write through a link or over someone's settings.
+        with args.path.open("x", encoding="utf-8") as out:
+            out.write(source.read_text(encoding="utf-8"))
+    except FileExistsError:
+        raise ConfigError(f"{args.path} already exists; choose another path") from None
+    except OSError as exc:
+        raise ConfigError(f"{args.path}: cannot write it: {exc.strerror or exc}") from None
+    _say(f"wrote {args.path} (from {source.name}); use it with --config {args.path}", sys.stdout)
+    return ExitCode.OK
 
 
 class _Output(io.TextIOBase):
@@ -252,7 +289,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from batchjob._tokens import Secret, StaticToken
     from batchjob.sandbox import Sandbox, World
 
-    sample = _display(args.sample_dir.resolve())
+    sample = _display((args.sample_dir or shared_folder("sample_data")).resolve())
     inputs = sorted(p for p in sample.iterdir() if p.suffix in {".csv", ".xlsx"})
 
     async def demo() -> RunResult:
@@ -291,6 +328,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_run(args)
         if args.command == "demo":
             return _cmd_demo(args)
+        if args.command == "config":
+            return _cmd_config_init(args)
         from batchjob._auth import run_auth_command
 
         return run_auth_command(args)
