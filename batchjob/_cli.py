@@ -241,14 +241,18 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
 
     redactor = Redactor()
     err = _tolerant(sys.stderr)
+    show_progress = config.progress if config.progress is not None else sys.stderr.isatty()
+    bar = ProgressBar(Console(file=err)) if show_progress else None
     log = make_logger(
-        log_format=config.log_format, level=config.log_level, redactor=redactor, stream=err
+        log_format=config.log_format,
+        level=config.log_level,
+        redactor=redactor,
+        stream=cast(TextIO, bar.log_stream()) if bar is not None else err,
     )
     if tokens is None and not config.dry_run:
         tokens = token_source_from_env(config, os.environ, on_new_secret=redactor.add, log=log)
     for secret in tokens.secrets() if tokens is not None else ():
         redactor.add(secret)
-    show_progress = config.progress if config.progress is not None else sys.stderr.isatty()
     stop = StopRequest()
     remove = install_signal_handlers(stop)
     try:
@@ -256,7 +260,7 @@ async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> R
             config,
             tokens=tokens,
             log=log,
-            progress=ProgressBar(Console(file=err)) if show_progress else None,
+            progress=bar,
             stop=stop,
             redactor=redactor,
         )

@@ -6,6 +6,8 @@ rich draws it on stderr and redraws in place; it is left out when stderr is not 
 
 from __future__ import annotations
 
+import io
+
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -16,6 +18,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 
 class ProgressBar:
@@ -33,6 +36,10 @@ class ProgressBar:
         )
         self._task: TaskID | None = None
 
+    def log_stream(self) -> io.TextIOBase:
+        """Where log lines go while the bar is shown: printed above it, never over it."""
+        return _AboveTheBar(self._progress.console)
+
     def start(self, total: int) -> None:
         self._progress.start()
         self._task = self._progress.add_task("undo", total=total, rate=0.0)
@@ -43,3 +50,23 @@ class ProgressBar:
 
     def close(self) -> None:
         self._progress.stop()
+
+
+class _AboveTheBar(io.TextIOBase):
+    """A text stream whose lines rich prints above its live bar, which it then redraws.
+
+    Written to directly, the terminal would show each line after a stale copy of the bar.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self._console = console
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            self._console.print(Text.from_ansi(line), soft_wrap=True, highlight=False)
+        return len(text)
+
+    def isatty(self) -> bool:
+        return self._console.is_terminal

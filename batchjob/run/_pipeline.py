@@ -178,7 +178,7 @@ async def run_job(
     result = RunResult(
         report=paths.report,
         failed_rows=paths.failed_rows,
-        exit_code=exit_code,
+        exit_code=int(exit_code),  # a plain number in logs and JSON, like the process exit
         counts=counts,
         per_event=per_event,
         requests=gate.spent,
@@ -193,7 +193,7 @@ async def run_job(
     )
     log.info(
         "run.finished",
-        exit_code=exit_code,
+        exit_code=int(exit_code),
         requests=result.requests,
         retries=result.retries,
         throttled=result.throttled,
