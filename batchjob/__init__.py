@@ -1,6 +1,6 @@
 """batchjob: reverse Constant Contact event ticket check-ins in bulk, safely and fast.
 
-The public surface is what ``__all__`` names (pinned by ``tests/test_public_api.py``);
+The public surface is what ``__all__`` names (pinned by ``tests/test_layout.py``);
 everything else lives in the stage packages, in pipeline order: :mod:`batchjob.read` ->
 :mod:`batchjob.plan` -> :mod:`batchjob.send` -> :mod:`batchjob.record`, driven by
 :mod:`batchjob.run`. ::

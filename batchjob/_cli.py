@@ -44,6 +44,30 @@ def shared_folder(name: str) -> Path:
     raise ConfigError(f"cannot find batchjob's {name} folder: reinstall batchjob")
 
 
+#: What `run` reads, as the reader's suffix lists say (tests/test_layout.py checks they agree).
+INPUT_TYPES = ".csv .tsv .txt (comma, semicolon or tab) and .xlsx .xlsm .xlsb .xls .ods"
+
+_RUN_EPILOG = """\
+exit codes:
+  0    every key undone (for --dry-run: every row valid)
+  1    finished, but some key not undone: read the failed-rows file
+  2    usage, configuration or input error; nothing was sent
+  3    stopped early: daily quota, token rejected, forbidden, --max-requests spent,
+       nothing but 429s for a long stretch, or an internal error: rerun later
+  129/130/143  interrupted by SIGHUP / SIGINT / SIGTERM: rerun with --resume
+
+environment:
+  CC_ACCESS_TOKEN      an access token (wins over a token file)
+  CC_TOKEN_FILE        a token file to use and refresh; CC_CLIENT_ID its app's client id
+  CC_CLIENT_SECRET     the app's client secret, if it has one
+  CC_BASE_URL, CC_TOKEN_URL, BATCHJOB_RATE, BATCHJOB_BATCH_SIZE, BATCHJOB_CONCURRENCY,
+  BATCHJOB_MAX_REQUESTS, BATCHJOB_LOG_FORMAT, BATCHJOB_LOG_LEVEL: settings (see
+  `batchjob config init` for every setting and its default)
+
+precedence: command line > environment > --config file > built-in defaults
+"""
+
+
 def _installed_version() -> str:
     import batchjob
 
@@ -63,8 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="undo check-ins for the ticket keys in CSV/Excel files",
         description="Undo check-ins for every ticket key in the input files and write a "
         "per-key report. The access token comes from CC_ACCESS_TOKEN (never an argument).",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help=".csv or .xlsx")
+    run.add_argument(
+        "inputs", nargs="+", type=Path, metavar="INPUT", help=f"input files: {INPUT_TYPES}"
+    )
     run.add_argument(
         "--report", type=Path, help="outcome CSV (default reports/undo-check-in-<UTC>.csv)"
     )
@@ -86,8 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--log-format", choices=("console", "json"), help="default: console on a terminal"
     )
-    run.add_argument("--log-level", choices=("debug", "info", "warning"))
-    run.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    run.add_argument(
+        "--log-level", choices=("debug", "info", "warning"), help="debug logs every request"
+    )
+    run.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="never draw the progress bar (default: drawn on a terminal only)",
+    )
 
     # Listed for --help; main() hands everything after "sandbox" to the sandbox's own parser.
     commands.add_parser(

@@ -449,10 +449,10 @@ def scripted(*answers: RawResponse) -> Undo:
 
 
 @pytest.mark.parametrize(
-    ("fault", "hedged"), [("error_500", True), ("error_503", True), ("drop", True)]
+    ("fault", "may_have_applied"), [("error_500", True), ("error_503", True), ("drop", True)]
 )
 async def test_a_request_that_never_succeeds_says_whether_the_server_may_have_applied_it(
-    sandbox: Sandbox, world: World, tmp_path: Path, fault: str, hedged: bool
+    sandbox: Sandbox, world: World, tmp_path: Path, fault: str, may_have_applied: bool
 ) -> None:
     # A 5xx or a dropped connection leaves it open. (Endless 429s never fail a key: see
     # test_hostile_server.py.)
@@ -473,7 +473,7 @@ async def test_a_request_that_never_succeeds_says_whether_the_server_may_have_ap
     report = read_report(result.report)
     assert set(report.outcome) == {"failed"}, result.summary()
     assert report.error_message.str.startswith("retries exhausted").all()
-    assert report.error_message.str.contains("may have applied").all() == hedged
+    assert report.error_message.str.contains("may have applied").all() == may_have_applied
 
 
 async def test_a_run_stopped_by_the_quota_does_not_wait_for_retries_sleeping_in_backoff(
@@ -502,8 +502,8 @@ async def test_a_run_stopped_by_the_quota_does_not_wait_for_retries_sleeping_in_
     report = read_report(result.report)
     assert set(report.outcome) == {"not_attempted"}
     # The one answered 503 may have been applied; the one refused for quota was not.
-    hedged = report.error_message.str.contains("may have applied")
-    assert hedged.sum() == 5
+    may_have_applied = report.error_message.str.contains("may have applied")
+    assert may_have_applied.sum() == 5
 
 
 async def test_a_key_sent_without_an_answer_still_says_so_after_its_request_was_split(

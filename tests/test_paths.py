@@ -20,7 +20,7 @@ import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, run_job
 from batchjob.plan import Positions
-from batchjob.record import ReportPaths, RowWriter, remove_stale_temp_files
+from batchjob.record import Journal, ReportLock, ReportPaths, RowWriter, remove_stale_temp_files
 from batchjob.record._final import _write_atomically
 from batchjob.sandbox import Sandbox, SandboxSettings, World
 from tests.chaos_support import (
@@ -522,3 +522,24 @@ async def test_a_temporary_file_left_by_a_kill_9_is_removed_by_the_next_run(
     assert {p: p.read_bytes() for p in others} == others
     assert len(read_report(report)) == len(pairs)
     assert names(tmp_path) == sorted(["in.csv", "r.csv", "r.failed.csv", *(p.name for p in others)])
+
+
+# --- the opens themselves: a link planted after the checks, just before the open ---------------
+
+
+@pytest.mark.parametrize("opener", ["lock", "journal"])
+def test_a_link_planted_after_the_checks_is_still_never_written_through(
+    tmp_path: Path, opener: str
+) -> None:
+    """run_job's checks see no link; one put there a moment later meets the open itself
+    (O_NOFOLLOW), which must refuse it rather than write into the file it points to."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's data\n")
+    link = tmp_path / f"r.csv.{opener}"
+    link.symlink_to(victim)
+    with pytest.raises(ReportError, match="link"):
+        if opener == "lock":
+            ReportLock(link).acquire()
+        else:
+            Journal(link, cast(RowWriter, None))
+    assert victim.read_text() == "someone's data\n"

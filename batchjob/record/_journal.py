@@ -61,7 +61,7 @@ class Journal:
         # outcome, goes on to the final report if the disk lets it.
         self.failed: Exception | None = None
         if new:
-            self._fh.write(",".join(REPORT_COLUMNS) + "\n")
+            self._fh.write(_HEADER.decode() + "\n")
             self._fh.flush()
 
     def append(self, positions: Positions, keys: list[str] | None = None) -> None:

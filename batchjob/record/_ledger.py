@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from batchjob._logging import MAX_REPORT_TEXT, Redactor
+from batchjob._logging import MAX_ERROR_KEY, MAX_REPORT_TEXT, Redactor
 from batchjob._model import Outcome
 from batchjob.plan import Positions
 
@@ -60,7 +60,9 @@ class Ledger:
         if code is None:
             code = self._error_codes[error] = len(self._errors)
             clean = self._redactor.clean
-            self._errors.append((clean(error_key, 200), clean(error_message, MAX_REPORT_TEXT)))
+            self._errors.append(
+                (clean(error_key, MAX_ERROR_KEY), clean(error_message, MAX_REPORT_TEXT))
+            )
         self.outcome[positions] = _CODE[outcome]
         self.http_status[positions] = http_status
         self.error[positions] = code

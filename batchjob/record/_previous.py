@@ -18,6 +18,7 @@ import pandas as pd
 
 from batchjob._cells import unescape_cell
 from batchjob._errors import ReportError
+from batchjob._logging import clip
 from batchjob._model import REPORT_COLUMNS, Outcome
 from batchjob.record._files import ReportPaths
 from batchjob.record._journal import _complete_lines
@@ -83,7 +84,8 @@ def _read_records(path: Path, data: bytes) -> pd.DataFrame:
         record = frame.iloc[index]
         raise ReportError(
             f"{_place(path, data, index)}: not a record batchjob wrote (outcome "
-            f"{str(record['outcome'])[:40]!r}, attempts {str(record.get('attempts', ''))[:40]!r}); "
+            f"{clip(str(record['outcome']), 40)!r}, "
+            f"attempts {clip(str(record.get('attempts', '')), 40)!r}); "
             "fix or delete that line to resume"
         )
     return frame

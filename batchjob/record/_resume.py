@@ -10,6 +10,7 @@ import pandas as pd
 
 from batchjob._config import JobConfig
 from batchjob._errors import ReportError
+from batchjob._logging import clip
 from batchjob._model import Outcome
 from batchjob.plan import Plan
 from batchjob.record._files import ReportPaths
@@ -38,8 +39,8 @@ def resume_previous(
     if len(missing):
         first = missing.iloc[0]
         raise ReportError(
-            f"{record_place(first)}: key {str(first['order_ticket_key'])[:80]!r} of event "
-            f"{str(first['event_id'])[:80]!r} is not in these inputs ({len(missing)} keys of "
+            f"{record_place(first)}: key {clip(str(first['order_ticket_key']), 80)!r} of event "
+            f"{clip(str(first['event_id']), 80)!r} is not in these inputs ({len(missing)} keys of "
             "the earlier run are not); resume with the inputs of the run that wrote it, or "
             "choose another --report path"
         )

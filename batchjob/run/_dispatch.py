@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from enum import Enum
@@ -87,10 +86,6 @@ class EventWork:
     refusals: int = 0  # refused requests since the last success
     recheck_at: int = RECHECK_AFTER_REFUSALS
     closed_as: dict[str, Any] | None = None  # outcome fields for keys left when it closed
-
-
-def _now() -> float:
-    return time.time()
 
 
 def _reply_fields(reply: Reply) -> dict[str, Any]:

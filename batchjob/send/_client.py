@@ -23,7 +23,7 @@ from batchjob.send._messages import (
     undo_body,
 )
 from batchjob.send._pacing import AdaptivePacer
-from batchjob.send._transport import Transport, TransportError
+from batchjob.send._transport import MAX_BODY, Transport, TransportError
 
 #: A few, not one: with short-lived tokens a slow request can outlive a fresh one too.
 MAX_REFRESHES_PER_REQUEST = 3
@@ -346,7 +346,8 @@ class ApiClient:
             return Reply(0, "network", self.redactor.clean(str(exc)), expected=call.expected)
         if raw.status == call.expected:
             return Reply(raw.status, body=raw.body, expected=call.expected)
-        error_key, message = parse_error_body(raw.body, self.redactor)
+        cut = len(raw.body) >= MAX_BODY  # the transport read no more: the rest was never seen
+        error_key, message = parse_error_body(raw.body, self.redactor, cut=cut)
         if not error_key and not message and 200 <= raw.status < 400:
             message = f"unexpected HTTP {raw.status} (expected {call.expected})"
         retry_after = parse_retry_after(

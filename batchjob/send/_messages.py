@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from batchjob._logging import MAX_SERVER_TEXT, Redactor
+from batchjob._logging import MAX_ERROR_KEY, MAX_SERVER_TEXT, Redactor
 
 
 class Verdict(Enum):
@@ -113,13 +113,16 @@ _RATE_PHRASES = (
 _NON_JSON_TEXT = 200
 
 
-def parse_error_body(body: bytes, redactor: Redactor | None = None) -> tuple[str, str]:
+def parse_error_body(
+    body: bytes, redactor: Redactor | None = None, *, cut: bool = False
+) -> tuple[str, str]:
     """``(error_key, error_message)`` from any error body the platform sends.
 
     Usually ``[{"error_key", "error_message"}]``; sometimes one such object; the OAuth server
     uses ``{"error", "error_description"}``; proxies send HTML or nothing. Both texts come
     back clean (see :meth:`Redactor.clean`): ``redactor``'s secrets replaced by ``***``,
-    control characters escaped, at most MAX_SERVER_TEXT characters.
+    control characters escaped, at most MAX_SERVER_TEXT characters. ``cut``: the body was
+    cut at the read limit (it is then no JSON), so it may end in the first part of a secret.
     """
     clean = (redactor or Redactor()).clean
     if not body:
@@ -129,9 +132,9 @@ def parse_error_body(body: bytes, redactor: Redactor | None = None) -> tuple[str
     except (ValueError, UnicodeDecodeError, RecursionError):
         # All of it decoded and cleaned before the cut: a cut must not leave half a secret.
         text = " ".join(body.decode("utf-8", "replace").split())
-        return "", clean(text, _NON_JSON_TEXT)
+        return "", clean(text, _NON_JSON_TEXT, cut=cut)
     key, message = _error_fields(data)
-    return clean(key, 200), clean(message, MAX_SERVER_TEXT)
+    return clean(key, MAX_ERROR_KEY), clean(message, MAX_SERVER_TEXT)
 
 
 def _error_fields(data: Any) -> tuple[str, str]:
