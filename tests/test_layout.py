@@ -139,3 +139,10 @@ def test_importing_batchjob_loads_no_sandbox() -> None:
     loaded = _modules_loaded("import batchjob")
     assert not [m for m in loaded if "sandbox" in m]
     assert "pandas" not in loaded
+
+
+def test_the_help_names_every_file_type_the_reader_takes() -> None:
+    from batchjob._cli import INPUT_TYPES
+    from batchjob.read import CSV_SUFFIXES, EXCEL_SUFFIXES
+
+    assert set(INPUT_TYPES.replace("(", " ").split()) >= CSV_SUFFIXES | EXCEL_SUFFIXES
