@@ -34,7 +34,7 @@ A JSON object, written by ``batchjob auth`` and rewritten on every refresh::
   1 MiB; its folder must take new files (a run checks this before it starts).
 
 The file is replaced atomically (a temporary file in the same directory, created with mode 0600
-and O_EXCL|O_NOFOLLOW, fsynced, renamed over the old one, then the directory fsynced), so a
+and O_EXCL|ONOFOLLOW, fsynced, renamed over the old one, then the directory fsynced), so a
 reader sees the old pair or the new pair, never half of one. That temporary file is created,
 with room for the new pair, *before* the refresh token is sent: a folder that cannot take it
 (read-only, full) stops the refresh with the refresh token unused; so does a token file that
@@ -50,7 +50,7 @@ token file, else rescues it (:func:`remove_stale_temp_files`). Tokens never go t
 messages.
 
 Refreshes are serialised twice: an :class:`asyncio.Lock` within a process, and an exclusive
-``flock`` on ``<token file>.lock`` (opened with O_NOFOLLOW, never written) across processes.
+``flock`` on ``<token file>.lock`` (opened with ONOFOLLOW, never written) across processes.
 Whoever gets the lock re-reads the file first and uses what another process stored if it is
 still good, so concurrent runs refresh once. Once :meth:`FileTokenSource.close` is called (the
 run is ending) no refresh starts or retries; one already on the wire is waited for, boundedly.
@@ -62,7 +62,6 @@ import asyncio
 import base64
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -87,6 +86,16 @@ import aiohttp
 from batchjob._config import DEFAULT_TOKEN_URL, JobConfig, check_url_is_safe
 from batchjob._errors import StoppingError, TokenEndpointError, TokenError, TokenSaveError
 from batchjob._logging import MAX_SERVER_TEXT, clip, null_logger, printable, secret_forms
+from batchjob._portable import (
+    CLOEXEC,
+    NOFOLLOW,
+    NONBLOCK,
+    fsync_directory,
+    owned_by_me,
+    try_lock,
+    unlock,
+    write_at,
+)
 
 __all__ = [
     "FileTokenSource",
@@ -132,8 +141,7 @@ MAX_TOKEN_FILE_SIZE = 1 << 20
 MAX_TOKEN_ANSWER_SIZE = 256 * 1024
 #: Room taken for the new token file before a refresh token is spent (a JWT pair is ~2 KiB).
 _RESERVED_BYTES = 16 * 1024
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | _NOFOLLOW
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | CLOEXEC | NOFOLLOW
 #: Linux's FS_IOC_GETFLAGS, _IOR('f', 1, long), and its immutable and append-only flags.
 _LONG_SIZE = struct.calcsize("l")
 _FS_IOC_GETFLAGS = (2 << 30) | (_LONG_SIZE << 16) | (ord("f") << 8) | 1
@@ -284,11 +292,11 @@ def _parse_time(value: object) -> float | None:
 def _open_regular(path: Path, what: str) -> int:
     """A read-only fd on ``path``, which must be a regular file reached without a symlink.
 
-    O_NOFOLLOW: batchjob replaces the token file by renaming over it, so a link there would be
+    ONOFOLLOW: batchjob replaces the token file by renaming over it, so a link there would be
     silently replaced; O_NONBLOCK: a FIFO must not hang the run.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | CLOEXEC | NONBLOCK | NOFOLLOW)
     except FileNotFoundError:
         raise TokenError(
             f"{what} {path} not found: create it with `batchjob auth --token-file {path}`"
@@ -380,18 +388,7 @@ def _parse_token_file(path: Path, raw: bytes) -> TokenSet:
 
 
 def _write_all(fd: int, data: bytes, offset: int = 0) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _fsync_directory(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_at(fd, data, offset)
 
 
 def _temp_name(path: Path) -> str:
@@ -406,7 +403,7 @@ def _is_temp_name(path: Path, name: str) -> bool:
 class TokenFileWriter:
     """The next version of a token file, begun before a refresh token is spent.
 
-    Creating it (O_EXCL|O_NOFOLLOW, mode 0600 from the start) and filling it with room for the
+    Creating it (O_EXCL|ONOFOLLOW, mode 0600 from the start) and filling it with room for the
     new pair proves the folder takes a new file now (``os.access`` cannot tell: it answers from
     permission bits, which root passes, and knows nothing of a full disk or an NFS server that
     squashes root). :meth:`commit` writes the pair, fsyncs, renames it over
@@ -444,7 +441,7 @@ class TokenFileWriter:
             raise
         self._settled = True
         # The rename is only durable once the directory entry is on disk too.
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
     def discard(self) -> None:
         """Remove the unused file; nothing once :meth:`commit` has succeeded."""
@@ -486,6 +483,10 @@ def _frozen(fd: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
+        import fcntl  # Linux only, like this ioctl
+    except ImportError:
+        return False
+    try:
         # The kernel writes an int; the buffer is a long's size, like the request number says.
         answer = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, bytes(_LONG_SIZE))
     except OSError:
@@ -504,7 +505,7 @@ def unreplaceable_message(path: Path, problem: str) -> str:
 def is_frozen(path: Path) -> bool:
     """Whether ``path`` is an immutable or append-only file. Only reads: safe without the lock."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW)
+        fd = os.open(path, os.O_RDONLY | CLOEXEC | NONBLOCK | NOFOLLOW)
     except OSError:
         return False  # missing, a link, unreadable: read_token_file says what is wrong
     try:
@@ -580,7 +581,7 @@ def _left_pair(temp: Path) -> tuple[TokenSet, int] | None:
         return None
     finally:
         os.close(fd)
-    if info.st_uid != os.getuid() or len(raw) > MAX_TOKEN_FILE_SIZE:
+    if not owned_by_me(info) or len(raw) > MAX_TOKEN_FILE_SIZE:
         return None
     try:
         return _parse_token_file(temp, raw.rstrip(b"\0")), info.st_mtime_ns
@@ -664,7 +665,7 @@ def _rescue_prefix(path: Path) -> str:
 def rescue_tokens(path: Path, tokens: TokenSet, environ: Mapping[str, str] | None = None) -> Path:
     """Write ``tokens`` (which could not replace ``path``) to a new 0600 file; its path.
 
-    Created with O_EXCL|O_NOFOLLOW under a random name, so a planted link is never followed,
+    Created with O_EXCL|ONOFOLLOW under a random name, so a planted link is never followed,
     even in a shared temporary folder. Raises OSError when no place takes it.
     """
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -710,7 +711,7 @@ def _ours(path: Path) -> bool:
         info = path.lstat()
     except OSError:
         return False
-    return stat.S_ISREG(info.st_mode) and info.st_uid == os.getuid()
+    return stat.S_ISREG(info.st_mode) and owned_by_me(info)
 
 
 # --- the lock ---------------------------------------------------------------------------------
@@ -721,8 +722,8 @@ def lock_path_for(path: Path) -> Path:
 
 
 def _open_lock(lock_path: Path) -> int:
-    # O_NOFOLLOW: never create or open a file through a planted link; nothing is written to it.
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK | _NOFOLLOW
+    # ONOFOLLOW: never create or open a file through a planted link; nothing is written to it.
+    flags = os.O_RDWR | os.O_CREAT | CLOEXEC | NONBLOCK | NOFOLLOW
     try:
         fd = os.open(lock_path, flags, 0o600)
     except OSError as exc:
@@ -767,24 +768,20 @@ async def token_file_lock(
     try:
         deadline = time.monotonic() + give_up_after
         delay = 0.005
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if stop is not None and stop.is_set():
-                    raise StoppingError(STOPPING_MESSAGE) from None
-                if time.monotonic() >= deadline:
-                    raise TokenError(
-                        f"another process has held {lock_path} for over {give_up_after:g} s "
-                        "while refreshing the token; try again later"
-                    ) from None
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
+        while not try_lock(fd):
+            if stop is not None and stop.is_set():
+                raise StoppingError(STOPPING_MESSAGE)
+            if time.monotonic() >= deadline:
+                raise TokenError(
+                    f"another process has held {lock_path} for over {give_up_after:g} s "
+                    "while refreshing the token; try again later"
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
         try:
             yield
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            unlock(fd)
     finally:
         os.close(fd)
 

@@ -16,6 +16,7 @@ PACKAGE = Path(batchjob.__file__).parent
 #: own modules); the CLI may load the sandbox, but only inside the commands that need it.
 RANK = {
     "_errors": 0,
+    "_portable": 0,
     "_model": 0,
     "_cells": 0,
     "_logging": 0,

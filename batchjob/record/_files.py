@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from batchjob._errors import ReportError
+from batchjob._portable import BINARY, CLOEXEC, NOFOLLOW, NONBLOCK
 
-# Flags a system lacks are 0: Windows has no O_NOFOLLOW, O_NONBLOCK or O_CLOEXEC, and needs
-# O_BINARY so that "\r\n" is written as it is.
-_NOFOLLOW: int = getattr(os, "O_NOFOLLOW", 0)
-_NONBLOCK: int = getattr(os, "O_NONBLOCK", 0)  # a FIFO put in a file's place must not block
-_OPEN_FLAGS: int = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+# Flags a system lacks are 0 (see batchjob._portable).
+_NOFOLLOW: int = NOFOLLOW
+_NONBLOCK: int = NONBLOCK  # a FIFO put in a file's place must not block
+_OPEN_FLAGS: int = CLOEXEC | BINARY
 
 
 @dataclass(frozen=True)

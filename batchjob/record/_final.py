@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from batchjob._model import REPORT_COLUMNS, RETRYABLE_OUTCOMES
+from batchjob._portable import fsync_directory
 from batchjob.plan import Positions
 from batchjob.record._files import _NOFOLLOW, _OPEN_FLAGS, ReportPaths
 from batchjob.record._ledger import _CODE, Ledger
@@ -59,11 +60,7 @@ def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> No
             tmp.unlink()
         raise
     # The rename is durable only once the directory entry is.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_directory(path.parent)
 
 
 def write_final(paths: ReportPaths, writer: RowWriter, ledger: Ledger) -> int:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 from pathlib import Path
 
 from batchjob._errors import ReportError
+from batchjob._portable import try_lock
 from batchjob.record._files import (
     _open_in_place,
     _same_file,
@@ -35,18 +35,18 @@ class ReportLock:
         for _ in range(10):
             fd = _open_in_place(self.path, os.O_RDWR, "the lock file")
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+                locked = try_lock(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            if not locked:
                 holder = _small_text(fd)
                 os.close(fd)
                 holder = holder if holder.isascii() and holder.isdigit() else "unknown"
                 raise ReportError(
                     f"{report}: another batchjob run (pid {holder}) is using this "
                     "report; wait for it to finish or choose another --report path"
-                ) from None
-            except BaseException:
-                os.close(fd)
-                raise
+                )
             if _same_file(self.path, fd):
                 break
             # The run that held it removed it as it ended: lock the file now there.

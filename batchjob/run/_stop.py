@@ -7,6 +7,7 @@ import functools
 import signal
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from batchjob._errors import ExitCode
 
@@ -54,24 +55,40 @@ def install_signal_handlers(stop: StopRequest) -> Callable[[], None]:
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
     loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig, code in (
-        (signal.SIGINT, ExitCode.SIGINT),
-        (signal.SIGTERM, ExitCode.SIGTERM),
-        (signal.SIGHUP, ExitCode.SIGHUP),
-    ):
-        if signal.getsignal(sig) is signal.SIG_IGN:
+    installed: list[tuple[signal.Signals, Any]] = []  # (signal, what to restore)
+    wanted = [(signal.SIGINT, ExitCode.SIGINT), (signal.SIGTERM, ExitCode.SIGTERM)]
+    hangup = getattr(signal, "SIGHUP", None)  # Windows has none
+    if hangup is not None:
+        wanted.append((hangup, ExitCode.SIGHUP))
+    for sig, code in wanted:
+        previous = signal.getsignal(sig)
+        if previous is signal.SIG_IGN:
             continue
-        loop.add_signal_handler(
-            sig,
-            functools.partial(
-                stop.signal, f"interrupted by {sig.name}", code, may_hurry=sig != signal.SIGHUP
-            ),
+        handle = functools.partial(
+            stop.signal, f"interrupted by {sig.name}", code, may_hurry=sig != hangup
         )
-        installed.append(sig)
+        try:
+            loop.add_signal_handler(sig, handle)
+            installed.append((sig, None))
+        except NotImplementedError:
+            # Windows' loops cannot: a plain handler, which hands the signal to the loop.
+            signal.signal(sig, _handing_to(loop, handle))
+            installed.append((sig, previous))
 
     def remove() -> None:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
+        for sig, previous in installed:
+            if previous is None:
+                loop.remove_signal_handler(sig)
+            else:
+                signal.signal(sig, previous)
 
     return remove
+
+
+def _handing_to(
+    loop: asyncio.AbstractEventLoop, handle: Callable[[], None]
+) -> Callable[[int, Any], None]:
+    def handler(_signum: int, _frame: Any) -> None:
+        loop.call_soon_threadsafe(handle)
+
+    return handler
