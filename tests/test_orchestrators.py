@@ -65,3 +65,12 @@ async def test_the_readme_s_orchestrator_task_undoes_every_key_from_a_worker_thr
         )
     assert counts["undone"] == len(ticket_rows(world))
     assert read_report(tmp_path / "r.csv").outcome.eq("undone").all()
+
+
+async def test_a_library_call_without_a_token_raises_a_token_error(tmp_path: Path) -> None:
+    from batchjob import JobConfig, TokenError, run_job
+
+    inputs = write_csv(tmp_path / "in.csv", [(EVENT, "k1")], ("event_id", "order_ticket_key"))
+    with pytest.raises(TokenError, match="no access token"):
+        await run_job(JobConfig(inputs=(inputs,), report=tmp_path / "r.csv"))
+    assert not (tmp_path / "r.csv").exists()

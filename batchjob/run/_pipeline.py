@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from batchjob._config import JobConfig
-from batchjob._errors import ExitCode, ReportError
+from batchjob._errors import ExitCode, ReportError, TokenError
 from batchjob._logging import Redactor, null_logger
 from batchjob._model import Outcome
 from batchjob._tokens import TokenSource, lock_path_for
@@ -86,7 +86,7 @@ async def run_job(
         duplicates=plan.duplicates,
     )
     if not config.dry_run and tokens is None:
-        raise ReportError("no access token: set CC_ACCESS_TOKEN or a token file")
+        raise TokenError("no access token: set CC_ACCESS_TOKEN or a token file")
 
     lock = ReportLock(paths.lock)
     lock.acquire()
