@@ -74,3 +74,32 @@ async def test_a_library_call_without_a_token_raises_a_token_error(tmp_path: Pat
     with pytest.raises(TokenError, match="no access token"):
         await run_job(JobConfig(inputs=(inputs,), report=tmp_path / "r.csv"))
     assert not (tmp_path / "r.csv").exists()
+
+
+async def test_reading_planning_and_writing_never_run_on_the_host_s_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An orchestrator's loop keeps running while a big file is read, planned and the report
+    written: those run in a worker thread, whatever their size (checked by thread, not by
+    timing, which a shared machine cannot promise)."""
+    import batchjob.run._pipeline as pipeline
+    from batchjob import JobConfig, run_job
+
+    loop_thread = threading.get_ident()
+    seen: dict[str, int] = {}
+
+    def on_a_thread(name: str, real: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            seen[name] = threading.get_ident()
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("read_inputs", "build_plan", "write_final"):
+        monkeypatch.setattr(pipeline, name, on_a_thread(name, getattr(pipeline, name)))
+    rows = [(EVENT, f"k{i}") for i in range(1000)]
+    inputs = write_csv(tmp_path / "in.csv", rows, ("event_id", "order_ticket_key"))
+    config = JobConfig(inputs=(inputs,), report=tmp_path / "r.csv", dry_run=True)
+    await run_job(config)
+    assert set(seen) == {"read_inputs", "build_plan", "write_final"}
+    assert loop_thread not in seen.values()

@@ -8,6 +8,7 @@ before the report is written, any row still without an outcome (a bug) is report
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,12 @@ async def run_job(
     paths = ReportPaths(report, config.failed_rows_path(report))
     check_paths(paths, config.inputs, _files_to_keep(config))
 
-    inputs = read_inputs(config.inputs, aliases=config.columns, default_event_id=config.event_id)
-    plan = build_plan(inputs)
+    # The heavy parts run in a thread: a host's event loop (an orchestrator's, a notebook's)
+    # must not stall for the seconds a million rows take.
+    inputs = await asyncio.to_thread(
+        read_inputs, config.inputs, aliases=config.columns, default_event_id=config.event_id
+    )
+    plan = await asyncio.to_thread(build_plan, inputs)
     log.info(
         "plan.ready",
         rows=len(plan.rows),
@@ -104,7 +109,11 @@ async def run_job(
         writer = RowWriter(plan.rows, plan.keys, ledger)
         ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
         mark_invalid(plan, ledger)
-        skip = resume_previous(config, paths, plan, ledger, log) if config.resume else 0
+        skip = (
+            await asyncio.to_thread(resume_previous, config, paths, plan, ledger, log)
+            if config.resume
+            else 0
+        )
 
         pending_events = {
             event_id: positions[ledger.outcome[positions] == 0]
@@ -156,7 +165,7 @@ async def run_job(
             set_outcome(
                 ledger, unset, Outcome.NOT_ATTEMPTED, error_message="internal error: no outcome"
             )
-        failed_count = write_final(paths, writer, ledger)
+        failed_count = await asyncio.to_thread(write_final, paths, writer, ledger)
         if not config.dry_run:
             Journal.remove(paths.journal)
     finally:
