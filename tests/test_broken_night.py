@@ -68,6 +68,8 @@ async def test_connection_refused_from_the_start_stops_the_run_with_keys_left_fo
     # Not every key's retries: the first request to spend its budget stopped the run.
     assert result.requests <= 2 * QUICK["retry_max_tries"]
     assert result.failed_rows_count == len(report)
+    # Refused connections carried nothing: no row says the server may have applied it.
+    assert not report.error_message.str.contains("may have applied").any()
 
 
 class StopServerAfter:
@@ -111,6 +113,48 @@ async def test_an_outage_mid_run_stops_it_and_the_rest_is_not_attempted(
     assert set(report.outcome) == {"undone", "not_attempted"}
     for event_id, key in zip(undone.event_id, undone.order_ticket_key, strict=True):
         assert not world.checked_in(event_id, key)
+
+
+class RefuseEveryThird:
+    """Every third try goes to a closed port (a real refused connection from the real
+    client), the others to the sandbox: a load balancer with one backend down."""
+
+    def __init__(self, inner: Transport, base_url: str) -> None:
+        self.inner, self.base_url = inner, base_url
+        self.closed = f"http://127.0.0.1:{closed_port()}/v3"
+        self.tries = 0
+        self.refused = 0
+
+    async def request(
+        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        self.tries += 1
+        if self.tries % 3 == 0:
+            self.refused += 1
+            url = url.replace(self.base_url, self.closed)
+        return await self.inner.request(method, url, headers=headers, body=body)
+
+
+async def test_connections_refused_among_answered_ones_are_retried_not_a_stop(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    inputs = inputs_for(world, tmp_path)
+    config = JobConfig(
+        inputs=(inputs,),
+        report=tmp_path / "report.csv",
+        base_url=sandbox.base_url,
+        **(FAST | QUICK | {"batch_size": 20}),
+    )
+    async with aiohttp.ClientSession() as session:
+        transport = RefuseEveryThird(AiohttpTransport(session), sandbox.base_url)
+        result = await run_job(config, tokens=token_for(sandbox), transport=transport)
+
+    assert transport.refused > 5
+    assert result.exit_code == 0, result.summary()
+    assert not result.stopped
+    report = read_report(result.report)
+    # A refused connection sent nothing: no row says the server may have applied it.
+    assert not report.error_message.str.contains("may have applied").any()
 
 
 async def test_a_server_that_drops_half_its_connections_is_not_an_outage(

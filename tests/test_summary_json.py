@@ -8,6 +8,7 @@ import json
 import os
 import re
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from batchjob import JobConfig, ReportError, RunResult, run_job
 from batchjob._logging import Redactor
 from batchjob.record import write_bytes_atomically
 from batchjob.run import _pipeline
-from batchjob.run._record import build_record
+from batchjob.run._record import build_record, describe_inputs
 from batchjob.sandbox import Sandbox, World
 from tests.chaos_support import cli, cli_env
 from tests.support import FAST, run, ticket_rows, token_for, write_csv
@@ -69,7 +70,7 @@ def check_record(record: dict[str, Any]) -> None:
         assert all(isinstance(v, int) and not isinstance(v, bool) for v in counts.values())
     for item in record["inputs"]:
         assert set(item) == {"path", "size", "sha256"}
-        assert re.fullmatch(r"[0-9a-f]{64}", item["sha256"])
+        assert item["sha256"] is None or re.fullmatch(r"[0-9a-f]{64}", item["sha256"])
     assert "rate" in record["settings"] and "columns" in record["settings"]
 
 
@@ -193,6 +194,23 @@ async def test_a_summary_path_that_is_a_link_an_input_or_the_report_is_refused(
     assert not sandbox.requests  # refused before anything was sent
     assert elsewhere.read_text() == "keep me" and inputs.read_bytes() == input_bytes
     assert not (tmp_path / "report.csv").exists()
+
+
+def test_an_input_that_is_a_pipe_is_not_read_twice(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    plain = write_csv(tmp_path / "in.csv", [("e", "k")], HEADER)
+    # Opening the FIFO to read it would block until a writer comes: one comes after 5 s (and
+    # closes at once), so that such a bug fails the test instead of hanging it.
+    writer = threading.Timer(5.0, lambda: open(fifo, "wb").close())
+    writer.daemon = True
+    writer.start()
+    try:
+        described = describe_inputs([fifo, plain])
+    finally:
+        writer.cancel()
+    assert described[0] == {"path": str(fifo), "size": None, "sha256": None}
+    assert described[1]["sha256"] == hashlib.sha256(plain.read_bytes()).hexdigest()
 
 
 def test_a_write_cut_short_leaves_the_old_record_and_no_temporary_file(

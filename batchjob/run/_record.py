@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -61,9 +62,13 @@ def utc_iso(moment: datetime) -> str:
 
 
 def describe_inputs(paths: Sequence[Path]) -> list[dict[str, Any]]:
-    """Each input's path, size and SHA-256, read as the run starts (before it is parsed)."""
-    described = []
+    """Each input's path, size and SHA-256 (read again after it was parsed); size and hash
+    are None for an input that is not a regular file (a pipe cannot be read twice)."""
+    described: list[dict[str, Any]] = []
     for path in paths:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            described.append({"path": str(path), "size": None, "sha256": None})
+            continue
         with path.open("rb") as fh:
             digest = hashlib.file_digest(fh, "sha256").hexdigest()
             size = os.fstat(fh.fileno()).st_size

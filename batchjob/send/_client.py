@@ -306,7 +306,8 @@ class ApiClient:
             reply = await self._once(call, token)
             call.in_flight = False
             self._count_answer(call, reply, answers_before)
-            if leaves_open(reply.status, call.expected):
+            # A try that made no connection (refused, DNS, TLS) sent nothing: not uncertain.
+            if leaves_open(reply.status, call.expected) and not call.unreached:
                 call.uncertain += 1
             throttled = reply.throttled
             if not throttled:
