@@ -6,8 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from batchjob import JobConfig, ReportError
-from batchjob._model import Action
+from batchjob import Action, JobConfig, ReportError
 from batchjob.sandbox import Sandbox, World
 from tests.chaos_support import cli, cli_env
 from tests.support import read_report, run, ticket_rows, write_csv
@@ -102,7 +101,9 @@ async def test_resuming_an_undo_report_as_a_check_in_is_refused(
 
 
 def test_a_check_in_report_has_its_own_default_name() -> None:
-    assert JobConfig(action="check-in").report_path().name.startswith("check-in-")  # type: ignore[arg-type]
+    assert JobConfig(action=Action.CHECK_IN).report_path().name.startswith("check-in-")
+    # A caller may give the text, as a config file does.
+    assert JobConfig(action="check-in").action is Action.CHECK_IN  # type: ignore[arg-type]
     assert JobConfig().report_path().name.startswith("undo-check-in-")
 
 

@@ -36,6 +36,7 @@ RANK = {
 
 PUBLIC_API = {
     "REPORT_COLUMNS",
+    "Action",
     "BatchjobError",
     "ColumnAliases",
     "ConfigError",

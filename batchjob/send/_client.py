@@ -148,8 +148,8 @@ class Call:
     uncertain: int = 0
     in_flight: bool = False
     throttled_time: float = 0.0  # seconds spent on throttled tries: not the retry budget's
-    # Answers (of the server, run-wide) counted when this request's current stretch of
-    # tries that never reached the server began; None: its last try reached it. See
+    # HTTP answers (run-wide) counted when this request's current stretch without an answer
+    # began with a try that made no connection; None: none since its last answer. See
     # ApiClient._unreachable.
     silent_since: int | None = None
     unreached: bool = False  # the last try made no connection at all (refused, DNS, TLS)
@@ -203,9 +203,9 @@ class ApiClient:
         self._last_token = ""
         self._learn_secrets()
         self._throttled_since: float | None = None  # the first throttling since another answer
-        self.answers = 0  # tries, run-wide, that reached the server (an answer or a connection)
-        self._unanswered = 0  # tries in a row, run-wide, that did not reach it
-        self._no_answer_cause = ""  # why the last of them did not
+        self.answers = 0  # HTTP answers (any status), run-wide
+        self._unreached = 0  # tries that made no connection, run-wide, since the last answer
+        self._no_answer_cause = ""  # why the last of them made none
         # backoff counts the tries of _until_not_throttled: throttled tries happen inside one
         # of them, so they never use up max_tries, and max_time is checked in _out_of_time
         # without the time they took.
@@ -332,21 +332,21 @@ class ApiClient:
             return reply
 
     def _count_answer(self, call: Call, reply: Reply, answers_before: int) -> None:
-        # A connection made and then dropped (or left unanswered) reached the server: that
-        # is a server's fault, retried and reported as before, not an unreachable API.
-        if reply.status != 0 or not call.unreached:
+        if reply.status != 0:
             self.answers += 1
-            self._unanswered = 0
+            self._unreached = 0
             call.silent_since = None
-            return
-        self._unanswered += 1
-        if call.silent_since is None:
-            call.silent_since = answers_before
+        elif call.unreached:
+            self._unreached += 1
+            if call.silent_since is None:
+                call.silent_since = answers_before
+        # A connection made, then dropped or left unanswered, counts neither way: such a
+        # request is retried and reported as before, and it proves no HTTP answer came.
 
     def _unreachable(self, call: Call) -> str:
         """Why the run must stop, if the API cannot be reached: this request spent its whole
-        retry budget without reaching the server (connection refused, DNS, TLS, connect
-        timeout), and no try, run-wide, reached it meanwhile.
+        retry budget without an HTTP answer, its last try made no connection (refused, DNS,
+        TLS, connect timeout), and no request, run-wide, got an HTTP answer meanwhile.
 
         One request that cannot connect while others are answered is that request's failure
         (its keys ``failed``, as before); a silence that spans a whole retry budget is the
@@ -357,11 +357,11 @@ class ApiClient:
             return ""
         cause = self._no_answer_cause or "no answer"
         where = display_url(self._base)
-        tries = self._unanswered
+        tries = self._unreached
         return (
-            f"the API at {where} cannot be reached ({cause}): the last {tries} tries, run-wide, "
-            "made no connection; check the network, DNS, proxy and --base-url; "
-            "left for the next run"
+            f"the API at {where} cannot be reached ({cause}): {tries} tries since the last "
+            "HTTP answer, run-wide, made no connection; check the network, DNS, proxy and "
+            "--base-url; left for the next run"
         )
 
     def _throttled_left(self) -> float:
