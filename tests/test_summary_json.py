@@ -169,7 +169,9 @@ def test_every_text_goes_through_the_redactor(tmp_path: Path) -> None:
     check_record(record)
 
 
-@pytest.mark.parametrize("target", ["link", "input", "report", "directory"])
+@pytest.mark.parametrize(
+    "target", ["link", "input", "report", "failed-rows", "journal", "config", "directory"]
+)
 async def test_a_summary_path_that_is_a_link_an_input_or_the_report_is_refused(
     sandbox: Sandbox, world: World, tmp_path: Path, target: str
 ) -> None:
@@ -180,8 +182,15 @@ async def test_a_summary_path_that_is_a_link_an_input_or_the_report_is_refused(
         "link": tmp_path / "link.json",
         "input": inputs,
         "report": tmp_path / "report.csv",
+        "failed-rows": tmp_path / "report.failed.csv",
+        "journal": tmp_path / "report.csv.journal",
+        "config": tmp_path / "settings.toml",
         "directory": tmp_path / "folder",
     }[target]
+    extra: dict[str, Any] = {}
+    if target == "config":
+        path.write_text("rate = 300.0\n")
+        extra["config_file"] = path
     if target == "link":
         path.symlink_to(elsewhere)
     if target == "directory":
@@ -189,7 +198,7 @@ async def test_a_summary_path_that_is_a_link_an_input_or_the_report_is_refused(
     input_bytes = inputs.read_bytes()
 
     with pytest.raises(ReportError, match=r"summary|directory"):
-        await run(sandbox, [inputs], tmp_path, summary_json=path)
+        await run(sandbox, [inputs], tmp_path, summary_json=path, **extra)
 
     assert not sandbox.requests  # refused before anything was sent
     assert elsewhere.read_text() == "keep me" and inputs.read_bytes() == input_bytes

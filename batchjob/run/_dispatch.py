@@ -66,7 +66,8 @@ class NoProgress:
 
 class EventState(Enum):
     """Where an event is: unchecked -> checking -> ready <-> (recheck -> rechecking); any ->
-    closed (no more requests: its keys left fail with ``closed_as``)."""
+    closed (no more requests: its keys left fail with ``closed_as``); checking -> missing
+    (404 before any event was found) -> closed, or the run stops if every event is missing."""
 
     UNCHECKED = "unchecked"
     CHECKING = "checking"
