@@ -48,10 +48,6 @@ class Action(StrEnum):
         """The outcome of a key whose request the API answered 204."""
         return Outcome.CHECKED_IN if self is Action.CHECK_IN else Outcome.UNDONE
 
-    @property
-    def verb(self) -> str:
-        return "check-in" if self is Action.CHECK_IN else "undo"
-
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 

@@ -356,7 +356,7 @@ class Dispatcher:
             self.close_event(
                 event,
                 error_key="event_not_active",
-                error_message=f"event status is {status or 'unknown'}; {self.action.verb} needs "
+                error_message=f"event status is {status or 'unknown'}; {self.action.value} needs "
                 "ACTIVE or "
                 + (
                     "COMPLETE (it changed during the run)"

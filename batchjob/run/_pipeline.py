@@ -212,7 +212,7 @@ async def run_job(
         )
     log.info(
         "run.finished",
-        exit_code=result.exit_code,
+        exit_code=int(result.exit_code),
         requests=result.requests,
         retries=result.retries,
         throttled=result.throttled,
