@@ -28,7 +28,7 @@ from batchjob._errors import (
     TokenError,
     UsageError,
 )
-from batchjob._model import REPORT_COLUMNS, ColumnAliases, Outcome
+from batchjob._model import REPORT_COLUMNS, Action, ColumnAliases, Outcome
 
 if TYPE_CHECKING:
     __version__: str
@@ -78,6 +78,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "REPORT_COLUMNS",
+    "Action",
     "BatchjobError",
     "ColumnAliases",
     "ConfigError",

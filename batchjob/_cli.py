@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="never draw the progress bar (default: drawn on a terminal only)",
     )
+    run.add_argument(
+        "--action",
+        choices=("undo", "check-in"),
+        help="undo the keys' check-ins (default), or check them in (the reverse)",
+    )
+    run.add_argument(
+        "--summary-json", type=Path, help="write the run's record as JSON (docs/summary-json.md)"
+    )
 
     # Listed for --help; main() hands everything after "sandbox" to the sandbox's own parser.
     commands.add_parser(
@@ -262,6 +270,8 @@ def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
         "log_format": args.log_format,
         "log_level": args.log_level,
         "progress": args.progress,
+        "action": args.action,
+        "summary_json": args.summary_json,
     } | overrides
     return load_config(cli=cli, config_file=args.config)
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from yarl import URL
 
 from batchjob._errors import ConfigError
-from batchjob._model import ColumnAliases, canonical_event_id
+from batchjob._model import Action, ColumnAliases, canonical_event_id
 
 DEFAULT_BASE_URL = "https://api.cc.email/v3"
 #: What `batchjob auth` asks for: undo needs campaign_data; offline_access gives a refresh token.
@@ -52,6 +52,8 @@ class JobConfig:
     dry_run: bool = False
     resume: bool = False
     max_requests: int | None = None  # the most requests this run may spend
+    action: Action = Action.UNDO  # what each key's request asks: undo its check-in, or check in
+    summary_json: Path | None = None  # the run's record as JSON (docs/summary-json.md)
     log_format: LogFormat | None = None  # None: console on a terminal, json otherwise
     log_level: str = "info"
     progress: bool | None = None  # None: on a terminal only
@@ -70,6 +72,8 @@ class JobConfig:
     def __post_init__(self) -> None:
         for name in _CHECKED:
             check_setting(name, getattr(self, name))
+        # A caller (or a config file) may give the action as its text: keep the enum.
+        object.__setattr__(self, "action", Action(self.action))
         for message, _ in relation_problems(self):
             raise ConfigError(message)
         if self.resume and self.report is None:
@@ -81,7 +85,8 @@ class JobConfig:
         if self.report is not None:
             return self.report
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
-        return Path("reports") / f"undo-check-in-{stamp}.csv"
+        name = "check-in" if self.action == Action.CHECK_IN else "undo-check-in"
+        return Path("reports") / f"{name}-{stamp}.csv"
 
     def failed_rows_path(self, report: Path) -> Path:
         if self.failed_rows is not None:
@@ -141,8 +146,9 @@ RANGES: Mapping[str, _Range] = {
 }
 LOG_LEVELS = ("debug", "info", "warning")
 LOG_FORMATS = ("console", "json")
+_ACTIONS = tuple(a.value for a in Action)
 #: Settings checked one by one, wherever they came from.
-_CHECKED = (*RANGES, "log_level", "log_format", "event_id", "base_url", "token_url")
+_CHECKED = (*RANGES, "log_level", "log_format", "event_id", "base_url", "token_url", "action")
 
 
 def setting_problem(name: str, value: Any) -> str | None:
@@ -157,6 +163,9 @@ def setting_problem(name: str, value: Any) -> str | None:
     if name == "log_format":
         ok = value is None or value in LOG_FORMATS
         return None if ok else f"must be one of {', '.join(LOG_FORMATS)}"
+    if name == "action":
+        ok = value in _ACTIONS
+        return None if ok else f"must be one of {', '.join(_ACTIONS)}"
     if name == "event_id":
         ok = value is None or (isinstance(value, str) and canonical_event_id(value) is not None)
         return None if ok else "is not a UUID"
@@ -281,7 +290,7 @@ def check_url_is_safe(name: str, url: str, origin: str = "") -> None:
 # --- assembling a config from file, environment and command line ---------------------------
 
 _FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
-_PATH_FIELDS = {"report", "failed_rows", "token_file"}
+_PATH_FIELDS = {"report", "failed_rows", "token_file", "summary_json"}
 _INT_FIELDS = {"batch_size", "concurrency", "max_requests", "retry_max_tries"}
 _FLOAT_FIELDS = {
     "rate",
@@ -294,6 +303,7 @@ _FLOAT_FIELDS = {
 }
 _BOOL_FIELDS = {"dry_run", "resume", "progress"}
 _STR_FIELDS = {"base_url", "token_url", "event_id", "log_format", "log_level", "client_id"}
+_STR_FIELDS |= {"action"}
 #: Settings a config file may hold (inputs and resume belong to one run, not to a file).
 _FILE_FIELDS = (_PATH_FIELDS | _INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS | _STR_FIELDS) - {
     "resume"

@@ -12,6 +12,7 @@ class Outcome(StrEnum):
     """What happened to one (event, key) pair. Values are what the report says."""
 
     UNDONE = "undone"  # the API answered 204 for a request holding this key
+    CHECKED_IN = "checked_in"  # --action check-in: the API answered 204 for it
     FAILED = "failed"  # the API refused it, or retries ran out
     INVALID = "invalid"  # the input row was unusable; nothing was sent
     NOT_ATTEMPTED = "not_attempted"  # the run stopped before sending it
@@ -34,6 +35,19 @@ REPORT_COLUMNS: tuple[str, ...] = (
 
 #: Outcomes that go to the failed-rows file: the ones a rerun can still fix.
 RETRYABLE_OUTCOMES: frozenset[Outcome] = frozenset({Outcome.FAILED, Outcome.NOT_ATTEMPTED})
+
+
+class Action(StrEnum):
+    """What a run asks the API to do with each key (``--action``)."""
+
+    UNDO = "undo"  # POST /events/{id}/undo_check_in/tickets
+    CHECK_IN = "check-in"  # POST /events/{id}/check_in/tickets (the reverse)
+
+    @property
+    def success(self) -> Outcome:
+        """The outcome of a key whose request the API answered 204."""
+        return Outcome.CHECKED_IN if self is Action.CHECK_IN else Outcome.UNDONE
+
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 

@@ -197,6 +197,8 @@ def test_edge_values_that_make_sense_are_accepted(
         ("", {"BATCHJOB_RATE": "fast"}, ["rate", "BATCHJOB_RATE", "a number"]),
         ("", {"BATCHJOB_BATCH_SIZE": "1e3"}, ["batch_size", "whole number"]),
         ("dry_run = 2\n", {}, ["dry_run", "true or false"]),
+        ('action = "redo"\n', {}, ["action", "redo", "undo, check-in", "c.toml"]),
+        ("action = 1\n", {}, ["action", "a string"]),
         # Each fine alone, wrong together: both named, with where each came from.
         ("retry_base = 40.0\n", {}, ["retry_base", "retry_cap", "built-in default", "c.toml"]),
     ],
@@ -228,6 +230,7 @@ def test_library_callers_get_the_same_checks() -> None:
         {"retry_base": -1.0},
         {"grace_period": -5.0},
         {"log_level": "trace"},
+        {"action": "check_in"},
         {"batch_size": True},
         {"retry_base": 2.0, "retry_cap": 1.0},
     ):

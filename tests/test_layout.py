@@ -37,6 +37,7 @@ RANK = {
 
 PUBLIC_API = {
     "REPORT_COLUMNS",
+    "Action",
     "BatchjobError",
     "ColumnAliases",
     "ConfigError",

@@ -196,6 +196,40 @@ async def test_check_in_is_the_reverse(client: Client) -> None:
     assert client.sb.undo_counts == {(ACTIVE, "000123"): 1}  # check-ins are not undo counts
 
 
+async def test_check_in_follows_the_undo_rules_and_refuses_cancelled_tickets(
+    client: Client,
+) -> None:
+    world = client.sb.world
+    world.events[ACTIVE].cancelled = {"123456"}
+    world.events[ACTIVE].tickets["000123"] = False
+    before = world.snapshot()
+    # A cancelled ticket refuses the whole request (400), and nothing in it is checked in.
+    refused = await client.keys(ACTIVE, ["000123", "123456"], action="check_in")
+    assert (refused.status, refused.error_key) == (400, "ticket.status.invalid")
+    # So does an unknown key (404), and an event that is not ACTIVE or COMPLETE (400).
+    unknown = await client.keys(ACTIVE, ["000123", "nope"], action="check_in")
+    assert (unknown.status, unknown.error_key) == (404, "ticket.not_found")
+    draft = await client.keys(DRAFT, ["d4af7e000001"], action="check_in")
+    assert (draft.status, draft.error_key) == (400, "event.status.invalid")
+    missing = await client.keys(UNKNOWN, ["000123"], action="check_in")
+    assert missing.status == 404
+    assert world.snapshot() == before
+    # Undo leaves a cancelled ticket be: cc-api.md only says it cannot be checked in.
+    assert (await client.keys(ACTIVE, ["123456"])).status == 204
+    assert (await client.keys(ACTIVE, ["000123"], action="check_in")).status == 204
+    assert world.checked_in(ACTIVE, "000123") is True
+    assert client.sb.check_in_counts == {(ACTIVE, "000123"): 1}
+
+
+def test_a_world_file_keeps_its_cancelled_tickets(tmp_path: Path) -> None:
+    world = make_world()
+    world.events[ACTIVE].cancelled = {"123"}
+    world.to_json(tmp_path / "w.json")
+    assert World.from_json(tmp_path / "w.json").events[ACTIVE].cancelled == {"123"}
+    with pytest.raises(ValueError, match="cancelled"):
+        World.from_dict({"events": {ACTIVE: {"status": "ACTIVE", "cancelled": ["x"]}}})
+
+
 async def test_complete_events_accept_undo(client: Client) -> None:
     assert (await client.keys(COMPLETE, ["c0ffee000001"])).status == 204
     assert client.sb.world.checked_in(COMPLETE, "c0ffee000001") is False

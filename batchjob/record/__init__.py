@@ -17,7 +17,7 @@ from batchjob.record._files import (
     check_writable,
     remove_stale_temp_files,
 )
-from batchjob.record._final import write_final
+from batchjob.record._final import write_bytes_atomically, write_final
 from batchjob.record._journal import Journal
 from batchjob.record._ledger import Ledger
 from batchjob.record._lock import ReportLock
@@ -37,5 +37,6 @@ __all__ = [
     "remove_stale_temp_files",
     "resume_previous",
     "set_outcome",
+    "write_bytes_atomically",
     "write_final",
 ]

@@ -28,6 +28,7 @@ _OPEN_FLAGS: int = CLOEXEC | BINARY
 class ReportPaths:
     report: Path
     failed_rows: Path
+    summary: Path | None = None  # --summary-json, replaced atomically like the report
 
     @property
     def journal(self) -> Path:
@@ -71,7 +72,7 @@ def check_paths(
     file, the config file), or through a link. Raises :class:`ReportError` (exit 2)."""
     # The files written, with the option that names each; the failed-rows file is checked
     # against the other three, as the report's journal and lock sit beside it by construction.
-    outputs = (
+    outputs: tuple[tuple[str, Path, str], ...] = (
         ("the failed-rows file", paths.failed_rows, "--failed-rows"),
         ("the report", paths.report, "--report"),
         ("the report's journal", paths.journal, "--report"),
@@ -91,6 +92,21 @@ def check_paths(
             raise ReportError(
                 f"--failed-rows {paths.failed_rows} is {what} ({path}); "
                 "choose another --failed-rows path"
+            )
+    if paths.summary is not None:
+        summary = _identity(paths.summary)
+        for what, path, _ in outputs:
+            if _identity(path) == summary:
+                raise ReportError(
+                    f"--summary-json {paths.summary} is {what} ({path}); choose another "
+                    "--summary-json path"
+                )
+        outputs += (("the summary JSON", paths.summary, "--summary-json"),)
+        same = read.get(summary)
+        if same is not None:
+            raise ReportError(
+                f"the summary JSON {paths.summary} is {same}: it would be overwritten; choose "
+                "another --summary-json path"
             )
     for _, path, _ in outputs:
         try:
@@ -120,7 +136,7 @@ def _link_message(path: Path, *, in_place: bool) -> str:
 
 def check_writable(paths: ReportPaths) -> None:
     """Fail before anything is sent if the report or failed-rows file could not be written."""
-    for path in (paths.report, paths.failed_rows):
+    for path in _replaced(paths):
         if path.is_dir():
             raise ReportError(f"{path} is a directory; give a file path")
         try:
@@ -139,6 +155,12 @@ def check_writable(paths: ReportPaths) -> None:
                 f".{path.name}.<pid>.tmp, and this file system takes names of at most {limit} "
                 "bytes; choose a shorter name"
             )
+
+
+def _replaced(paths: ReportPaths) -> tuple[Path, ...]:
+    """The files written through a temporary file and a rename."""
+    extra = (paths.summary,) if paths.summary is not None else ()
+    return (paths.report, paths.failed_rows, *extra)
 
 
 #: Digits of the largest process id (Linux allows up to 4,194,304).
@@ -179,7 +201,7 @@ def remove_stale_temp_files(paths: ReportPaths) -> list[Path]:
     live process (or a pid reused since) stays, and is removed by a later run.
     """
     removed = []
-    for target in dict.fromkeys((paths.report, paths.failed_rows)):
+    for target in dict.fromkeys(_replaced(paths)):
         prefix = f".{target.name}."
         try:
             entries = list(os.scandir(target.parent))

@@ -59,6 +59,29 @@ def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> No
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
+    _sync_folder(path)
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data``: a new temporary file beside it (never one already
+    there, nor through a link), fsynced and renamed; a kill leaves the old file whole."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    fd = _create_new(tmp)
+    try:
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    _sync_folder(path)
+
+
+def _sync_folder(path: Path) -> None:
     # The rename is durable only once the directory entry is.
     fsync_directory(path.parent)
 

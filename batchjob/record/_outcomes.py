@@ -29,7 +29,7 @@ def set_outcome(
     so, since the server may have applied it (a rerun is harmless, not needed). ``refused``: the
     server itself refused these keys (a 4xx), so it applied nothing and nothing is said."""
     ledger.set(positions, outcome, finished_at=_now(), **fields)
-    if refused or outcome is Outcome.UNDONE:
+    if refused or outcome in (Outcome.UNDONE, Outcome.CHECKED_IN):
         return
     counts = ledger.uncertain[positions]
     if not counts.any():

@@ -24,6 +24,7 @@ from batchjob.record._files import ReportPaths
 from batchjob.record._journal import _complete_lines
 
 _OUTCOME_VALUES = frozenset(o.value for o in Outcome)
+_SUCCESS_VALUES = [Outcome.UNDONE.value, Outcome.CHECKED_IN.value]
 
 
 def read_previous(paths: ReportPaths) -> pd.DataFrame:
@@ -50,9 +51,7 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
     for column in ("event_id", "order_ticket_key"):
         previous[column] = previous[column].map(unescape_cell)
     # Undone is final (a later record of the same key can only come from a stale copy).
-    previous = previous.sort_values(
-        "outcome", key=lambda o: o == Outcome.UNDONE.value, kind="stable"
-    )
+    previous = previous.sort_values("outcome", key=lambda o: o.isin(_SUCCESS_VALUES), kind="stable")
     return previous.drop_duplicates(["event_id", "order_ticket_key"], keep="last")
 
 

@@ -11,7 +11,7 @@ import pandas as pd
 from batchjob._config import JobConfig
 from batchjob._errors import ReportError
 from batchjob._logging import clip
-from batchjob._model import Outcome
+from batchjob._model import Action
 from batchjob.plan import Plan
 from batchjob.record._files import ReportPaths
 from batchjob.record._ledger import Ledger
@@ -44,14 +44,23 @@ def resume_previous(
             "the earlier run are not); resume with the inputs of the run that wrote it, or "
             "choose another --report path"
         )
-    merged = merged[merged["outcome"] == Outcome.UNDONE.value]
+    success = config.action.success
+    other = next(a for a in Action if a is not config.action)
+    if (merged["outcome"] == other.success.value).any():
+        # Carrying "undone" keys into a check-in run would report keys never checked in.
+        raise ReportError(
+            f"{paths.report} is the report of an --action {other.value} run (it says "
+            f"{other.success.value!r}); resume it with --action {other.value}, or choose "
+            "another --report path"
+        )
+    merged = merged[merged["outcome"] == success.value]
     positions = merged["position"].to_numpy().astype(np.int64)
     finished = (
         _parse_times(merged["finished_at"])
         if "finished_at" in merged
         else np.full(len(merged), math.nan)
     )
-    ledger.set(positions, Outcome.UNDONE, http_status=204)
+    ledger.set(positions, success, http_status=204)
     ledger.finished_at[positions] = finished
     if "attempts" in merged:
         ledger.attempts[positions] = (

@@ -65,13 +65,17 @@ class NoProgress:
 
 class EventState(Enum):
     """Where an event is: unchecked -> checking -> ready <-> (recheck -> rechecking); any ->
-    closed (no more requests: its keys left fail with ``closed_as``)."""
+    closed (no more requests: its keys left fail with ``closed_as``); checking -> missing
+    (404 before any event was found) -> closed, or the run stops if every event is missing."""
 
     UNCHECKED = "unchecked"
     CHECKING = "checking"
     READY = "ready"
     RECHECK = "recheck"  # its requests keep being refused: look at the event again
     RECHECKING = "rechecking"
+    # Its check answered 404 before any event was found: judged once another is found (then
+    # its keys fail) or at the end (every event 404: a wrong URL or account, so the run stops).
+    MISSING = "missing"
     CLOSED = "closed"
 
 
@@ -125,8 +129,11 @@ class Dispatcher:
         self.stopped = ""
         self.exit_code: int = ExitCode.OK
         self.retries = 0
+        self.action = config.action
+        self.success = config.action.success  # a 204's outcome: undone, or checked_in
         self.batch_limit = config.batch_size  # lowered run-wide when the server answers 413
         self.calls: dict[asyncio.Task[Any], Call] = {}  # undo requests under way, by task
+        self.events_found = 0  # event checks answered with an event (whatever its status)
 
     # --- bookkeeping -----------------------------------------------------------------------
 
@@ -328,6 +335,7 @@ class Dispatcher:
                 return
             # Cleaned before anything else: a server may echo the token as the status.
             status = self.redactor.clean(raw, 100)
+            self.found_an_event()
             if raw.upper() in ACTIVE_STATUSES:
                 event.state = EventState.READY
                 if event.isolator is None:
@@ -343,7 +351,8 @@ class Dispatcher:
             self.close_event(
                 event,
                 error_key="event_not_active",
-                error_message=f"event status is {status or 'unknown'}; undo needs ACTIVE or "
+                error_message=f"event status is {status or 'unknown'}; {self.action.value} needs "
+                "ACTIVE or "
                 + (
                     "COMPLETE (it changed during the run)"
                     if again
@@ -361,12 +370,28 @@ class Dispatcher:
             "event not found" if reply.status == 404 else f"event check failed: {reply.status}"
         )
         self.log.warning("event.unusable", event_id=event.event_id, status=reply.status)
-        self.close_event(
-            event,
-            http_status=max(reply.status, 0),
-            error_key=reply.error_key or ("event_not_found" if reply.status == 404 else ""),
-            error_message=f"{message}: {reply.error_message}" if reply.error_message else message,
-        )
+        fields = {
+            "http_status": max(reply.status, 0),
+            "error_key": reply.error_key or ("event_not_found" if reply.status == 404 else ""),
+            "error_message": f"{message}: {reply.error_message}"
+            if reply.error_message
+            else message,
+        }
+        if reply.status == 404 and not again and not self.events_found:
+            # Not yet: if no event is ever found, the URL or the account is wrong, not the ids.
+            event.state = EventState.MISSING
+            event.closed_as = fields
+            return
+        self.close_event(event, **fields)
+
+    def found_an_event(self) -> None:
+        """The API knows events here: the ones it did not find are really missing."""
+        self.events_found += 1
+        if self.events_found == 1:
+            for other in self.events:
+                if other.state == EventState.MISSING:
+                    assert other.closed_as is not None
+                    self.close_event(other, **other.closed_as)
 
     def close_event(self, event: EventWork, **fields: Any) -> None:
         """No more requests for this event: its unsettled keys fail with ``fields``."""
@@ -420,7 +445,7 @@ class Dispatcher:
         if task is not None:
             self.calls[task] = call  # so that a stopping run can tell who is on the wire
         try:
-            answer = await self.client.undo_check_in(event.event_id, keys, call)
+            answer = await self.client.post_tickets(self.action, event.event_id, keys, call)
         except BaseException as exc:
             # Cancelled (a stop) or a bug: the tries made still count, and one cut short on
             # the wire may have been applied; a bug's keys end "internal error" in run_job.
@@ -467,8 +492,8 @@ class Dispatcher:
             result = isolator.record_ok(group.id)
             # record_ok settles exactly the keys sent: the journal can reuse their texts.
             sent = keys if result.undone is group.positions else None
-            self.record(result.undone, Outcome.UNDONE, sent, http_status=reply.status)
-            log.info("chunk.undone", **about, attempts=answer.attempts)
+            self.record(result.undone, self.success, sent, http_status=reply.status)
+            log.info(f"chunk.{self.success.value}", **about, attempts=answer.attempts)
         elif verdict is Verdict.KEY_FAULT:
             result = isolator.record_refused(group.id, reply)
             log.info(
@@ -519,9 +544,26 @@ class Dispatcher:
 
     def close_out(self) -> None:
         """Give every key the planner still holds an outcome: the run stopped before it."""
+        missing = [e for e in self.events if e.state == EventState.MISSING]
+        if missing and len(missing) == len(self.events):
+            self.halt(
+                f"every event check answered 404 (none of the {len(missing)} events was "
+                "found): check --base-url and that the token is for the account that owns "
+                "these events; left for the next run",
+                ExitCode.STOPPED,
+            )
         reason = self.stopped or "run ended before this key was sent"
         for event in self.events:
-            if event.state in (EventState.UNCHECKED, EventState.CHECKING):
+            if event.state == EventState.MISSING:
+                assert event.closed_as is not None
+                if self.stopped:  # no event found before the stop: the 404 proves nothing
+                    fields = event.closed_as | {
+                        "error_message": f"{reason}; {event.closed_as['error_message']}"
+                    }
+                    self.record(event.positions, Outcome.NOT_ATTEMPTED, **fields)
+                else:
+                    self.close_event(event, **event.closed_as)
+            elif event.state in (EventState.UNCHECKED, EventState.CHECKING):
                 self.record(event.positions, Outcome.NOT_ATTEMPTED, error_message=reason)
             elif event.closed_as is not None:
                 self.flush_closed(event)

@@ -9,12 +9,14 @@ before the report is written, any row still without an outcome (a bug) is report
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from batchjob._config import JobConfig
-from batchjob._errors import ExitCode, ReportError, TokenError
+from batchjob._errors import ExitCode, InputError, ReportError, TokenError
 from batchjob._logging import Redactor, null_logger
 from batchjob._model import Outcome
 from batchjob._tokens import TokenSource, lock_path_for
@@ -35,6 +37,13 @@ from batchjob.record import (
     write_final,
 )
 from batchjob.run._dispatch import Dispatcher, EventWork, NoProgress, Progress
+from batchjob.run._record import (
+    build_record,
+    describe_inputs,
+    new_run_id,
+    utc_iso,
+    write_summary_json,
+)
 from batchjob.run._result import RunResult
 from batchjob.run._stop import StopRequest
 from batchjob.send import (
@@ -68,12 +77,14 @@ async def run_job(
     ``tokens``; no file written and no text returned holds one, whether it is passed or not.
     """
     started = time.monotonic()
+    started_at = datetime.now(UTC)
+    run_id = new_run_id(started_at)
     redactor = redactor if redactor is not None else Redactor()
     log = log or null_logger()
     progress = progress or NoProgress()
     stop = stop or StopRequest()
     report = config.report_path()
-    paths = ReportPaths(report, config.failed_rows_path(report))
+    paths = ReportPaths(report, config.failed_rows_path(report), config.summary_json)
     check_paths(paths, config.inputs, _files_to_keep(config))
 
     # The heavy parts run in a thread: a host's event loop (an orchestrator's, a notebook's)
@@ -82,6 +93,9 @@ async def run_job(
         read_inputs, config.inputs, aliases=config.columns, default_event_id=config.event_id
     )
     plan = await asyncio.to_thread(build_plan, inputs)
+    described = (
+        await asyncio.to_thread(_describe_inputs, config) if config.summary_json is not None else []
+    )
     log.info(
         "plan.ready",
         rows=len(plan.rows),
@@ -176,11 +190,10 @@ async def run_job(
         event_id: {o.value: ledger.count(o, positions) for o in Outcome}
         for event_id, positions in plan.events.items()
     }
+    done = counts[config.action.success.value]  # undone, or checked_in
     if run is not None and run.exit_code:
         exit_code = run.exit_code
-    elif counts[Outcome.UNDONE.value] == len(plan.rows) - counts[Outcome.PLANNED.value] and (
-        counts[Outcome.INVALID.value] == 0
-    ):
+    elif done == len(plan.rows) - counts[Outcome.PLANNED.value] and not counts[Outcome.INVALID]:
         exit_code = ExitCode.OK
     else:
         exit_code = ExitCode.INCOMPLETE
@@ -199,15 +212,25 @@ async def run_job(
         duplicates=plan.duplicates,
         blank_rows=plan.blank_rows,
         failed_rows_count=failed_count,
+        action=config.action.value,
+        run_id=run_id,
+        started_at=utc_iso(started_at),
+        ended_at=utc_iso(datetime.now(UTC)),
     )
+    if config.summary_json is not None:
+        result = _write_summary(
+            config.summary_json, build_record(config, result, described, redactor), result, log
+        )
     log.info(
         "run.finished",
-        exit_code=int(exit_code),
+        exit_code=int(result.exit_code),
         requests=result.requests,
         retries=result.retries,
         throttled=result.throttled,
         elapsed=round(result.elapsed, 3),
         resumed_undone=skip,
+        action=config.action.value,
+        run_id=run_id,
         **counts,
     )
     return result
@@ -264,6 +287,28 @@ async def send_all(
         if session is not None:
             await session.close()
     return run
+
+
+def _describe_inputs(config: JobConfig) -> list[dict[str, Any]]:
+    try:
+        return describe_inputs(config.inputs)
+    except OSError as exc:
+        raise InputError(f"cannot read an input again to record its SHA-256: {exc}") from None
+
+
+def _write_summary(path: Path, record: dict[str, Any], result: RunResult, log: Any) -> RunResult:
+    """Write the record; if that fails, the run did not end as a scheduler will read it, so
+    it says so: exit 3 rather than 0 or 1 (the report is written all the same)."""
+    try:
+        write_summary_json(path, record)
+    except OSError as exc:
+        log.error("summary_json.write_failed", path=str(path), error=str(exc))
+        reason = f"cannot write the summary JSON {path}: {exc.strerror or exc}"
+        stopped = f"{result.stopped}; {reason}" if result.stopped else reason
+        code = result.exit_code if result.exit_code > ExitCode.INCOMPLETE else ExitCode.STOPPED
+        return dataclasses.replace(result, stopped=stopped, exit_code=code)
+    log.info("summary_json.written", path=str(path))
+    return result
 
 
 def _files_to_keep(config: JobConfig) -> list[tuple[str, Path]]:

@@ -24,6 +24,10 @@ class RunResult:
     duplicates: int = 0
     blank_rows: int = 0
     failed_rows_count: int = 0
+    action: str = "undo"  # --action: undo, or check-in
+    run_id: str = ""  # short, sortable by time (see new_run_id)
+    started_at: str = ""  # UTC, ISO 8601
+    ended_at: str = ""
 
     def summary(self) -> str:
         lines = [f"report:      {self.report}"]
@@ -41,6 +45,7 @@ class RunResult:
                 f"input:       {self.duplicates} duplicate rows merged, "
                 f"{self.blank_rows} blank rows skipped"
             )
+        lines.append(f"action:      {self.action} (run {self.run_id})")
         lines.append(f"elapsed:     {self.elapsed:.1f}s")
         if self.stopped:
             lines.append(f"stopped:     {printable(self.stopped)}")

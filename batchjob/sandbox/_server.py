@@ -144,6 +144,8 @@ class EventState:
     status: str  # ACTIVE, COMPLETE, DRAFT, CANCELLED, DELETED, ERROR
     tickets: dict[str, bool]  # order_ticket_key -> checked in?
     name: str = ""
+    # Tickets whose status is CANCELLED: check-in refuses them (400); undo leaves them be.
+    cancelled: set[str] = field(default_factory=set)
 
 
 _EVENT_WORDS = (
@@ -190,13 +192,19 @@ class World:
             name = raw.get("name", "")
             if not isinstance(name, str):
                 raise ValueError(f"world: event {event_id!r} name must be a string")
-            events[str(event_id)] = EventState(status=status, tickets=dict(tickets), name=name)
+            cancelled = raw.get("cancelled", [])
+            if not isinstance(cancelled, list) or not set(cancelled) <= set(tickets):
+                raise ValueError(f"world: event {event_id!r} cancelled must list its ticket keys")
+            events[str(event_id)] = EventState(
+                status=status, tickets=dict(tickets), name=name, cancelled=set(cancelled)
+            )
         return cls(events)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "events": {
                 event_id: {"name": ev.name, "status": ev.status, "tickets": dict(ev.tickets)}
+                | ({"cancelled": sorted(ev.cancelled)} if ev.cancelled else {})
                 for event_id, ev in self.events.items()
             }
         }
@@ -330,6 +338,10 @@ _KEYS_INVALID = _error(
 _EVENT_NOT_FOUND = _error(404, "event.not_found", "The requested event was not found")
 _STATUS_INVALID = _error(400, "event.status.invalid", "Event must be ACTIVE or COMPLETE")
 _TICKET_NOT_FOUND = _error(404, "ticket.not_found", "One or more order ticket keys were not found")
+# cc-api.md: tickets with CANCELLED status cannot be checked in (400); which key, it does not say.
+_TICKET_CANCELLED = _error(
+    400, "ticket.status.invalid", "Tickets with CANCELLED status cannot be checked in"
+)
 _QUERY_INVALID = _error(400, "query.invalid", "Invalid limit or cursor")
 # A 503 usually comes from a load balancer, not the application, so its body is HTML here:
 # cc-api.md warns error bodies may not be JSON, and this is where a client meets one.
@@ -396,6 +408,7 @@ class Sandbox:
         self._refresh_tokens: set[str] = {self.refresh_token}
         self.requests: list[RequestRecord] = []
         self.undo_counts: Counter[tuple[str, str]] = Counter()
+        self.check_in_counts: Counter[tuple[str, str]] = Counter()
         self.counters = Counters()
         self._rng = random.Random(self.settings.seed)
         self._bucket: _Bucket | None = None
@@ -711,10 +724,14 @@ class Sandbox:
         tickets = event.tickets
         if not all(map(tickets.__contains__, keys)):
             return self._answer(request, _TICKET_NOT_FOUND, event_id, at, keys)
+        if checked_in and event.cancelled and not event.cancelled.isdisjoint(keys):
+            return self._answer(request, _TICKET_CANCELLED, event_id, at, keys)
 
         unique = dict.fromkeys(keys, checked_in)
         tickets.update(unique)
-        if not checked_in:
+        if checked_in:
+            self.check_in_counts.update(zip(repeat(event_id), unique))
+        else:
             self.undo_counts.update(zip(repeat(event_id), unique))
             lost = self.faults.lost_reply
             if lost and self._rng.random() < lost:

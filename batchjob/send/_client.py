@@ -11,10 +11,13 @@ from typing import Any
 
 import backoff
 
+from batchjob._config import display_url
 from batchjob._errors import TokenError
 from batchjob._logging import MAX_REPORT_TEXT, Redactor, null_logger
+from batchjob._model import Action
 from batchjob._tokens import TokenSource
 from batchjob.send._messages import (
+    TICKET_PATHS,
     TOKEN_FAILED,
     Reply,
     Verdict,
@@ -145,6 +148,11 @@ class Call:
     uncertain: int = 0
     in_flight: bool = False
     throttled_time: float = 0.0  # seconds spent on throttled tries: not the retry budget's
+    # HTTP answers (run-wide) counted when this request's current stretch without an answer
+    # began with a try that made no connection; None: none since its last answer. See
+    # ApiClient._unreachable.
+    silent_since: int | None = None
+    unreached: bool = False  # the last try made no connection at all (refused, DNS, TLS)
 
     def budget_elapsed(self) -> float:
         """Seconds of the retry budget (``RetryPolicy.max_time``) this request has used."""
@@ -195,6 +203,9 @@ class ApiClient:
         self._last_token = ""
         self._learn_secrets()
         self._throttled_since: float | None = None  # the first throttling since another answer
+        self.answers = 0  # HTTP answers (any status), run-wide
+        self._unreached = 0  # tries that made no connection, run-wide, since the last answer
+        self._no_answer_cause = ""  # why the last of them made none
         # backoff counts the tries of _until_not_throttled: throttled tries happen inside one
         # of them, so they never use up max_tries, and max_time is checked in _out_of_time
         # without the time they took.
@@ -219,8 +230,15 @@ class ApiClient:
         self, event_id: str, keys: list[str], call: Call | None = None
     ) -> CallResult:
         """Undo check-ins for ``keys``. Pass ``call`` to read its attempts even if cancelled."""
+        return await self.post_tickets(Action.UNDO, event_id, keys, call)
+
+    async def post_tickets(
+        self, action: Action, event_id: str, keys: list[str], call: Call | None = None
+    ) -> CallResult:
+        """Send ``action`` for ``keys`` (same body either way; 204 is success). Pass ``call``
+        to read its attempts even if cancelled."""
         body = undo_body(keys)
-        url = f"{self._base}/events/{event_id}/undo_check_in/tickets"
+        url = f"{self._base}/events/{event_id}/{TICKET_PATHS[action]}"
         if call is None:
             call = Call("POST", url, body)
         else:
@@ -233,6 +251,10 @@ class ApiClient:
             reply = await self._retrying(call)
         except _Retryable as exc:
             reply = exc.reply
+            unreachable = self._unreachable(call)
+            if unreachable:
+                self._gate.close(unreachable)
+                return CallResult(reply, call.attempts, not_sent=unreachable)
         except NotSent as stop:
             reply = stop.reply or Reply(0, "not_sent", stop.reason)
             return CallResult(reply, call.attempts, not_sent=stop.reason)
@@ -280,9 +302,12 @@ class ApiClient:
             self._gate.spend()
             call.attempts += 1
             call.in_flight = True
+            answers_before = self.answers
             reply = await self._once(call, token)
             call.in_flight = False
-            if leaves_open(reply.status, call.expected):
+            self._count_answer(call, reply, answers_before)
+            # A try that made no connection (refused, DNS, TLS) sent nothing: not uncertain.
+            if leaves_open(reply.status, call.expected) and not call.unreached:
                 call.uncertain += 1
             throttled = reply.throttled
             if not throttled:
@@ -305,6 +330,39 @@ class ApiClient:
                 if fresh is not None and fresh != token:
                     continue
             return reply
+
+    def _count_answer(self, call: Call, reply: Reply, answers_before: int) -> None:
+        if reply.status != 0:
+            self.answers += 1
+            self._unreached = 0
+            call.silent_since = None
+        elif call.unreached:
+            self._unreached += 1
+            if call.silent_since is None:
+                call.silent_since = answers_before
+        # A connection made, then dropped or left unanswered, counts neither way: such a
+        # request is retried and reported as before, and it proves no HTTP answer came.
+
+    def _unreachable(self, call: Call) -> str:
+        """Why the run must stop, if the API cannot be reached: this request spent its whole
+        retry budget without an HTTP answer, its last try made no connection (refused, DNS,
+        TLS, connect timeout), and no request, run-wide, got an HTTP answer meanwhile.
+
+        One request that cannot connect while others are answered is that request's failure
+        (its keys ``failed``, as before); a silence that spans a whole retry budget is the
+        network's or the URL's, and every other key would go the same way. Counted from the
+        first such try, so it also holds at the very start of a run.
+        """
+        if not call.unreached or call.silent_since != self.answers:
+            return ""
+        cause = self._no_answer_cause or "no answer"
+        where = display_url(self._base)
+        tries = self._unreached
+        return (
+            f"the API at {where} cannot be reached ({cause}): {tries} tries since the last "
+            "HTTP answer, run-wide, made no connection; check the network, DNS, proxy and "
+            "--base-url; left for the next run"
+        )
 
     def _throttled_left(self) -> float:
         """Seconds until every answer will have been throttling for ``throttled_limit``."""
@@ -335,6 +393,7 @@ class ApiClient:
 
     async def _once(self, call: Call, token: str) -> Reply:
         headers = {"Authorization": f"Bearer {token}"}
+        call.unreached = False
         if call.body is not None:
             headers["Content-Type"] = "application/json"
         try:
@@ -343,6 +402,9 @@ class ApiClient:
             )
         except TransportError as exc:
             # The text may quote what the server sent, a header echoing the token included.
+            call.unreached = getattr(exc, "unreachable", False)
+            if call.unreached:
+                self._no_answer_cause = self.redactor.clean(f"{exc.cause}: {exc}", 300)
             return Reply(0, "network", self.redactor.clean(str(exc)), expected=call.expected)
         if raw.status == call.expected:
             return Reply(raw.status, body=raw.body, expected=call.expected)

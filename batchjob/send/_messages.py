@@ -17,6 +17,7 @@ from enum import Enum
 from typing import Any
 
 from batchjob._logging import MAX_ERROR_KEY, MAX_SERVER_TEXT, Redactor
+from batchjob._model import Action
 
 
 class Verdict(Enum):
@@ -32,6 +33,11 @@ class Verdict(Enum):
     REFUSED = "refused"  # any other answer: not retried, keys failed
 
 
+#: The endpoint of each action, under /events/{event_id}/; both take the same body.
+TICKET_PATHS: dict[Action, str] = {
+    Action.UNDO: "undo_check_in/tickets",
+    Action.CHECK_IN: "check_in/tickets",
+}
 TOKEN_FAILED = "token_unavailable"  # noqa: S105 - error_key of a synthetic 401 when no token can be had
 RETRY_STATUSES = frozenset({500, 502, 503, 504})
 KEY_FAULT_STATUSES = frozenset({400, 404, 409, 422})

@@ -26,7 +26,35 @@ class RawResponse:
 
 
 class TransportError(Exception):
-    """No answer: connection refused or dropped, timeout. Never carries request headers."""
+    """No answer: connection refused or dropped, timeout. Never carries request headers.
+
+    ``cause`` says in a few words why, for the message of a run that cannot reach the API;
+    ``unreachable``: no connection was made at all (refused, DNS, TLS, connect timeout), as
+    opposed to one made and then dropped or left unanswered.
+    """
+
+    def __init__(self, message: str, cause: str = "no answer", *, unreachable: bool = False):
+        super().__init__(message)
+        self.cause = cause
+        self.unreachable = unreachable
+
+
+def no_answer_cause(exc: BaseException) -> tuple[str, bool]:
+    """Why a request got no HTTP answer, in words a person running the job can act on, and
+    whether the server was not reached at all."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "DNS lookup failed", True
+    if isinstance(exc, aiohttp.ClientSSLError):  # certificate or handshake
+        return "TLS handshake failed", True
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc.os_error, ConnectionRefusedError):
+            return "connection refused", True
+        return "cannot connect", True
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # sock_connect: nothing answered
+        return "connecting timed out", True
+    if isinstance(exc, TimeoutError):  # aiohttp's timeouts are TimeoutErrors too
+        return "timed out", False
+    return "connection dropped without an answer", False
 
 
 class Transport(Protocol):
@@ -61,7 +89,12 @@ class AiohttpTransport:
         except (aiohttp.ClientError, TimeoutError) as exc:
             # aiohttp's messages name the URL at most; the type is what a reader needs. They
             # may quote what the server sent (a header): the client cleans the text.
-            raise TransportError(type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
+            cause, unreachable = no_answer_cause(exc)
+            raise TransportError(
+                type(exc).__name__ + (f": {exc}" if str(exc) else ""),
+                cause,
+                unreachable=unreachable,
+            ) from None
 
 
 async def read_at_most(content: aiohttp.StreamReader, limit: int) -> bytes:
