@@ -62,6 +62,7 @@ class JobConfig:
     request_timeout: float = 30.0
     retry_max_tries: int = 6
     retry_max_time: float = 120.0
+    unreachable_after: float = 60.0  # seconds with no HTTP answer before "cannot be reached"
     retry_base: float = 0.5  # seconds; exponential backoff with full jitter starts here
     retry_cap: float = 30.0  # seconds; no single backoff wait is longer
     token_file: Path | None = None
@@ -140,6 +141,7 @@ RANGES: Mapping[str, _Range] = {
     "request_timeout": _Range(0, _HOUR, low_included=False),
     "retry_max_tries": _Range(1, 100, whole=True),
     "retry_max_time": _Range(0, _HOUR, low_included=False),
+    "unreachable_after": _Range(0, _HOUR, low_included=False),
     "retry_base": _Range(0, _HOUR, low_included=False),
     "retry_cap": _Range(0, _HOUR, low_included=False),
     "grace_period": _Range(0, _HOUR),  # 0: cancel requests in flight at once on a signal
@@ -297,6 +299,7 @@ _FLOAT_FIELDS = {
     "connect_timeout",
     "request_timeout",
     "retry_max_time",
+    "unreachable_after",
     "retry_base",
     "retry_cap",
     "grace_period",

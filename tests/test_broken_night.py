@@ -18,12 +18,15 @@ from batchjob.send import AiohttpTransport, RawResponse, Transport, TransportErr
 from tests.support import FAST, read_report, run, ticket_rows, token_for, write_csv
 
 HEADER = ("Event ID", "Order Ticket Key")
-#: Short retries: a request gives up after 4 tries within a second.
+#: Short retries: a request gives up after 4 tries within a second; the API counts as
+#: unreachable after 0.3 s with no HTTP answer (60 s by default).
 QUICK: dict[str, Any] = {
     "retry_max_tries": 4,
+    "retry_max_time": 1.0,
     "retry_base": 0.001,
     "retry_cap": 0.01,
     "connect_timeout": 5.0,
+    "unreachable_after": 0.3,
 }
 
 
@@ -66,7 +69,7 @@ async def test_connection_refused_from_the_start_stops_the_run_with_keys_left_fo
     assert set(report.outcome) == {"not_attempted"}
     assert report.error_message.str.contains("cannot be reached").all()
     # Not every key's retries: the first request to spend its budget stopped the run.
-    assert result.requests <= 2 * QUICK["retry_max_tries"]
+    assert result.requests < len(report)
     assert result.failed_rows_count == len(report)
     # Refused connections carried nothing: no row says the server may have applied it.
     assert not report.error_message.str.contains("may have applied").any()
@@ -113,6 +116,53 @@ async def test_an_outage_mid_run_stops_it_and_the_rest_is_not_attempted(
     assert set(report.outcome) == {"undone", "not_attempted"}
     for event_id, key in zip(undone.event_id, undone.order_ticket_key, strict=True):
         assert not world.checked_in(event_id, key)
+
+
+class BlipAfter:
+    """Forwards to the real transport; before the ``n``-th POST, shuts the sandbox down for
+    ``seconds`` and brings it back on the same port: a network blip."""
+
+    def __init__(self, inner: Transport, sandbox: Sandbox, n: int, seconds: float) -> None:
+        self.inner, self.sandbox, self.n, self.seconds = inner, sandbox, n, seconds
+        self.posts = 0
+        self.back: asyncio.Task[None] | None = None
+
+    async def request(
+        self, method: str, url: str, *, headers: dict[str, str], body: bytes | None
+    ) -> RawResponse:
+        if method == "POST":
+            self.posts += 1
+            if self.posts == self.n:
+                port = self.sandbox.port
+                await self.sandbox.stop()
+                self.back = asyncio.ensure_future(self._restart(port))
+        return await self.inner.request(method, url, headers=headers, body=body)
+
+    async def _restart(self, port: int) -> None:
+        await asyncio.sleep(self.seconds)
+        await self.sandbox.start(port=port)
+
+
+async def test_a_blip_longer_than_a_request_s_retries_does_not_stop_the_night(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    """Refused connections for 1.5 s, three times a request's retry budget (0.5 s): the
+    requests keep trying until the silence would be an outage (60 s by default), and every
+    key is undone. Before, the first request out of budget stopped the run (exit 3)."""
+    inputs = inputs_for(world, tmp_path)
+    settings = {"batch_size": 20, "concurrency": 2, "retry_max_time": 0.5, "retry_cap": 0.05}
+    config = JobConfig(
+        inputs=(inputs,),
+        report=tmp_path / "report.csv",
+        base_url=sandbox.base_url,
+        **(FAST | QUICK | settings | {"unreachable_after": 60.0}),
+    )
+    async with aiohttp.ClientSession() as session:
+        blip = BlipAfter(AiohttpTransport(session), sandbox, n=3, seconds=1.5)
+        result = await run_job(config, tokens=token_for(sandbox), transport=blip)
+
+    assert result.exit_code == 0, result.summary()
+    assert set(read_report(result.report).outcome) == {"undone"}
 
 
 class RefuseEveryThird:
@@ -262,7 +312,10 @@ async def test_the_command_line_exits_3_naming_the_cause(
     inputs = inputs_for(world, tmp_path)
     env = cli_env(sandbox, CC_BASE_URL=f"http://127.0.0.1:{closed_port()}/v3")
     config = tmp_path / "c.toml"
-    config.write_text("retry_max_tries = 2\nretry_base = 0.001\nretry_cap = 0.01\n")
+    config.write_text(
+        "retry_max_tries = 2\nretry_base = 0.001\nretry_cap = 0.01\n"
+        "retry_max_time = 1.0\nunreachable_after = 0.3\n"
+    )
     done = await cli(
         "run", str(inputs), "--report", str(tmp_path / "r.csv"), "--config", str(config), env=env
     )

@@ -276,8 +276,10 @@ async def test_the_api_vanishing_mid_run_leaves_a_truthful_report_and_a_rerun_fi
         port = sandbox.port
         outages: list[asyncio.Task[None]] = []
         outage = AfterKeys(80, lambda: outages.append(asyncio.ensure_future(sandbox.stop())))
+        # Unreachable after 0.5 s with no answer (60 s by default), within a 2 s budget.
+        quick_outage = CHAOS_JOB | {"retry_max_time": 2.0, "unreachable_after": 0.5}
         first, exchanges = await run_recorded(
-            sandbox, [inputs], tmp_path / "r.csv", progress=outage, **CHAOS_JOB
+            sandbox, [inputs], tmp_path / "r.csv", progress=outage, **quick_outage
         )
         await asyncio.gather(*outages)
         await settle_stragglers()

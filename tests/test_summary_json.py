@@ -23,7 +23,13 @@ from batchjob.sandbox import Sandbox, World
 from tests.chaos_support import cli, cli_env
 from tests.support import FAST, run, ticket_rows, token_for, write_csv
 
-QUICKLY: dict[str, Any] = {**FAST, "retry_max_tries": 2}
+#: Two tries; an unreachable API is called so after 0.3 s of silence (60 s by default).
+QUICKLY: dict[str, Any] = {
+    **FAST,
+    "retry_max_tries": 2,
+    "retry_max_time": 1.0,
+    "unreachable_after": 0.3,
+}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "summary-json.md"
 HEADER = ("Event ID", "Order Ticket Key")
 #: The doc's type words, as Python types (bool is not an integer here).
@@ -274,7 +280,10 @@ async def test_the_command_line_writes_it_for_a_broken_night(
 ) -> None:
     inputs = write_csv(tmp_path / "in.csv", ticket_rows(world), HEADER)
     config = tmp_path / "c.toml"
-    config.write_text("retry_max_tries = 2\nretry_base = 0.001\nretry_cap = 0.01\n")
+    config.write_text(
+        "retry_max_tries = 2\nretry_base = 0.001\nretry_cap = 0.01\n"
+        "retry_max_time = 1.0\nunreachable_after = 0.3\n"
+    )
     env = cli_env(sandbox, CC_BASE_URL=f"http://127.0.0.1:{closed_port()}/v3")
 
     done = await cli(

@@ -263,6 +263,7 @@ async def send_all(
     policy = RetryPolicy(
         max_tries=config.retry_max_tries,
         max_time=config.retry_max_time,
+        unreachable_after=config.unreachable_after,
         base=config.retry_base,
         cap=config.retry_cap,
     )

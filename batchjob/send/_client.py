@@ -80,6 +80,15 @@ class RetryPolicy:
     #: Seconds in which every answer, run-wide, was throttling, after which the run stops;
     #: None: THROTTLED_STRETCH times max_time (10 minutes by default).
     max_throttled: float | None = None
+    #: Seconds with no HTTP answer, run-wide, before a request that cannot even connect stops
+    #: the run as "cannot be reached". Until then it keeps trying (past max_tries and, up to
+    #: this long, past max_time): a few seconds of refused connections are a blip, not a
+    #: broken night.
+    unreachable_after: float = 60.0
+
+    def gives_up_at(self, unreached: bool) -> float:
+        """Seconds of its retry budget after which a request gives up."""
+        return max(self.max_time, self.unreachable_after) if unreached else self.max_time
 
     @property
     def throttled_limit(self) -> float:
@@ -120,12 +129,13 @@ def retry_waits(
             if reply is not None and reply.retry_after is not None:
                 wait = min(reply.retry_after, policy.max_retry_after)
             else:
-                wait = rng.uniform(0.0, min(policy.cap, policy.base * 2.0**attempt))
+                wait = rng.uniform(0.0, min(policy.cap, policy.base * 2.0 ** min(attempt, 64)))
             call = getattr(exc, "call", None)
             if call is not None:
                 # A Retry-After longer than the time left is cut to it: one more try at the
                 # end of the budget beats failing at once every key of a maintenance window.
-                wait = max(0.0, min(wait, policy.max_time - call.budget_elapsed()))
+                limit = policy.gives_up_at(call.unreached)
+                wait = max(0.0, min(wait, limit - call.budget_elapsed()))
             attempt += 1
             exc = yield wait
 
@@ -153,6 +163,7 @@ class Call:
     # ApiClient._unreachable.
     silent_since: int | None = None
     unreached: bool = False  # the last try made no connection at all (refused, DNS, TLS)
+    counted_tries: int = 0  # tries that count against RetryPolicy.max_tries
 
     def budget_elapsed(self) -> float:
         """Seconds of the retry budget (``RetryPolicy.max_time``) this request has used."""
@@ -205,6 +216,7 @@ class ApiClient:
         self._throttled_since: float | None = None  # the first throttling since another answer
         self.answers = 0  # HTTP answers (any status), run-wide
         self._unreached = 0  # tries that made no connection, run-wide, since the last answer
+        self._answered_at = time.monotonic()  # the last HTTP answer, run-wide (or the start)
         self._no_answer_cause = ""  # why the last of them made none
         # backoff counts the tries of _until_not_throttled: throttled tries happen inside one
         # of them, so they never use up max_tries, and max_time is checked in _out_of_time
@@ -212,8 +224,7 @@ class ApiClient:
         self._retrying = backoff.on_exception(
             retry_waits(policy, self._rng),
             _Retryable,
-            max_tries=policy.max_tries,
-            giveup=self._out_of_time,
+            giveup=self._gives_up,
             jitter=None,
             logger=None,
         )(self._until_not_throttled)
@@ -264,9 +275,16 @@ class ApiClient:
             return CallResult(Reply(401, TOKEN_FAILED, message), call.attempts)
         return CallResult(reply, call.attempts)
 
-    def _out_of_time(self, exc: Exception) -> bool:
+    def _gives_up(self, exc: Exception) -> bool:
+        """backoff's giveup: tries and time, not counting throttled tries; a request that
+        cannot connect keeps trying until the silence is long enough to be an outage."""
         call = getattr(exc, "call", None)
-        return call is not None and call.budget_elapsed() >= self._policy.max_time
+        if call is None:
+            return True
+        policy = self._policy
+        if call.budget_elapsed() >= policy.gives_up_at(call.unreached):
+            return True
+        return not call.unreached and call.counted_tries >= policy.max_tries
 
     async def _until_not_throttled(self, call: Call) -> Reply:
         """Tries until an answer other than throttling; raises _Retryable to be retried."""
@@ -277,6 +295,7 @@ class ApiClient:
             if reply.verdict is not Verdict.RETRY:
                 return reply
             if not reply.throttled:
+                call.counted_tries += 1
                 raise _Retryable(reply, call)
             stop = self._throttled_too_long()
             if stop:
@@ -334,6 +353,7 @@ class ApiClient:
     def _count_answer(self, call: Call, reply: Reply, answers_before: int) -> None:
         if reply.status != 0:
             self.answers += 1
+            self._answered_at = time.monotonic()
             self._unreached = 0
             call.silent_since = None
         elif call.unreached:
@@ -355,6 +375,8 @@ class ApiClient:
         """
         if not call.unreached or call.silent_since != self.answers:
             return ""
+        if time.monotonic() - self._answered_at < self._policy.unreachable_after:
+            return ""  # a blip that outlasted this request's budget, not yet an outage
         cause = self._no_answer_cause or "no answer"
         where = display_url(self._base)
         tries = self._unreached
