@@ -437,7 +437,8 @@ def test_keys_are_kept_as_text(tmp_path: Path) -> None:
     result = read_inputs([path])
 
     assert keys(result) == [key.strip() for key in raw]
-    assert problems(result) == [""] * len(raw)
+    # "#N/A" is kept as text, but it is an error value a spreadsheet wrote, not a key (issue 9).
+    assert [bool(p) for p in problems(result)] == [key == "#N/A" for key in raw]
 
 
 def test_event_ids_are_normalised_or_explained(tmp_path: Path) -> None:
@@ -804,7 +805,8 @@ def test_any_printable_key_written_by_the_csv_module_reads_back(raw: list[str]) 
         result = read_inputs([path])
 
     assert keys(result) == [key.strip() for key in raw]
-    assert problems(result) == [""] * len(raw)
+    # "#N/A" is kept as text, but it is an error value a spreadsheet wrote, not a key (issue 9).
+    assert [bool(p) for p in problems(result)] == [key == "#N/A" for key in raw]
     assert column(result, "source_row") == list(range(2, len(raw) + 2))
 
 

@@ -1,22 +1,50 @@
-"""Reading workbooks (.xlsx, .xlsm, .xlsb, .xls, .ods) with python-calamine, every cell as text."""
+"""Reading workbooks (.xlsx, .xlsm, .xlsb, .xls, .ods) with python-calamine, each key and event
+cell as the sheet shows it.
+
+calamine gives values fast but no number formats, hidden rows, error cells or formulas; for
+.xlsx/.xlsm those are read from the sheet XML for the key and event columns only (see
+:mod:`._sheetxml`). In the other formats a number's format is unknown: a number cell is taken
+only when it is an integer below 2^53 (shown as that integer in General format), and counted.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import xml.parsers.expat
+import zipfile
 import zlib
+from collections.abc import Sequence
+from typing import Any, Final
 
+import numpy as np
+import numpy.typing as npt
 import pandas as pd
+import python_calamine
 
 from batchjob._errors import InputError
-from batchjob.read._columns import _check_event_source, _list_names, _Matcher
+from batchjob.read._columns import _check_event_source, _Columns, _list_names, _Matcher
+from batchjob.read._findings import Findings
+from batchjob.read._formats import Cause, shown_number, value_cause
 from batchjob.read._limits import _check_workbook_size
-from batchjob.read._normalise import _normalise, _Part
+from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
 from batchjob.read._shared import _BOMS, _OLE2_MAGIC, _ZIP_MAGIC
+from batchjob.read._sheetxml import Cell, Sheet, read_sheets
+
+#: The header is looked for in this many rows from the top (title rows may sit above it).
+HEADER_SEARCH_ROWS: Final = 20
+_XML_SUFFIXES: Final = frozenset({".xlsx", ".xlsm"})
+_TEXT_TYPES: Final = frozenset({b"s", b"inlineStr", b"str"})
+_Merge = tuple[tuple[int, int], tuple[int, int]]
 
 
 def _read_excel(
-    path: str, suffix: str, head: bytes, matcher: _Matcher, default: str | None
+    path: str,
+    suffix: str,
+    head: bytes,
+    matcher: _Matcher,
+    options: ReadOptions,
+    findings: Findings,
 ) -> list[_Part]:
     _check_workbook_magic(path, suffix, head)
     try:
@@ -24,48 +52,35 @@ def _read_excel(
     except (ValueError, zlib.error, xml.parsers.expat.ExpatError) as exc:
         raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
     try:
-        sheets = pd.read_excel(
-            path,
-            sheet_name=None,
-            header=None,
-            dtype=object,
-            na_filter=False,
-            engine="calamine",
-        )
+        book = python_calamine.CalamineWorkbook.from_path(path)
+        sheets = [book.get_sheet_by_name(name) for name in book.sheet_names]
+        grids = [sheet.to_python(skip_empty_area=False) for sheet in sheets]
+        sheet_xml = read_sheets(path) if suffix in _XML_SUFFIXES and _has_xml_sheets(path) else {}
+    except InputError:
+        raise
     except Exception as exc:  # the engine raises many unrelated types for a damaged workbook
         raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
     parts: list[_Part] = []
     seen: list[str] = []
-    for sheet_name, sheet in sheets.items():
-        where = f"{path}#{sheet_name}"
-        found = _sheet_header(sheet)
+    for sheet, grid in zip(sheets, grids, strict=True):
+        where = f"{path}#{sheet.name}"
+        found = _sheet_header(where, grid, matcher, options.default)
         if found is None:
-            seen.append(f"sheet '{sheet_name}' is empty")
+            seen.append(f"sheet '{sheet.name}' is empty")
             continue
-        header_index, names = found
-        columns = matcher.find(where, names)
+        header, names, columns = found
         if columns is None:
-            seen.append(f"sheet '{sheet_name}' has columns: {_list_names(names)}")
-            continue
-        _check_event_source(where, columns, default, matcher)
-        body = sheet.iloc[header_index + 1 :]
-        key = pd.Series(body.iloc[:, columns.key].map(_excel_text).tolist(), dtype="str")
-        event = None
-        if columns.event is not None:
-            event = pd.Series(
-                body.iloc[:, columns.event].map(_excel_text).tolist(), dtype="category"
+            seen.append(
+                f"sheet '{sheet.name}' has columns: {_list_names(names)} (the header must be in "
+                f"one of the first {HEADER_SEARCH_ROWS} rows)"
             )
+            continue
+        _check_event_source(where, columns, options.default, matcher)
+        if header:
+            findings.headers.append(f"header found on row {header + 1} of {where}")
         parts.append(
-            _normalise(
-                source=where,
-                columns=columns,
-                event=event,
-                key=key,
-                # The sheet's frame starts at A1 (calamine keeps leading empty rows).
-                first_row=header_index + 2,
-                overflow=None,
-                overflow_problem="",
-                default=default,
+            _read_sheet(
+                where, grid, header, columns, sheet, sheet_xml.get(sheet.name), options, findings
             )
         )
     if not parts:
@@ -74,6 +89,152 @@ def _read_excel(
             f"{matcher.no_key_hint()}"
         )
     return parts
+
+
+def _read_sheet(
+    where: str,
+    grid: list[list[Any]],
+    header: int,
+    columns: _Columns,
+    sheet: Any,
+    xml: Sheet | None,
+    options: ReadOptions,
+    findings: Findings,
+) -> _Part:
+    body = grid[header + 1 :]
+    first_row = header + 2  # 1-based; the grid starts at A1 (skip_empty_area=False)
+    merges: list[_Merge] = list(sheet.merged_cell_ranges or [])
+    if not merges and xml is not None:
+        merges = [((r0, c0), (r1, c1)) for r0, c0, r1, c1 in xml.merges]
+    reader = _CellReader(where, xml, first_row, findings)
+    key_text, key_cause = reader.read(_column(body, columns.key, header + 1, merges), columns.key)
+    event = event_cause = None
+    if columns.event is not None:
+        values = _column(body, columns.event, header + 1, merges)
+        event_text, event_cause = reader.read(values, columns.event)
+        event = pd.Series(event_text, dtype="category")
+    used = {columns.key, columns.event}
+    content = np.fromiter(
+        (any(cell != "" for at, cell in enumerate(row) if at not in used) for row in body),
+        dtype=np.bool_,
+        count=len(body),
+    )
+    hidden = None
+    if xml is not None and len(xml.hidden_rows):
+        hidden = np.zeros(len(body), dtype=np.bool_)
+        at = xml.hidden_rows - first_row
+        hidden[at[(at >= 0) & (at < len(body))]] = True
+    return _normalise(
+        source=where,
+        columns=columns,
+        event=event,
+        key=pd.Series(key_text, dtype="str"),
+        first_row=first_row,
+        overflow=None,
+        overflow_problem="",
+        options=options,
+        findings=findings,
+        facts=CellFacts(key_cause, event_cause, hidden, content if content.any() else None),
+    )
+
+
+def _column(body: list[list[Any]], col: int, top: int, merges: Sequence[_Merge]) -> list[Any]:
+    """One column's values; cells covered by a merge show the merge's first cell."""
+    values = [row[col] if col < len(row) else "" for row in body]
+    for (r0, c0), (r1, c1) in merges:
+        if c0 == col and c0 <= col <= c1 and r1 > r0:
+            first = r0 - top
+            value = values[first] if 0 <= first < len(values) else ""
+            for at in range(max(first + 1, 0), min(r1 - top + 1, len(values))):
+                values[at] = value
+    return values
+
+
+class _CellReader:
+    """Each cell's shown text and :class:`Cause`, from the XML where there is one."""
+
+    def __init__(self, where: str, xml: Sheet | None, first_row: int, findings: Findings) -> None:
+        self._where = where
+        self._xml = xml
+        self._first_row = first_row
+        self._findings = findings
+
+    def read(self, values: list[Any], col: int) -> tuple[list[str], npt.NDArray[np.int8]]:
+        cells = self._xml.column(col) if self._xml is not None else {}
+        texts: list[str] = []
+        causes = np.zeros(len(values), dtype=np.int8)
+        numbers: list[int] = []
+        unknown: list[int] = []
+        first = self._first_row
+        for at, value in enumerate(values):
+            cell = cells.get(first + at) if cells else None
+            if cell is not None and not cell.type and not cell.value and not cell.formula:
+                cell = None  # an empty cell (or one covered by a merge): calamine's value
+            if cell is None and isinstance(value, str):
+                texts.append(value)
+                continue
+            if cell is not None and self._xml is not None:
+                cause, text = _xml_cell(cell, value, self._xml)
+            else:
+                cause, text = value_cause(value), _excel_text(value)
+                if not cause and value != "":
+                    unknown.append(at)
+            if cause == Cause.OK and cell is not None and cell.type == b"" and value != "":
+                numbers.append(at)
+            causes[at] = cause
+            texts.append(text)
+        rows = np.arange(first, first + len(values))
+        self._findings.add("keys or events read from number cells", self._where, rows[numbers])
+        self._findings.add(
+            "keys or events read from number cells whose format the file does not say "
+            "(accepted: integers below 2^53)",
+            self._where,
+            rows[unknown],
+            "format the column as Text and export again if a key had leading zeros",
+        )
+        return texts, causes
+
+
+def _xml_cell(cell: Cell, value: Any, xml: Sheet) -> tuple[Cause, str]:
+    """A cell's cause and text from its XML type, formula and style, checked against calamine."""
+    kind = cell.type
+    if kind == b"e":
+        return Cause.ERROR, cell.value.decode(errors="replace")
+    if cell.formula:
+        return Cause.FORMULA, _excel_text(value)
+    if kind == b"b":
+        return Cause.BOOLEAN, _excel_text(value)
+    if kind == b"d":
+        return Cause.DATE, _excel_text(value)
+    if kind in _TEXT_TYPES:
+        if not isinstance(value, str):
+            return Cause.DISAGREE, _excel_text(value)
+        return Cause.OK, value
+    if isinstance(value, dt.datetime | dt.date):
+        return Cause.DATE, _excel_text(value)
+    if isinstance(value, dt.time | dt.timedelta):
+        return Cause.TIME, _excel_text(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return (Cause.DISAGREE, _excel_text(value)) if value != "" else (Cause.OK, "")
+    if _number(cell.value) != value:
+        return Cause.DISAGREE, _excel_text(value)
+    form = xml.format_of(cell.style)
+    if form is None:
+        return value_cause(value), _excel_text(value)
+    return shown_number(value, form)
+
+
+def _number(raw: bytes) -> float | None:
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def _has_xml_sheets(path: str) -> bool:
+    """An .xlsb renamed .xlsx has binary sheets: nothing to read as XML."""
+    with zipfile.ZipFile(path) as archive:
+        return "xl/workbook.xml" in archive.namelist()
 
 
 def _check_workbook_magic(path: str, suffix: str, head: bytes) -> None:
@@ -101,21 +262,49 @@ def _looks_like_text(head: bytes) -> bool:
     return all(ch >= " " or ch in "\t\r\n" for ch in sample)
 
 
-def _sheet_header(sheet: pd.DataFrame) -> tuple[int, list[str]] | None:
-    """The first row with any content is the header (rows above it are left empty)."""
-    for index in range(len(sheet)):
-        names = [_excel_text(cell).strip() for cell in sheet.iloc[index].tolist()]
-        if any(names):
-            return index, names
-    return None
+def _sheet_header(
+    where: str, grid: list[list[Any]], matcher: _Matcher, default: str | None
+) -> tuple[int, list[str], _Columns | None] | None:
+    """The header: within the first rows, the first naming the key column (and the event column,
+    unless --event-id is given), else the first naming the key column. A title row such as
+    "Ticket key list" names no event column, so the real header below it wins. None for an
+    empty sheet; no columns when no row in reach names the key column (the first row's names).
+    """
+    first: tuple[int, list[str]] | None = None
+    key_only: tuple[int, list[str], _Columns] | None = None
+    ambiguous: InputError | None = None
+    for index, row in enumerate(grid[:HEADER_SEARCH_ROWS]):
+        names = [_excel_text(cell).strip() for cell in row]
+        if not any(names):
+            continue
+        if first is None:
+            first = index, names
+        try:
+            columns = matcher.find(where, names)
+        except InputError as exc:
+            ambiguous = ambiguous or exc  # a title row, or the header: told if no other is
+            columns = None
+        if columns is None:
+            continue
+        if columns.event is not None or default is not None:
+            return index, names, columns
+        if key_only is None:
+            key_only = index, names, columns
+    if key_only is not None:
+        return key_only
+    if ambiguous is not None:
+        raise ambiguous
+    if first is None:
+        return None
+    return first[0], first[1], None
 
 
 def _excel_text(value: object) -> str:
-    """A cell as the text a person sees: 123456.0 stored by Excel reads back as "123456"."""
+    """A cell as text: 123456.0 stored by Excel reads back as "123456"."""
     if isinstance(value, str):
         return value
     if isinstance(value, float):
-        if math.isfinite(value) and value.is_integer():
+        if math.isfinite(value) and value.is_integer() and abs(value) < 2**53:
             return str(int(value))
         # Excel shows 15 significant digits; more only exposes binary float noise.
         return format(value, ".15g")

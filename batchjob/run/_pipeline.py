@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchjob._config import JobConfig
 from batchjob._errors import ExitCode, ReportError
 from batchjob._logging import Redactor, null_logger
@@ -75,7 +77,13 @@ async def run_job(
     paths = ReportPaths(report, config.failed_rows_path(report))
     check_paths(paths, config.inputs, _files_to_keep(config))
 
-    inputs = read_inputs(config.inputs, aliases=config.columns, default_event_id=config.event_id)
+    inputs = read_inputs(
+        config.inputs,
+        aliases=config.columns,
+        default_event_id=config.event_id,
+        key_pattern=config.key_pattern,
+        include_hidden_rows=config.include_hidden_rows,
+    )
     plan = build_plan(inputs)
     log.info(
         "plan.ready",
@@ -83,8 +91,11 @@ async def run_job(
         keys=plan.key_count,
         events=len(plan.events),
         invalid=len(plan.invalid),
+        skipped=len(plan.skipped),
         duplicates=plan.duplicates,
     )
+    if plan.seen:
+        log.info("input.spreadsheet", seen=" | ".join(plan.seen.lines()))
     if not config.dry_run and tokens is None:
         raise ReportError("no access token: set CC_ACCESS_TOKEN or a token file")
 
@@ -128,7 +139,7 @@ async def run_job(
             assert tokens is not None
             journal = Journal(paths.journal, writer)
             try:
-                journal.append(plan.invalid)
+                journal.append(np.sort(np.concatenate([plan.invalid, plan.skipped])))
                 run = await send_all(
                     config,
                     plan,
@@ -169,9 +180,9 @@ async def run_job(
     }
     if run is not None and run.exit_code:
         exit_code = run.exit_code
-    elif counts[Outcome.UNDONE.value] == len(plan.rows) - counts[Outcome.PLANNED.value] and (
-        counts[Outcome.INVALID.value] == 0
-    ):
+    elif counts[Outcome.UNDONE.value] == len(plan.rows) - counts[Outcome.PLANNED.value] - counts[
+        Outcome.SKIPPED.value
+    ] and (counts[Outcome.INVALID.value] == 0):
         exit_code = ExitCode.OK
     else:
         exit_code = ExitCode.INCOMPLETE
@@ -190,6 +201,7 @@ async def run_job(
         duplicates=plan.duplicates,
         blank_rows=plan.blank_rows,
         failed_rows_count=failed_count,
+        seen=plan.seen,
     )
     log.info(
         "run.finished",

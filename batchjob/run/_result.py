@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchjob._logging import printable
+from batchjob.read import ReadSummary
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class RunResult:
     duplicates: int = 0
     blank_rows: int = 0
     failed_rows_count: int = 0
+    seen: ReadSummary = field(default_factory=ReadSummary)  # what the reader saw in sheets
 
     def summary(self) -> str:
         lines = [f"report:      {self.report}"]
@@ -41,6 +43,9 @@ class RunResult:
                 f"input:       {self.duplicates} duplicate rows merged, "
                 f"{self.blank_rows} blank rows skipped"
             )
+        if self.seen:
+            lines.append("spreadsheet:")
+            lines.extend(f"  {printable(line)}" for line in self.seen.lines())
         lines.append(f"elapsed:     {self.elapsed:.1f}s")
         if self.stopped:
             lines.append(f"stopped:     {printable(self.stopped)}")
