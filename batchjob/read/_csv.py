@@ -26,7 +26,7 @@ import pandas as pd
 from batchjob._errors import InputError
 from batchjob.read._columns import _check_event_source, _Columns, _list_names, _Matcher
 from batchjob.read._findings import Findings
-from batchjob.read._normalise import ReadOptions, _normalise, _Part
+from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
 from batchjob.read._shared import (
     _BOMS,
     _CHUNK_BYTES,
@@ -91,7 +91,41 @@ def _read_csv(
         options=options,
         findings=findings,
         cp1252=layout.encoding == "cp1252",
+        facts=CellFacts(content=lambda blank: _other_content(path, layout, blank)),
     )
+
+
+def _other_content(
+    path: str, layout: _CsvLayout, blank: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.bool_] | None:
+    """Which ``blank`` rows (no key, no event) hold something in another field (a note, say):
+    those are reported, not dropped. The file is read again, all columns, only when there are
+    blank rows."""
+    if len(layout.columns.names) <= len(_used(layout.columns)):
+        return None
+    try:
+        frame = pd.read_csv(
+            path,
+            sep=layout.delimiter,
+            encoding=layout.encoding,
+            header=None,
+            skiprows=layout.skip + 1,
+            names=_synthetic_names(len(layout.columns.names)),
+            dtype=str,
+            na_filter=False,
+            skip_blank_lines=False,
+            index_col=False,
+            engine="c",
+        )
+    except (ValueError, UnicodeError, pd.errors.ParserError):
+        return None  # the read that gave the rows succeeded; this extra look is best effort
+    if len(frame) != len(blank):
+        return None
+    others = frame.drop(columns=[frame.columns[i] for i in _used(layout.columns)])
+    content: npt.NDArray[np.bool_] = (others.fillna("").apply(lambda c: c.str.strip()) != "").any(
+        axis=1
+    ).to_numpy(dtype=np.bool_) & blank
+    return content if content.any() else None
 
 
 def _csv_encoding(path: str, head: bytes, whole: bool) -> str:

@@ -25,7 +25,7 @@ import python_calamine
 from batchjob._errors import InputError
 from batchjob.read._columns import _check_event_source, _Columns, _list_names, _Matcher
 from batchjob.read._findings import Findings
-from batchjob.read._formats import Cause, shown_number, value_cause
+from batchjob.read._formats import EXACT_LIMIT, Cause, shown_number, value_cause
 from batchjob.read._limits import _check_workbook_size
 from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
 from batchjob.read._shared import _BOMS, _OLE2_MAGIC, _ZIP_MAGIC
@@ -113,12 +113,6 @@ def _read_sheet(
         values = _column(body, columns.event, header + 1, merges)
         event_text, event_cause = reader.read(values, columns.event)
         event = pd.Series(event_text, dtype="category")
-    used = {columns.key, columns.event}
-    content = np.fromiter(
-        (any(cell != "" for at, cell in enumerate(row) if at not in used) for row in body),
-        dtype=np.bool_,
-        count=len(body),
-    )
     hidden = None
     if xml is not None and len(xml.hidden_rows):
         hidden = np.zeros(len(body), dtype=np.bool_)
@@ -134,8 +128,21 @@ def _read_sheet(
         overflow_problem="",
         options=options,
         findings=findings,
-        facts=CellFacts(key_cause, event_cause, hidden, content if content.any() else None),
+        facts=CellFacts(
+            key_cause, event_cause, hidden, lambda blank: _other_content(body, columns, blank)
+        ),
     )
+
+
+def _other_content(
+    body: list[list[Any]], columns: _Columns, blank: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.bool_]:
+    """Which ``blank`` rows (no key, no event) hold something in another cell (a note, say)."""
+    used = {columns.key, columns.event}
+    found = np.zeros(len(blank), dtype=np.bool_)
+    for at in np.flatnonzero(blank).tolist():
+        found[at] = any(cell != "" for col, cell in enumerate(body[at]) if col not in used)
+    return found
 
 
 def _column(body: list[list[Any]], col: int, top: int, merges: Sequence[_Merge]) -> list[Any]:
@@ -160,15 +167,33 @@ class _CellReader:
         self._findings = findings
 
     def read(self, values: list[Any], col: int) -> tuple[list[str], npt.NDArray[np.int8]]:
-        cells = self._xml.column(col) if self._xml is not None else {}
+        xml = self._xml
+        needed = xml is not None and (
+            not xml.plain or not all(isinstance(value, str) for value in values)
+        )
+        cells = xml.column(col) if xml is not None and needed else {}
         texts: list[str] = []
         causes = np.zeros(len(values), dtype=np.int8)
         numbers: list[int] = []
         unknown: list[int] = []
         first = self._first_row
+        general = xml.general if xml is not None else frozenset()
         for at, value in enumerate(values):
             cell = cells.get(first + at) if cells else None
-            if cell is not None and not cell.type and not cell.value and not cell.formula:
+            if (
+                cell is not None
+                and type(value) is float
+                and not cell.type
+                and not cell.formula
+                and cell.style in general
+                and value.is_integer()
+                and 0 <= value < EXACT_LIMIT
+            ):
+                # The usual number cell: an integer in General format (the full rule below).
+                texts.append(str(int(value)))
+                numbers.append(at)
+                continue
+            if cell is not None and not cell.type and value == "" and not cell.formula:
                 cell = None  # an empty cell (or one covered by a merge): calamine's value
             if cell is None and isinstance(value, str):
                 texts.append(value)
@@ -216,19 +241,10 @@ def _xml_cell(cell: Cell, value: Any, xml: Sheet) -> tuple[Cause, str]:
         return Cause.TIME, _excel_text(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return (Cause.DISAGREE, _excel_text(value)) if value != "" else (Cause.OK, "")
-    if _number(cell.value) != value:
-        return Cause.DISAGREE, _excel_text(value)
     form = xml.format_of(cell.style)
     if form is None:
         return value_cause(value), _excel_text(value)
     return shown_number(value, form)
-
-
-def _number(raw: bytes) -> float | None:
-    try:
-        return float(raw)
-    except ValueError:
-        return None
 
 
 def _has_xml_sheets(path: str) -> bool:

@@ -7,7 +7,7 @@ Only truly blank rows are dropped, and they are counted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -42,7 +42,8 @@ class CellFacts:
     key_cause: npt.NDArray[np.int8] | None = None  # Cause per row
     event_cause: npt.NDArray[np.int8] | None = None
     hidden: npt.NDArray[np.bool_] | None = None
-    content: npt.NDArray[np.bool_] | None = None  # another column of the row holds something
+    # Which of the rows given (blank in the key and event columns) hold something elsewhere.
+    content: Callable[[npt.NDArray[np.bool_]], npt.NDArray[np.bool_] | None] | None = None
 
 
 NO_FACTS: Final = CellFacts()
@@ -108,9 +109,10 @@ def _normalise(
             blank &= ~overflow
         if facts.event_cause is not None:
             blank &= facts.event_cause == 0
-        if facts.content is not None:
-            note_rows = blank & facts.content
-            blank &= ~facts.content
+        content = facts.content(blank) if facts.content is not None and blank.any() else None
+        if content is not None:
+            note_rows = blank & content
+            blank &= ~content
     event_codes = _spread(events.value_index, codes)
     problem_codes, problem_values = _problems(
         codes,
@@ -246,23 +248,23 @@ def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8], KeyByt
 
 # What an office suite leaves in text it wrote from a number or an error cell.
 _SCIENTIFIC: Final = r"^[+-]?[0-9]+(\.[0-9]+)?[eE][+-][0-9]+$"
-_ERROR: Final = (
-    r"^(#N/A|#DIV/0!|#VALUE!|#REF!|#NAME\?|#NUM!|#NULL!|#SPILL!|#CALC!|#GETTING_DATA|"
-    r"Err:[0-9]{3})$"
-)
-# '#', '+', '-' and '?' all sort below '0': a file of digits and letters needs no pass at all.
-_LOWEST_MARK: Final = ord("?")
+_ERROR: Final = r"^(#N/A|#DIV/0!|#VALUE!|#REF!|#NAME\?|#NUM!|#NULL!|#SPILL!|#CALC!|#GETTING_DATA)$"
+# Both marks hold '#', '+' or '-', all below '0': keys of digits and letters need no pass.
+_HIGHEST_MARK: Final = ord("-")
 
 
 def _text_causes(
     key: pd.Series, found: KeyBytes | None, cp1252: bool
 ) -> npt.NDArray[np.int8] | None:
     """Keys whose text carries the marks of a spreadsheet's conversion; None for none."""
-    if found is not None and found.byte_range[0] > _LOWEST_MARK:
+    marks = found is None or found.byte_range[0] <= _HIGHEST_MARK
+    if not marks and not cp1252:
         return None
     values = _arrow(key)
     causes = np.zeros(len(key), dtype=np.int8)
     for pattern, cause in ((_SCIENTIFIC, Cause.SCIENTIFIC), (_ERROR, Cause.ERROR)):
+        if not marks:
+            break
         matched = pa_compute.match_substring_regex(values, pattern).fill_null(False)
         causes[matched.to_numpy(zero_copy_only=False).astype(np.bool_)] = cause
     if cp1252:

@@ -30,8 +30,7 @@ _HIDDEN_ROW: Final = re.compile(rb"<(?:\w+:)?row\b([^>]*\bhidden\s*=\s*[\"'](?:1
 _MERGE: Final = re.compile(
     rb"<(?:\w+:)?mergeCell\b[^>]*\bref\s*=\s*\"([A-Z]+)([0-9]+):([A-Z]+)([0-9]+)\""
 )
-_ROW_WITHOUT_NUMBER: Final = re.compile(rb"<(?:\w+:)?row(?![^>]*\br=)[\s/>]")
-_CELL_WITHOUT_REF: Final = re.compile(rb"<(?:\w+:)?c(?![^>]*\br=)[\s/>]")
+_HIDDEN_MARKS: Final = (b'hidden="1"', b'hidden="true"', b"hidden='1'", b"hidden='true'")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,8 @@ class Sheet:
     formats: list[Format]
     hidden_rows: npt.NDArray[np.int64]  # 1-based
     merges: list[tuple[int, int, int, int]]  # 0-based first row, first col, last row, last col
-    refs_complete: bool  # every row and cell names its place (else cells are "format unknown")
+    formulas: bool  # the sheet holds a formula somewhere
+    errors: bool  # the sheet holds an error cell somewhere
     _columns: dict[int, dict[int, Cell]] = field(default_factory=dict)
 
     def format_of(self, style: int) -> Format | None:
@@ -60,10 +60,24 @@ class Sheet:
         return self.formats[style] if 0 <= style < len(self.formats) else None
 
     def column(self, col: int) -> dict[int, Cell]:
-        """Cells of one column (0-based) by 1-based row number; {} when refs are incomplete."""
+        """One column's (0-based) cells that are not plain text, by 1-based row.
+
+        Only cells whose tag starts with its place (``<c r="B5"``, as Excel and LibreOffice write
+        them) are found; any other is left to calamine's value and the "format unknown" rule.
+        """
         if col not in self._columns:
-            self._columns[col] = _scan_column(self.data, col) if self.refs_complete else {}
+            self._columns[col] = _scan_column(self.data, col, self.errors)
         return self._columns[col]
+
+    @property
+    def general(self) -> frozenset[int]:
+        """Styles whose number format is General: the usual number cell's, given a fast path."""
+        return frozenset(at for at, form in enumerate(self.formats) if form == GENERAL)
+
+    @property
+    def plain(self) -> bool:
+        """No formula and no error cell: only a cell calamine gives as a number needs a look."""
+        return not (self.formulas or self.errors)
 
 
 def read_sheets(path: str) -> dict[str, Sheet]:
@@ -87,9 +101,8 @@ def read_sheets(path: str) -> dict[str, Sheet]:
                 formats=formats,
                 hidden_rows=_hidden_rows(data),
                 merges=_merges(data),
-                refs_complete=not (
-                    _ROW_WITHOUT_NUMBER.search(data) or _CELL_WITHOUT_REF.search(data)
-                ),
+                formulas=any(tag in data for tag in (b"<f>", b"<f ", b":f>", b":f ")),
+                errors=b't="e"' in data or b"t='e'" in data,
             )
         return sheets
 
@@ -120,7 +133,9 @@ def _formats(styles: bytes) -> list[Format]:
 
 
 def _hidden_rows(data: bytes) -> npt.NDArray[np.int64]:
-    rows = []
+    rows: list[int] = []
+    if not any(mark in data for mark in _HIDDEN_MARKS):
+        return np.asarray(rows, dtype=np.int64)
     for tag in _HIDDEN_ROW.finditer(data):
         number = _attributes(tag[1]).get(b"r", b"")
         if number.isdigit():
@@ -129,6 +144,8 @@ def _hidden_rows(data: bytes) -> npt.NDArray[np.int64]:
 
 
 def _merges(data: bytes) -> list[tuple[int, int, int, int]]:
+    if b"mergeCell" not in data:
+        return []
     return [
         (int(m[2]) - 1, _column(m[1]), int(m[4]) - 1, _column(m[3])) for m in _MERGE.finditer(data)
     ]
@@ -141,27 +158,36 @@ def _column(letters: bytes) -> int:
     return number - 1
 
 
-def _scan_column(data: bytes, col: int) -> dict[int, Cell]:
+_TEXT: Final = frozenset({b"s", b"inlineStr"})
+
+
+def _scan_column(data: bytes, col: int, errors: bool) -> dict[int, Cell]:
+    """The cells of one column that are not plain text, by row: one regex pass, the attributes
+    parsed once per distinct spelling (a column's cells share a handful)."""
     letters = _column_letters(col + 1).encode()
-    pattern = re.compile(
-        rb"<(?:\w+:)?c\s+r=\"" + letters + rb"([0-9]+)\"([^>]*?)(/>|>(.*?)</(?:\w+:)?c>)", re.S
-    )
+    cell = rb"<(?:\w+:)?c\s+r=\"" + letters + rb"([0-9]+)\""
+    pattern = re.compile(cell + rb"([^>]*?)(/?)>(<(?:\w+:)?f[\s>/])?")
+    kinds: dict[bytes, tuple[bytes, int]] = {}
     cells: dict[int, Cell] = {}
-    for m in pattern.finditer(data):
-        attributes = m[2]
-        kind = b""
-        style = 0
-        if attributes.strip():
+    for row, attributes, empty, formula in pattern.findall(data):
+        if empty:
+            continue  # <c .../>: no value (or covered by a merge): calamine's value stands
+        kind = kinds.get(attributes)
+        if kind is None:
             found = _attributes(attributes)
-            kind = found.get(b"t", b"n")
-            kind = b"" if kind == b"n" else kind
-            s = found.get(b"s", b"0")
-            style = int(s) if s.isdigit() else -1
-        body = m[4] or b""
-        value = b""
-        if body:
-            at = body.find(b"<v>")
-            if at >= 0:
-                value = body[at + 3 : body.find(b"</v>", at)]
-        cells[int(m[1])] = Cell(kind, style, b"<f" in body, value)
+            t, style = found.get(b"t", b"n"), found.get(b"s", b"0")
+            kind = kinds[attributes] = (
+                b"" if t == b"n" else t,
+                int(style) if style.isdigit() else -1,
+            )
+        if formula or kind[0] not in _TEXT:
+            cells[int(row)] = Cell(kind[0], kind[1], bool(formula), b"")
+    if errors:
+        error = re.compile(
+            cell + rb"[^>]*\bt=\"e\"[^>]*>(?:(?!</(?:\w+:)?c>).)*?<(?:\w+:)?v>([^<]*)<", re.S
+        )
+        for row, value in error.findall(data):
+            known = cells.get(int(row))
+            if known is not None:
+                cells[int(row)] = Cell(known.type, known.style, known.formula, value)
     return cells
