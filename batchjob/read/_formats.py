@@ -77,14 +77,15 @@ def classify(code: str) -> Format:
     """What a number format code shows (only its first section, the one for positive numbers)."""
     if code.strip().casefold() in ("general", "@", ""):
         return GENERAL
-    currency = any(sign for sign in _CURRENCY_TAG.findall(code))
-    section = _first_section(code)
-    if section.strip().casefold() in ("general", "@"):
-        return GENERAL
-    bare = _BRACKETS.sub("", _QUOTED.sub("", section))
     if '"TRUE"' in code.upper() and '"FALSE"' in code.upper():
         return Format(Kind.BOOLEAN)
+    currency = any(sign for sign in _CURRENCY_TAG.findall(code))
+    section = _first_section(code)
+    bare = _BRACKETS.sub("", _QUOTED.sub("", section))
+    literals = "".join(a + b for a, b in _LITERAL.findall(section))
     folded = bare.casefold()
+    if folded.strip() in ("general", "@") and not literals:
+        return GENERAL
     if "e+" in folded or "e-" in folded:
         return Format(Kind.SCIENTIFIC)
     if any(ch in folded for ch in "ymdhs") or re.search(r"\[(h|m|s)+\]", section, re.I):
@@ -94,10 +95,9 @@ def classify(code: str) -> Format:
         return Format(Kind.DATE if has_date else Kind.TIME)
     if "%" in bare:
         return Format(Kind.PERCENT)
-    literals = "".join(a + b for a, b in _LITERAL.findall(section))
     if currency or any(ch in _CURRENCY_SIGNS for ch in bare + literals):
         return Format(Kind.CURRENCY)
-    if bare and set(bare) == {"0"}:
+    if bare and set(bare) == {"0"} and not literals:
         return Format(Kind.ZEROS, len(bare))
     return Format(Kind.OTHER)
 
