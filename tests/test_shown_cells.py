@@ -169,7 +169,7 @@ def test_a_bad_key_pattern_is_a_config_error_naming_it(pattern: str) -> None:
 
 def test_key_pattern_from_the_environment_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BATCHJOB_KEY_PATTERN", "[0-9")
-    with pytest.raises(ConfigError, match="key_pattern.*BATCHJOB_KEY_PATTERN"):
+    with pytest.raises(ConfigError, match=r"key_pattern.*BATCHJOB_KEY_PATTERN"):
         load_config(cli={})
     monkeypatch.setenv("BATCHJOB_KEY_PATTERN", "[0-9a-f]{12}")
     assert load_config(cli={}).key_pattern == "[0-9a-f]{12}"

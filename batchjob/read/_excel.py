@@ -15,7 +15,7 @@ import xml.parsers.expat
 import zipfile
 import zlib
 from collections.abc import Sequence
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +28,7 @@ from batchjob.read._findings import Findings
 from batchjob.read._formats import EXACT_LIMIT, Cause, shown_number, value_cause
 from batchjob.read._limits import _check_workbook_size
 from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
+from batchjob.read._odsxml import OdsSheet, read_ods
 from batchjob.read._shared import _BOMS, _OLE2_MAGIC, _ZIP_MAGIC
 from batchjob.read._sheetxml import Cell, Sheet, read_sheets
 
@@ -55,12 +56,13 @@ def _read_excel(
         book = python_calamine.CalamineWorkbook.from_path(path)
         sheets = [book.get_sheet_by_name(name) for name in book.sheet_names]
         grids = [sheet.to_python(skip_empty_area=False) for sheet in sheets]
-        sheet_xml = read_sheets(path) if suffix in _XML_SUFFIXES and _has_xml_sheets(path) else {}
+        kind = _zip_kind(path) if head.startswith(_ZIP_MAGIC) else ""
+        sheet_xml = read_sheets(path) if kind == "xlsx" and suffix in _XML_SUFFIXES else {}
     except InputError:
         raise
     except Exception as exc:  # the engine raises many unrelated types for a damaged workbook
         raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
-    parts: list[_Part] = []
+    found_sheets: list[tuple[str, list[list[Any]], int, _Columns, Any]] = []
     seen: list[str] = []
     for sheet, grid in zip(sheets, grids, strict=True):
         where = f"{path}#{sheet.name}"
@@ -78,11 +80,29 @@ def _read_excel(
         _check_event_source(where, columns, options.default, matcher)
         if header:
             findings.headers.append(f"header found on row {header + 1} of {where}")
-        parts.append(
-            _read_sheet(
-                where, grid, header, columns, sheet, sheet_xml.get(sheet.name), options, findings
-            )
+        found_sheets.append((where, grid, header, columns, sheet))
+    ods: dict[str, OdsSheet] = {}
+    if kind == "ods" and found_sheets:
+        wanted = {
+            s.name: [c.key, *([] if c.event is None else [c.event])] for *_, c, s in found_sheets
+        }
+        try:
+            ods = read_ods(path, wanted)
+        except (ValueError, xml.parsers.expat.ExpatError) as exc:
+            raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
+    parts = [
+        _read_sheet(
+            where,
+            grid,
+            header,
+            columns,
+            sheet,
+            _Extra(sheet_xml.get(sheet.name), ods.get(sheet.name)),
+            options,
+            findings,
         )
+        for where, grid, header, columns, sheet in found_sheets
+    ]
     if not parts:
         raise InputError(
             f"{path}: no sheet has an order ticket key column; {'; '.join(seen) or 'no sheets'}. "
@@ -97,23 +117,25 @@ def _read_sheet(
     header: int,
     columns: _Columns,
     sheet: Any,
-    xml: Sheet | None,
+    extra: _Extra,
     options: ReadOptions,
     findings: Findings,
 ) -> _Part:
     body = grid[header + 1 :]
     first_row = header + 2  # 1-based; the grid starts at A1 (skip_empty_area=False)
+    xml, ods = extra
     merges: list[_Merge] = list(sheet.merged_cell_ranges or [])
-    if not merges and xml is not None:
-        merges = [((r0, c0), (r1, c1)) for r0, c0, r1, c1 in xml.merges]
-    reader = _CellReader(where, xml, first_row, findings)
+    if not merges and (xml or ods) is not None:
+        found = xml.merges if xml is not None else ods.merges if ods is not None else []
+        merges = [((r0, c0), (r1, c1)) for r0, c0, r1, c1 in found]
+    reader = _CellReader(where, xml, ods, first_row, findings)
     key_text, key_cause = reader.read(_column(body, columns.key, header + 1, merges), columns.key)
     event = event_cause = None
     if columns.event is not None:
         values = _column(body, columns.event, header + 1, merges)
         event_text, event_cause = reader.read(values, columns.event)
         event = pd.Series(event_text, dtype="category")
-    hidden = None
+    hidden = ods.hidden_rows(first_row, len(body)) if ods is not None else None
     if xml is not None and len(xml.hidden_rows):
         hidden = np.zeros(len(body), dtype=np.bool_)
         at = xml.hidden_rows - first_row
@@ -160,9 +182,17 @@ def _column(body: list[list[Any]], col: int, top: int, merges: Sequence[_Merge])
 class _CellReader:
     """Each cell's shown text and :class:`Cause`, from the XML where there is one."""
 
-    def __init__(self, where: str, xml: Sheet | None, first_row: int, findings: Findings) -> None:
+    def __init__(
+        self,
+        where: str,
+        xml: Sheet | None,
+        ods: OdsSheet | None,
+        first_row: int,
+        findings: Findings,
+    ) -> None:
         self._where = where
         self._xml = xml
+        self._ods = ods
         self._first_row = first_row
         self._findings = findings
 
@@ -178,7 +208,17 @@ class _CellReader:
         unknown: list[int] = []
         first = self._first_row
         general = xml.general if xml is not None else frozenset()
+        ods = self._ods.cells.get(col, {}) if self._ods is not None else {}
         for at, value in enumerate(values):
+            if ods:
+                shown = ods.get(first + at)
+                if shown is not None:
+                    cause, text = shown.judged()
+                    if cause == Cause.OK and shown.value_type == "float":
+                        numbers.append(at)
+                    causes[at] = cause
+                    texts.append(text)
+                    continue
             cell = cells.get(first + at) if cells else None
             if (
                 cell is not None
@@ -247,10 +287,21 @@ def _xml_cell(cell: Cell, value: Any, xml: Sheet) -> tuple[Cause, str]:
     return shown_number(value, form)
 
 
-def _has_xml_sheets(path: str) -> bool:
-    """An .xlsb renamed .xlsx has binary sheets: nothing to read as XML."""
+class _Extra(NamedTuple):
+    """What the file says beyond calamine's values, by format (None: not read)."""
+
+    xml: Sheet | None
+    ods: OdsSheet | None
+
+
+def _zip_kind(path: str) -> str:
+    """ "xlsx" for XML sheets, "ods" for OpenDocument, "" otherwise (an .xlsb has binary sheets),
+    by content: the engine too ignores the name."""
     with zipfile.ZipFile(path) as archive:
-        return "xl/workbook.xml" in archive.namelist()
+        names = {name.lower() for name in archive.namelist()}
+    if "xl/workbook.xml" in names:
+        return "xlsx"
+    return "ods" if "content.xml" in names else ""
 
 
 def _check_workbook_magic(path: str, suffix: str, head: bytes) -> None:
