@@ -22,20 +22,6 @@ CORPUS = Path(__file__).parent / "office_corpus"
 EXPECTED: dict[str, Any] = json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))
 FILES: dict[str, Any] = EXPECTED["files"]
 
-#: Rows where the format is unknown to batchjob and the number cell's shown text differs from
-#: the integer it holds (.xls: no number formats or hidden rows read; see README "Input files").
-#: Each is planned with the integer, counted in the summary's "format the file does not say".
-_UNREAD = {
-    10: "number 123 in format 000000: planned as 123, the sheet shows 000123",
-    20: "number 100 in a currency format: planned as 100, the sheet shows $100",
-    22: "number 100000 in format 0.00E+00: planned as 100000, the sheet shows 1.00E+05",
-    31: "hidden row: not read from this format, sent",
-    32: "hidden row: not read from this format, sent",
-    33: "filtered row: not read from this format, sent",
-    34: "filtered row: not read from this format, sent",
-}
-KNOWN_GAPS: dict[str, dict[int, str]] = {"scans.xls": _UNREAD}
-
 
 def _truth(name: str) -> list[tuple[str, int, dict[str, Any]]]:
     """(source, row, observed) for every row below the header of every sheet of one file."""
@@ -86,7 +72,6 @@ def test_every_row_is_planned_as_shown_or_refused_with_its_cause(name: str) -> N
             strict=True,
         )
     }
-    gaps = KNOWN_GAPS.get(name, {})
     planned = 0
     for source, row, seen in _truth(name):
         where = f"{source} row {row}"
@@ -101,12 +86,7 @@ def test_every_row_is_planned_as_shown_or_refused_with_its_cause(name: str) -> N
         assert (source, row) in read, f"{where}: lost"
         key, event, problem = read[(source, row)]
         hidden = seen.get("hidden") or seen.get("filtered")
-        if row in gaps and source.endswith("#Scans"):
-            # Documented (README "Input files"): a gap that closes must be removed from the list.
-            assert not problem, f"{where}: a known gap that is fixed: {gaps[row]}"
-            if row in (10, 20, 22):
-                assert key != seen["key"].strip(" ")
-        elif hidden:
+        if hidden:
             assert problem == HIDDEN_PROBLEM, f"{where}: hidden, but {problem!r}"
         elif problem:
             assert problem != HIDDEN_PROBLEM, f"{where}: skipped, but not hidden"

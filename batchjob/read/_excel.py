@@ -31,6 +31,7 @@ from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
 from batchjob.read._odsxml import OdsSheet, read_ods
 from batchjob.read._shared import _BOMS, _OLE2_MAGIC, _ZIP_MAGIC
 from batchjob.read._sheetxml import Cell, Sheet, read_sheets
+from batchjob.read._xlsbiff import XlsCell, XlsSheet, read_xls
 
 #: The header is looked for in this many rows from the top (title rows may sit above it).
 HEADER_SEARCH_ROWS: Final = 20
@@ -82,14 +83,15 @@ def _read_excel(
             findings.headers.append(f"header found on row {header + 1} of {where}")
         found_sheets.append((where, grid, header, columns, sheet))
     ods: dict[str, OdsSheet] = {}
-    if kind == "ods" and found_sheets:
-        wanted = {
-            s.name: [c.key, *([] if c.event is None else [c.event])] for *_, c, s in found_sheets
-        }
-        try:
+    xls: dict[str, XlsSheet] = {}
+    wanted = {s.name: [c.key, *([] if c.event is None else [c.event])] for *_, c, s in found_sheets}
+    try:
+        if kind == "ods" and found_sheets:
             ods = read_ods(path, wanted)
-        except (ValueError, xml.parsers.expat.ExpatError) as exc:
-            raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
+        elif head.startswith(_OLE2_MAGIC) and found_sheets:
+            xls = read_xls(path, wanted)
+    except (ValueError, xml.parsers.expat.ExpatError) as exc:
+        raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
     parts = [
         _read_sheet(
             where,
@@ -97,7 +99,7 @@ def _read_excel(
             header,
             columns,
             sheet,
-            _Extra(sheet_xml.get(sheet.name), ods.get(sheet.name)),
+            _Extra(sheet_xml.get(sheet.name), ods.get(sheet.name), xls.get(sheet.name)),
             options,
             findings,
         )
@@ -123,19 +125,22 @@ def _read_sheet(
 ) -> _Part:
     body = grid[header + 1 :]
     first_row = header + 2  # 1-based; the grid starts at A1 (skip_empty_area=False)
-    xml, ods = extra
+    xml, ods, xls = extra
     merges: list[_Merge] = list(sheet.merged_cell_ranges or [])
     if not merges and (xml or ods) is not None:
         found = xml.merges if xml is not None else ods.merges if ods is not None else []
         merges = [((r0, c0), (r1, c1)) for r0, c0, r1, c1 in found]
-    reader = _CellReader(where, xml, ods, first_row, findings)
+    reader = _CellReader(where, extra, first_row, findings)
     key_text, key_cause = reader.read(_column(body, columns.key, header + 1, merges), columns.key)
     event = event_cause = None
     if columns.event is not None:
         values = _column(body, columns.event, header + 1, merges)
         event_text, event_cause = reader.read(values, columns.event)
         event = pd.Series(event_text, dtype="category")
-    hidden = ods.hidden_rows(first_row, len(body)) if ods is not None else None
+    hidden = None
+    for found_in in (ods, xls):
+        if found_in is not None:
+            hidden = found_in.hidden_rows(first_row, len(body))
     if xml is not None and len(xml.hidden_rows):
         hidden = np.zeros(len(body), dtype=np.bool_)
         at = xml.hidden_rows - first_row
@@ -182,17 +187,11 @@ def _column(body: list[list[Any]], col: int, top: int, merges: Sequence[_Merge])
 class _CellReader:
     """Each cell's shown text and :class:`Cause`, from the XML where there is one."""
 
-    def __init__(
-        self,
-        where: str,
-        xml: Sheet | None,
-        ods: OdsSheet | None,
-        first_row: int,
-        findings: Findings,
-    ) -> None:
+    def __init__(self, where: str, extra: _Extra, first_row: int, findings: Findings) -> None:
         self._where = where
-        self._xml = xml
-        self._ods = ods
+        self._xml = extra.xml
+        self._ods = extra.ods
+        self._xls = extra.xls
         self._first_row = first_row
         self._findings = findings
 
@@ -209,7 +208,17 @@ class _CellReader:
         first = self._first_row
         general = xml.general if xml is not None else frozenset()
         ods = self._ods.cells.get(col, {}) if self._ods is not None else {}
+        xls = self._xls.cells.get(col, {}) if self._xls is not None else {}
         for at, value in enumerate(values):
+            if xls and self._xls is not None:
+                biff = xls.get(first + at)
+                if biff is not None:
+                    cause, text = _xls_cell(biff, value, self._xls)
+                    if cause == Cause.OK:
+                        numbers.append(at)
+                    causes[at] = cause
+                    texts.append(text)
+                    continue
             if ods:
                 shown = ods.get(first + at)
                 if shown is not None:
@@ -292,6 +301,27 @@ class _Extra(NamedTuple):
 
     xml: Sheet | None
     ods: OdsSheet | None
+    xls: XlsSheet | None
+
+
+def _xls_cell(cell: XlsCell, value: Any, xls: XlsSheet) -> tuple[Cause, str]:
+    """A BIFF cell's cause and text from its record kind and format."""
+    if cell.error:
+        return Cause.ERROR, cell.error
+    if cell.kind == "formula":
+        return Cause.FORMULA, _excel_text(value)
+    if cell.kind == "boolean":
+        return Cause.BOOLEAN, _excel_text(value)
+    if isinstance(value, dt.datetime | dt.date):
+        return Cause.DATE, _excel_text(value)
+    if isinstance(value, dt.time | dt.timedelta):
+        return Cause.TIME, _excel_text(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return Cause.DISAGREE, _excel_text(value)
+    form = xls.format_of(cell.xf)
+    if form is None:
+        return value_cause(value), _excel_text(value)
+    return shown_number(value, form)
 
 
 def _zip_kind(path: str) -> str:
