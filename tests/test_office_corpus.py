@@ -156,3 +156,14 @@ def test_dry_run_plan_skips_hidden_rows_and_merges_a_hidden_repeat(tmp_path: Pat
     assert plan.seen.headers == (f"header found on row 3 of {CORPUS / 'scans.xlsx'}#Scans",)
     sent = read_inputs([CORPUS / "scans.xlsx"], include_hidden_rows=True)
     assert HIDDEN_PROBLEM not in set(sent.frame["problem"])
+
+
+def test_keys_from_number_cells_are_told_with_places_and_cure() -> None:
+    """roundtrip.xlsx: a CSV of text keys opened and saved by an office suite; the keys that
+    became numbers (000123 -> 123) are sent as shown, but the summary says so."""
+    seen = read_inputs([CORPUS / "roundtrip.xlsx"]).seen
+    (numbers,) = [f for f in seen.findings if f.what.startswith("keys or events read from number")]
+    assert numbers.count >= 4
+    assert numbers.places[0] == f"{CORPUS / 'roundtrip.xlsx'}#roundtrip-source row 2"
+    assert "format the column as Text" in numbers.cure
+    assert numbers.line().startswith(f"{numbers.count} keys or events read from number cells")

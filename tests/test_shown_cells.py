@@ -4,6 +4,9 @@ key_pattern, hidden rows (skipped, merged, exit code), title rows, and what the 
 from __future__ import annotations
 
 import math
+import re
+import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import openpyxl
@@ -161,7 +164,7 @@ def test_a_catastrophic_pattern_runs_in_linear_time(tmp_path: Path) -> None:
     assert frame["problem"].str.contains("key_pattern").all()
 
 
-@pytest.mark.parametrize("pattern", ["[0-9", "(?P<x>a)(?P=x)", ""])
+@pytest.mark.parametrize("pattern", ["[0-9", "(?P<x>a)(?P=x)", "", "a)|(b"])
 def test_a_bad_key_pattern_is_a_config_error_naming_it(pattern: str) -> None:
     with pytest.raises(ConfigError, match="key_pattern"):
         JobConfig(key_pattern=pattern)
@@ -284,3 +287,81 @@ def test_a_header_too_far_down_says_where_it_must_be(tmp_path: Path) -> None:
     path.write_text("title\n" * 25 + f"event_id,order_ticket_key\n{EVENT},k1\n", encoding="utf-8")
     with pytest.raises(Exception, match="first 20 rows"):
         read_inputs([path])
+
+
+# --- an adversary's workbooks ------------------------------------------------------------------
+
+
+def _rewrite_sheet(path: Path, change: Callable[[bytes], bytes]) -> Path:
+    """The same workbook with its first sheet's XML changed (as another writer might spell it)."""
+    out = path.with_name("rewritten.xlsx")
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(out, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "xl/worksheets/sheet1.xml":
+                data = change(data)
+            target.writestr(item, data)
+    return out
+
+
+def _zeros_workbook(path: Path) -> Path:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Event ID", "Ticket Key"])
+    sheet.append([EVENT, 123])
+    sheet.append([EVENT, 456])
+    sheet["B2"].number_format = "000000"
+    sheet.row_dimensions[3].hidden = True
+    book.save(path)
+    return path
+
+
+def test_cell_attributes_in_another_order_are_still_read(tmp_path: Path) -> None:
+    path = _zeros_workbook(tmp_path / "a.xlsx")
+
+    def reorder(data: bytes) -> bytes:
+        # <c r="B2" s="1" t="n"> -> <c s="1" t="n" r="B2">
+        return re.sub(rb'<c r="([A-Z]+[0-9]+)"([^>]*?)(/?)>', rb'<c\2 r="\1"\3>', data)
+
+    rewritten = _rewrite_sheet(path, reorder)
+    assert b'<c r="' not in zipfile.ZipFile(rewritten).read("xl/worksheets/sheet1.xml")
+    frame = read_inputs([rewritten]).frame
+    assert frame["order_ticket_key"].tolist()[0] == "000123"
+    assert frame["problem"].tolist() == ["", HIDDEN_PROBLEM]
+
+
+def test_hidden_true_and_single_quotes_are_hidden_too(tmp_path: Path) -> None:
+    path = _zeros_workbook(tmp_path / "a.xlsx")
+    rewritten = _rewrite_sheet(path, lambda d: d.replace(b'hidden="1"', b"hidden='true'"))
+    assert read_inputs([rewritten]).frame["problem"].tolist() == ["", HIDDEN_PROBLEM]
+
+
+def test_a_title_row_spelled_like_the_key_header_is_not_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "a.csv"
+    path.write_text(f"Ticket Key\n\nevent_id,ticket_key\n{EVENT},k1\n", encoding="utf-8")
+    inputs = read_inputs([path])
+    assert inputs.frame["order_ticket_key"].tolist() == ["k1"]
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Ticket Key"])
+    sheet.append(["Event ID", "Ticket Key"])
+    sheet.append([EVENT, "k1"])
+    book.save(tmp_path / "a.xlsx")
+    assert read_inputs([tmp_path / "a.xlsx"]).frame["order_ticket_key"].tolist() == ["k1"]
+
+
+def test_a_huge_style_table_makes_formats_unknown_not_slow(tmp_path: Path) -> None:
+    path = _zeros_workbook(tmp_path / "a.xlsx")
+    out = tmp_path / "styles.xlsx"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "xl/styles.xml":
+                extra = b'<xf numFmtId="0" fontId="0" fillId="0" borderId="0"/>' * 70_000
+                data = data.replace(b"</cellXfs>", extra + b"</cellXfs>")
+            target.writestr(item, data)
+    frame = read_inputs([out]).frame
+    # Formats unknown: the integer, as in a file that does not say (and counted as such).
+    assert frame["order_ticket_key"].tolist()[0] == "123"

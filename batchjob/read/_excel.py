@@ -258,13 +258,20 @@ class _CellReader:
             causes[at] = cause
             texts.append(text)
         rows = np.arange(first, first + len(values))
-        self._findings.add("keys or events read from number cells", self._where, rows[numbers])
+        # Sent as shown, but a number cell may have lost leading zeros before it was saved.
+        cure = "if a key had leading zeros, format the column as Text and export again"
+        self._findings.add(
+            "keys or events read from number cells (sent as shown)",
+            self._where,
+            rows[numbers],
+            cure,
+        )
         self._findings.add(
             "keys or events read from number cells whose format the file does not say "
             "(accepted: integers below 2^53)",
             self._where,
             rows[unknown],
-            "format the column as Text and export again if a key had leading zeros",
+            cure,
         )
         return texts, causes
 

@@ -62,11 +62,15 @@ class Sheet:
     def column(self, col: int) -> dict[int, Cell]:
         """One column's (0-based) cells that are not plain text, by 1-based row.
 
-        Only cells whose tag starts with its place (``<c r="B5"``, as Excel and LibreOffice write
-        them) are found; any other is left to calamine's value and the "format unknown" rule.
+        Cells whose tag starts with its place (``<c r="B5"``, as Excel and LibreOffice write
+        them) are found by a fast scan; a sheet with any other spelling takes a slower one. A
+        cell naming no place at all is left to calamine's value and the "format unknown" rule.
         """
         if col not in self._columns:
-            self._columns[col] = _scan_column(self.data, col, self.errors)
+            if not _place_first(self.data):
+                self._columns[col] = _scan_any_order(self.data, col)
+            else:
+                self._columns[col] = _scan_column(self.data, col, self.errors)
         return self._columns[col]
 
     @property
@@ -159,6 +163,34 @@ def _column(letters: bytes) -> int:
 
 
 _TEXT: Final = frozenset({b"s", b"inlineStr"})
+_ANY_CELL: Final = re.compile(rb"<(?:\w+:)?c\s([^>]*?)(/?)>(<(?:\w+:)?f[\s>/])?")
+_PLACE: Final = re.compile(rb"([A-Z]+)([0-9]+)")
+
+
+def _place_first(data: bytes) -> bool:
+    """Whether every cell tag is spelled ``<c r="``: counted at C speed, not parsed."""
+    if b":c " in data:
+        return False  # namespace-prefixed tags
+    return data.count(b"<c ") == data.count(b'<c r="')
+
+
+def _scan_any_order(data: bytes, col: int) -> dict[int, Cell]:
+    """:func:`_scan_column` for cells whose attributes come in any order (slower: each cell's
+    attributes are parsed). Error cells' values are not read: they show as empty."""
+    letters = _column_letters(col + 1).encode()
+    cells: dict[int, Cell] = {}
+    for attributes, empty, formula in _ANY_CELL.findall(data):
+        found = _attributes(attributes)
+        place = _PLACE.fullmatch(found.get(b"r", b""))
+        if place is None or place[1] != letters or empty:
+            continue
+        t, style = found.get(b"t", b"n"), found.get(b"s", b"0")
+        kind = b"" if t == b"n" else t
+        if formula or kind not in _TEXT:
+            cells[int(place[2])] = Cell(
+                kind, int(style) if style.isdigit() else -1, bool(formula), b""
+            )
+    return cells
 
 
 def _scan_column(data: bytes, col: int, errors: bool) -> dict[int, Cell]:
