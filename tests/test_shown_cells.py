@@ -28,7 +28,8 @@ from batchjob.read._formats import (
     classify,
     shown_number,
 )
-from tests.support import read_report
+from batchjob.sandbox import Sandbox, World
+from tests.support import read_report, run, ticket_rows
 
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
 
@@ -365,3 +366,26 @@ def test_a_huge_style_table_makes_formats_unknown_not_slow(tmp_path: Path) -> No
     frame = read_inputs([out]).frame
     # Formats unknown: the integer, as in a file that does not say (and counted as such).
     assert frame["order_ticket_key"].tolist()[0] == "123"
+
+
+async def test_a_run_whose_only_unsent_rows_are_hidden_exits_0(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    rows = ticket_rows(world)[:3]
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Event ID", "Ticket Key"])
+    for event, key in rows:
+        sheet.append([event, key])
+    sheet.row_dimensions[3].hidden = True  # the second key
+    book.save(tmp_path / "in.xlsx")
+
+    result = await run(sandbox, [tmp_path / "in.xlsx"], tmp_path)
+
+    report = read_report(result.report)
+    assert report["outcome"].tolist() == ["undone", "skipped", "undone"]
+    assert result.exit_code == 0
+    assert result.failed_rows_count == 0
+    sent = {k for r in sandbox.requests if r.method == "POST" for k in r.keys}
+    assert rows[1][1] not in sent

@@ -1,10 +1,11 @@
 """Reading workbooks (.xlsx, .xlsm, .xlsb, .xls, .ods) with python-calamine, each key and event
 cell as the sheet shows it.
 
-calamine gives values fast but no number formats, hidden rows, error cells or formulas; for
-.xlsx/.xlsm those are read from the sheet XML for the key and event columns only (see
-:mod:`._sheetxml`). In the other formats a number's format is unknown: a number cell is taken
-only when it is an integer below 2^53 (shown as that integer in General format), and counted.
+calamine gives values fast but no number formats, hidden rows, error cells or formulas; those
+are read from the file itself for the key and event columns only: the sheet XML of .xlsx/.xlsm
+(:mod:`._sheetxml`), the BIFF records of .xls (:mod:`._xlsbiff`), content.xml of .ods
+(:mod:`._odsxml`). In .xlsb a number's format is unknown: a number cell is taken only when it
+is an integer below 2^53 (shown as that integer in General format), and counted as such.
 """
 
 from __future__ import annotations

@@ -180,9 +180,10 @@ async def run_job(
     }
     if run is not None and run.exit_code:
         exit_code = run.exit_code
-    elif counts[Outcome.UNDONE.value] == len(plan.rows) - counts[Outcome.PLANNED.value] - counts[
-        Outcome.SKIPPED.value
-    ] and (counts[Outcome.INVALID.value] == 0):
+    elif counts[Outcome.UNDONE.value] == len(plan.rows) - sum(
+        counts[o.value]
+        for o in (Outcome.PLANNED, Outcome.SKIPPED)  # skipped: not sent on purpose
+    ) and (counts[Outcome.INVALID.value] == 0):
         exit_code = ExitCode.OK
     else:
         exit_code = ExitCode.INCOMPLETE
