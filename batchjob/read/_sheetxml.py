@@ -7,6 +7,7 @@ same bounded reader as the pre-scan, so a part's declared size is never trusted)
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import zipfile
@@ -51,8 +52,6 @@ class Sheet:
     formats: list[Format]
     hidden_rows: npt.NDArray[np.int64]  # 1-based
     merges: list[tuple[int, int, int, int]]  # 0-based first row, first col, last row, last col
-    formulas: bool  # the sheet holds a formula somewhere
-    errors: bool  # the sheet holds an error cell somewhere
     _columns: dict[int, dict[int, Cell]] = field(default_factory=dict)
 
     def format_of(self, style: int) -> Format | None:
@@ -70,7 +69,7 @@ class Sheet:
             if not _place_first(self.data):
                 self._columns[col] = _scan_any_order(self.data, col)
             else:
-                self._columns[col] = _scan_column(self.data, col, self.errors)
+                self._columns[col] = _scan_column(self.data, col)
         return self._columns[col]
 
     @property
@@ -78,10 +77,14 @@ class Sheet:
         """Styles whose number format is General: the usual number cell's, given a fast path."""
         return frozenset(at for at, form in enumerate(self.formats) if form == GENERAL)
 
-    @property
+    @functools.cached_property
     def plain(self) -> bool:
         """No formula and no error cell: only a cell calamine gives as a number needs a look."""
-        return not (self.formulas or self.errors)
+        data = self.data
+        if b't="e"' in data or b"t='e'" in data:
+            return False
+        prefixed = _prefixed(data)
+        return not (_has_tag(data, b"<f") or (prefixed and _has_tag(data, b":f")))
 
 
 def read_sheets(path: str) -> dict[str, Sheet]:
@@ -105,8 +108,6 @@ def read_sheets(path: str) -> dict[str, Sheet]:
                 formats=formats,
                 hidden_rows=_hidden_rows(data),
                 merges=_merges(data),
-                formulas=any(tag in data for tag in (b"<f>", b"<f ", b":f>", b":f ")),
-                errors=b't="e"' in data or b"t='e'" in data,
             )
         return sheets
 
@@ -138,7 +139,7 @@ def _formats(styles: bytes) -> list[Format]:
 
 def _hidden_rows(data: bytes) -> npt.NDArray[np.int64]:
     rows: list[int] = []
-    if not any(mark in data for mark in _HIDDEN_MARKS):
+    if b"hidden" not in data or not any(mark in data for mark in _HIDDEN_MARKS):
         return np.asarray(rows, dtype=np.int64)
     for tag in _HIDDEN_ROW.finditer(data):
         number = _attributes(tag[1]).get(b"r", b"")
@@ -169,9 +170,25 @@ _PLACE: Final = re.compile(rb"([A-Z]+)([0-9]+)")
 
 def _place_first(data: bytes) -> bool:
     """Whether every cell tag is spelled ``<c r="``: counted at C speed, not parsed."""
-    if b":c " in data:
-        return False  # namespace-prefixed tags
+    if _prefixed(data):
+        return False  # namespace-prefixed tags: <x:c ...>
     return data.count(b"<c ") == data.count(b'<c r="')
+
+
+def _prefixed(data: bytes) -> bool:
+    """Whether the sheet's tags carry a namespace prefix (``<x:worksheet>``): its root says."""
+    return b":worksheet" in data[:4096]
+
+
+def _has_tag(data: bytes, start: bytes) -> bool:
+    """Whether a tag named by ``start`` (``<f``) is in the data, not merely one starting so
+    (``<filterColumn``): each occurrence's next byte is checked."""
+    at = data.find(start)
+    while at >= 0:
+        if data[at + len(start) : at + len(start) + 1] in (b" ", b">", b"/", b"\t", b"\n", b"\r"):
+            return True
+        at = data.find(start, at + 1)
+    return False
 
 
 def _scan_any_order(data: bytes, col: int) -> dict[int, Cell]:
@@ -193,12 +210,16 @@ def _scan_any_order(data: bytes, col: int) -> dict[int, Cell]:
     return cells
 
 
-def _scan_column(data: bytes, col: int, errors: bool) -> dict[int, Cell]:
+def _scan_column(data: bytes, col: int) -> dict[int, Cell]:
     """The cells of one column that are not plain text, by row: one regex pass, the attributes
     parsed once per distinct spelling (a column's cells share a handful)."""
     letters = _column_letters(col + 1).encode()
-    cell = rb"<(?:\w+:)?c\s+r=\"" + letters + rb"([0-9]+)\""
-    pattern = re.compile(cell + rb"([^>]*?)(/?)>(<(?:\w+:)?f[\s>/])?")
+    place = rb"<(?:\w+:)?c\s+r=\"" + letters + rb"([0-9]+)\""
+    # Text cells (t="s", t="inlineStr") are skipped by the pattern itself: half the work when
+    # half the keys are text.
+    pattern = re.compile(
+        place + rb"(?![^>]*\bt=[\"'](?:s|inlineStr)[\"'])([^>]*?)(/?)>(<(?:\w+:)?f[\s>/])?"
+    )
     kinds: dict[bytes, tuple[bytes, int]] = {}
     cells: dict[int, Cell] = {}
     for row, attributes, empty, formula in pattern.findall(data):
@@ -214,9 +235,9 @@ def _scan_column(data: bytes, col: int, errors: bool) -> dict[int, Cell]:
             )
         if formula or kind[0] not in _TEXT:
             cells[int(row)] = Cell(kind[0], kind[1], bool(formula), b"")
-    if errors:
+    if any(cell.type == b"e" for cell in cells.values()):
         error = re.compile(
-            cell + rb"[^>]*\bt=\"e\"[^>]*>(?:(?!</(?:\w+:)?c>).)*?<(?:\w+:)?v>([^<]*)<", re.S
+            place + rb"[^>]*\bt=[\"']e[\"'][^>]*>(?:(?!</(?:\w+:)?c>).)*?<(?:\w+:)?v>([^<]*)<", re.S
         )
         for row, value in error.findall(data):
             known = cells.get(int(row))
