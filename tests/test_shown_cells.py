@@ -389,3 +389,20 @@ async def test_a_run_whose_only_unsent_rows_are_hidden_exits_0(
     assert result.failed_rows_count == 0
     sent = {k for r in sandbox.requests if r.method == "POST" for k in r.keys}
     assert rows[1][1] not in sent
+
+
+def test_a_hidden_row_is_told_once_as_hidden_whatever_else_it_holds(tmp_path: Path) -> None:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Event ID", "Ticket Key"])
+    sheet.append([EVENT, 0.5])  # a refused cell...
+    sheet.row_dimensions[2].hidden = True  # ...in a hidden row
+    book.save(tmp_path / "a.xlsx")
+    inputs = read_inputs([tmp_path / "a.xlsx"])
+    assert inputs.frame["problem"].tolist() == [HIDDEN_PROBLEM]
+    assert [f.what for f in inputs.seen.findings] == [
+        "rows hidden or filtered out (skipped, not sent)"
+    ]
+    shown = read_inputs([tmp_path / "a.xlsx"], include_hidden_rows=True)
+    assert "floating point" in shown.frame["problem"][0]

@@ -124,7 +124,12 @@ def _normalise(
     )
     event_values = events.values
     rows = np.arange(first_row, first_row + count, dtype=np.int32)
-    told = _Told(problem_codes, problem_values, rows, source, findings)
+    hidden: npt.NDArray[np.bool_] | None = None
+    if facts.hidden is not None:
+        hidden = facts.hidden if blank is None else facts.hidden & ~blank
+    # A skipped row is told once, as hidden, whatever else is wrong with it.
+    skipped = hidden if hidden is not None and not options.include_hidden_rows else None
+    told = _Told(problem_codes, problem_values, rows, source, findings, skipped)
     if options.key_pattern is not None:
         told.set(
             _mismatch(key, options.key_pattern) & (key_codes == _KEY_OK),
@@ -144,14 +149,14 @@ def _normalise(
             )
     if note_rows is not None:
         told.set(note_rows, NOTE_ROW_PROBLEM, "rows with content but no key and no event (invalid)")
-    if facts.hidden is not None:
-        hidden = facts.hidden if blank is None else facts.hidden & ~blank
+    if hidden is not None:
         what = "rows hidden or filtered out"
-        if options.include_hidden_rows:
+        if skipped is None:
             findings.add(f"{what} (sent: --include-hidden-rows)", source, rows[hidden])
         else:
-            cure = "--include-hidden-rows sends them"
-            told.set(hidden, HIDDEN_PROBLEM, f"{what} (skipped, not sent)", cure)
+            told.skip(
+                HIDDEN_PROBLEM, f"{what} (skipped, not sent)", "--include-hidden-rows sends them"
+            )
     problem_codes, problem_values = told.codes, told.values
 
     blank_rows = 0 if blank is None else int(blank.sum())
@@ -295,14 +300,24 @@ class _Told:
         rows: npt.NDArray[np.int32],
         source: str,
         findings: Findings,
+        skipped: npt.NDArray[np.bool_] | None,
     ) -> None:
         self.codes = codes
         self.values = values
         self._rows = rows
         self._source = source
         self._findings = findings
+        self._skipped = skipped
+
+    def skip(self, text: str, what: str, cure: str) -> None:
+        """The skipped rows get ``text``, over anything set before."""
+        assert self._skipped is not None
+        skipped, self._skipped = self._skipped, None
+        self.set(skipped, text, what, cure)
 
     def set(self, mask: npt.NDArray[np.bool_], text: str, what: str, cure: str = "") -> None:
+        if self._skipped is not None:
+            mask = mask & ~self._skipped
         if not mask.any():
             return
         if text not in self.values:
