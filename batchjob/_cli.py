@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--concurrency", type=int, help="requests in flight, at most (4)")
     run.add_argument("--event-id", help="event for input files that have no event column")
     run.add_argument(
+        "--key-pattern",
+        metavar="REGEX",
+        help="keys must fully match this (RE2) regular expression (env BATCHJOB_KEY_PATTERN)",
+    )
+    run.add_argument(
+        "--include-hidden-rows",
+        action="store_true",
+        default=None,
+        help="send rows hidden or filtered out in a spreadsheet (default: skipped)",
+    )
+    run.add_argument(
         "--token-file", type=Path, help="token file to use and refresh (env CC_TOKEN_FILE)"
     )
     run.add_argument("--client-id", help="OAuth client id for refreshing (env CC_CLIENT_ID)")
@@ -262,6 +273,8 @@ def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
         "batch_size": args.batch_size,
         "concurrency": args.concurrency,
         "event_id": args.event_id,
+        "key_pattern": args.key_pattern,
+        "include_hidden_rows": args.include_hidden_rows,
         "token_file": args.token_file,
         "client_id": args.client_id,
         "max_requests": args.max_requests,

@@ -49,6 +49,8 @@ class JobConfig:
     batch_size: int = 100  # keys per request, at most
     concurrency: int = 4  # requests in flight, at most
     event_id: str | None = None  # for input files that have no event column
+    key_pattern: str | None = None  # a key must fully match this regular expression (RE2)
+    include_hidden_rows: bool = False  # send rows hidden or filtered out in a spreadsheet
     dry_run: bool = False
     resume: bool = False
     max_requests: int | None = None  # the most requests this run may spend
@@ -150,7 +152,16 @@ LOG_LEVELS = ("debug", "info", "warning")
 LOG_FORMATS = ("console", "json")
 _ACTIONS = tuple(a.value for a in Action)
 #: Settings checked one by one, wherever they came from.
-_CHECKED = (*RANGES, "log_level", "log_format", "event_id", "base_url", "token_url", "action")
+_CHECKED = (
+    *RANGES,
+    "log_level",
+    "log_format",
+    "event_id",
+    "key_pattern",
+    "base_url",
+    "token_url",
+    "action",
+)
 
 
 def setting_problem(name: str, value: Any) -> str | None:
@@ -173,6 +184,23 @@ def setting_problem(name: str, value: Any) -> str | None:
         return None if ok else "is not a UUID"
     if name in ("base_url", "token_url"):
         return url_problem(value)
+    if name == "key_pattern":
+        return None if value is None else key_pattern_problem(value)
+    return None
+
+
+def key_pattern_problem(value: Any) -> str | None:
+    """A key pattern is RE2 syntax (pyarrow's): linear-time matching, no backreferences."""
+    if not isinstance(value, str) or not value:
+        return "must be a non-empty regular expression"
+    import pyarrow as pa  # only when a pattern is set: --help stays light
+    import pyarrow.compute as pc
+
+    try:
+        # Alone, not wrapped: "a)|(b" would otherwise pass, wrapped into "^(?:a)|(b)$".
+        pc.match_substring_regex(pa.array([""]), value)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        return f"is not a valid regular expression (RE2 syntax): {str(exc).splitlines()[0]}"
     return None
 
 
@@ -304,8 +332,16 @@ _FLOAT_FIELDS = {
     "retry_cap",
     "grace_period",
 }
-_BOOL_FIELDS = {"dry_run", "resume", "progress"}
-_STR_FIELDS = {"base_url", "token_url", "event_id", "log_format", "log_level", "client_id"}
+_BOOL_FIELDS = {"dry_run", "resume", "progress", "include_hidden_rows"}
+_STR_FIELDS = {
+    "base_url",
+    "token_url",
+    "event_id",
+    "log_format",
+    "log_level",
+    "client_id",
+    "key_pattern",
+}
 _STR_FIELDS |= {"action"}
 #: Settings a config file may hold (inputs and resume belong to one run, not to a file).
 _FILE_FIELDS = (_PATH_FIELDS | _INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS | _STR_FIELDS) - {
@@ -324,6 +360,7 @@ ENV_VARS: Mapping[str, str] = {
     "max_requests": "BATCHJOB_MAX_REQUESTS",
     "log_format": "BATCHJOB_LOG_FORMAT",
     "log_level": "BATCHJOB_LOG_LEVEL",
+    "key_pattern": "BATCHJOB_KEY_PATTERN",
 }
 
 

@@ -17,6 +17,7 @@ class Outcome(StrEnum):
     INVALID = "invalid"  # the input row was unusable; nothing was sent
     NOT_ATTEMPTED = "not_attempted"  # the run stopped before sending it
     PLANNED = "planned"  # dry run
+    SKIPPED = "skipped"  # hidden in the spreadsheet: not sent on purpose (not retried)
 
 
 #: The report's columns, in order. Also the failed-rows file's, so it is valid input.

@@ -285,7 +285,7 @@ def test_quoted_newlines_and_blank_lines_keep_spreadsheet_row_numbers(tmp_path: 
         "\n"  # row 3, blank
         ",,\n"  # row 4, blank
         f"Bob,{EVENT},K2\n"  # row 5
-        'only a name,"",""\n'  # row 6, nothing we use: blank
+        'only a name,"",""\n'  # row 6, content but no key and no event: invalid (issue 9)
         f'"Multi\r\nline\r\nnote",{EVENT},"K3"\n'  # row 7
         f"Eve,{EVENT},K4"  # row 8, no final newline
     )
@@ -293,9 +293,10 @@ def test_quoted_newlines_and_blank_lines_keep_spreadsheet_row_numbers(tmp_path: 
 
     result = read_inputs([path])
 
-    assert keys(result) == ["K1", "K2", "K3", "K4"]
-    assert column(result, "source_row") == [2, 5, 7, 8]
-    assert result.blank_rows == 3
+    assert keys(result) == ["K1", "K2", "", "K3", "K4"]
+    assert column(result, "source_row") == [2, 5, 6, 7, 8]
+    assert column(result, "problem")[2] == "row has content but no key and no event"
+    assert result.blank_rows == 2
 
 
 def test_blank_lines_above_the_header_shift_row_numbers(tmp_path: Path) -> None:
@@ -437,7 +438,8 @@ def test_keys_are_kept_as_text(tmp_path: Path) -> None:
     result = read_inputs([path])
 
     assert keys(result) == [key.strip() for key in raw]
-    assert problems(result) == [""] * len(raw)
+    # "#N/A" is kept as text, but it is an error value a spreadsheet wrote, not a key (issue 9).
+    assert [bool(p) for p in problems(result)] == [key == "#N/A" for key in raw]
 
 
 def test_event_ids_are_normalised_or_explained(tmp_path: Path) -> None:
@@ -475,15 +477,17 @@ def test_event_ids_are_normalised_or_explained(tmp_path: Path) -> None:
     ]
 
 
-def test_a_row_with_neither_event_nor_key_is_blank_even_with_other_cells(tmp_path: Path) -> None:
-    text = f"Name,Event ID,Order Ticket Key\nAda,,\nBob,{EVENT},K2\nCy, , \n"
+def test_a_row_with_neither_event_nor_key_but_other_cells_is_invalid(tmp_path: Path) -> None:
+    # Issue 9: such a row is reported (a note, a name without its key), not counted as blank.
+    text = f"Name,Event ID,Order Ticket Key\nAda,,\nBob,{EVENT},K2\nCy, , \n, , \n"
     path = write(tmp_path / "a.csv", text)
 
     result = read_inputs([path])
 
-    assert keys(result) == ["K2"]
-    assert column(result, "source_row") == [3]
-    assert result.blank_rows == 2
+    assert keys(result) == ["", "K2", ""]
+    assert column(result, "source_row") == [2, 3, 4]
+    assert problems(result)[0] == problems(result)[2] == "row has content but no key and no event"
+    assert result.blank_rows == 1
 
 
 def test_default_event_id_fills_a_missing_column(tmp_path: Path) -> None:
@@ -491,11 +495,12 @@ def test_default_event_id_fills_a_missing_column(tmp_path: Path) -> None:
 
     result = read_inputs([path], default_event_id=f" {EVENT.upper()} ")
 
-    assert column(result, "event_id") == [EVENT, EVENT]
-    assert keys(result) == ["K1", "K3"]
-    assert problems(result) == ["", ""]
-    # Without an event column the key is all we use, so a row without one holds nothing.
-    assert result.blank_rows == 1
+    assert column(result, "event_id") == [EVENT, EVENT, EVENT]
+    assert keys(result) == ["K1", "", "K3"]
+    # Without an event column the key is all we use; a row with other content but no key is
+    # reported, not dropped as blank (issue 9).
+    assert problems(result) == ["", "row has content but no key and no event", ""]
+    assert result.blank_rows == 0
 
 
 @pytest.mark.parametrize("header", ["Ticket Key", "Ticket Key,Name"])
@@ -804,7 +809,8 @@ def test_any_printable_key_written_by_the_csv_module_reads_back(raw: list[str]) 
         result = read_inputs([path])
 
     assert keys(result) == [key.strip() for key in raw]
-    assert problems(result) == [""] * len(raw)
+    # "#N/A" is kept as text, but it is an error value a spreadsheet wrote, not a key (issue 9).
+    assert [bool(p) for p in problems(result)] == [key == "#N/A" for key in raw]
     assert column(result, "source_row") == list(range(2, len(raw) + 2))
 
 

@@ -17,7 +17,7 @@ import functools
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import numpy as np
@@ -25,7 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 
-from batchjob.read import Inputs, KeyBytes, Offsets, Words, word_count
+from batchjob.read import HIDDEN_PROBLEM, Inputs, KeyBytes, Offsets, ReadSummary, Words, word_count
 
 #: Rows of the plan (indices into ``Plan.rows``): what the later stages pass around.
 Positions = npt.NDArray[np.int64]
@@ -56,10 +56,19 @@ class Plan:
     duplicates: int  # input rows dropped as repeats of an earlier (event, key)
     blank_rows: int
     keys: Any  # pyarrow StringArray of rows' keys, one chunk: take() by position is cheap
+    seen: ReadSummary = field(default_factory=ReadSummary)
 
     @property
     def invalid(self) -> Positions:
-        return np.flatnonzero((self.rows["problem"] != "").to_numpy()).astype(np.int64)
+        problem = self.rows["problem"]
+        return np.flatnonzero(((problem != "") & (problem != HIDDEN_PROBLEM)).to_numpy()).astype(
+            np.int64
+        )
+
+    @property
+    def skipped(self) -> Positions:
+        """Rows hidden in a spreadsheet: not sent on purpose."""
+        return np.flatnonzero((self.rows["problem"] == HIDDEN_PROBLEM).to_numpy()).astype(np.int64)
 
     @property
     def key_count(self) -> int:
@@ -97,7 +106,7 @@ def _key_array(keys: pd.Series[Any]) -> Any:
 
 
 def build_plan(inputs: Inputs) -> Plan:
-    frame = inputs.frame
+    frame, hidden_repeats = _drop_hidden_repeats(inputs.frame)
     codes: Codes = frame["event_id"].cat.codes.to_numpy()
     names = frame["event_id"].cat.categories
     usable = _usable(frame["problem"])
@@ -125,10 +134,30 @@ def build_plan(inputs: Inputs) -> Plan:
     return Plan(
         rows=rows,
         events=_events(codes, order, sizes, keep, repeated, [str(name) for name in names]),
-        duplicates=len(repeated),
+        duplicates=len(repeated) + hidden_repeats,
         blank_rows=inputs.blank_rows,
         keys=keys,
+        seen=inputs.seen,
     )
+
+
+def _drop_hidden_repeats(frame: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    """Hidden rows whose (event, key) is also on a usable row: that row counts, this one merges
+    into it as a duplicate."""
+    problem = frame["problem"]
+    if HIDDEN_PROBLEM not in problem.cat.categories:
+        return frame, 0
+    hidden = (problem == HIDDEN_PROBLEM).to_numpy()
+    usable = (problem == "").to_numpy()
+    if not usable.any():
+        return frame, 0
+    pairs = pd.MultiIndex.from_arrays(
+        [frame["event_id"].cat.codes.to_numpy(), frame["order_ticket_key"].to_numpy()]
+    )
+    repeat = hidden & pairs.isin(pairs[usable])
+    if not repeat.any():
+        return frame, 0
+    return frame.loc[~repeat].reset_index(drop=True), int(repeat.sum())
 
 
 def _group_order(codes: Codes, categories: int) -> tuple[Positions, npt.NDArray[np.intp]]:

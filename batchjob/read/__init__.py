@@ -6,6 +6,7 @@ naming the file, row and column; a file that cannot be used at all raises
 """
 
 from batchjob.read._files import read_inputs
+from batchjob.read._findings import HIDDEN_PROBLEM, Finding, ReadSummary
 from batchjob.read._keybytes import KeyBytes, Offsets, Words, word_count
 from batchjob.read._shared import CSV_SUFFIXES, EXCEL_SUFFIXES, FRAME_COLUMNS, MAX_KEY_CHARS, Inputs
 
@@ -13,10 +14,13 @@ __all__ = [
     "CSV_SUFFIXES",
     "EXCEL_SUFFIXES",
     "FRAME_COLUMNS",
+    "HIDDEN_PROBLEM",
     "MAX_KEY_CHARS",
+    "Finding",
     "Inputs",
     "KeyBytes",
     "Offsets",
+    "ReadSummary",
     "Words",
     "read_inputs",
     "word_count",

@@ -25,7 +25,8 @@ import pandas as pd
 
 from batchjob._errors import InputError
 from batchjob.read._columns import _check_event_source, _Columns, _list_names, _Matcher
-from batchjob.read._normalise import _normalise, _Part
+from batchjob.read._findings import Findings
+from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
 from batchjob.read._shared import (
     _BOMS,
     _CHUNK_BYTES,
@@ -44,8 +45,9 @@ from batchjob.read._shared import (
 class _CsvLayout:
     encoding: str
     delimiter: str
-    skip: int  # records before the header (blank lines)
+    skip: int  # records before the header (blank lines and title rows)
     columns: _Columns
+    titles: bool = False  # some of the skipped records hold text
 
     @property
     def first_row(self) -> int:
@@ -53,9 +55,17 @@ class _CsvLayout:
         return self.skip + 2
 
 
-def _read_csv(path: str, head: bytes, whole: bool, matcher: _Matcher, default: str | None) -> _Part:
+def _read_csv(
+    path: str,
+    head: bytes,
+    whole: bool,
+    matcher: _Matcher,
+    options: ReadOptions,
+    findings: Findings,
+) -> _Part:
+    default = options.default
     encoding = _csv_encoding(path, head, whole)
-    layout = _csv_layout(path, head, whole, encoding, matcher)
+    layout = _csv_layout(path, head, whole, encoding, matcher, default)
     _check_event_source(path, layout.columns, default, matcher)
     if encoding == "cp1252":
         _refuse_mixed_encodings(path, layout)
@@ -65,9 +75,11 @@ def _read_csv(path: str, head: bytes, whole: bool, matcher: _Matcher, default: s
         if encoding in ("utf-8", "utf-8-sig") and not _decodes(path, encoding):
             if encoding == "utf-8-sig":
                 raise _undecodable(path, encoding) from None
-            layout = _csv_layout(path, head, whole, "cp1252", matcher)
+            layout = _csv_layout(path, head, whole, "cp1252", matcher, default)
             _refuse_mixed_encodings(path, layout)
         event, key, overflow = _read_csv_tolerant(path, layout)
+    if layout.titles:
+        findings.headers.append(f"header found on row {layout.skip + 1} of {path}")
     return _normalise(
         source=path,
         columns=layout.columns,
@@ -76,8 +88,44 @@ def _read_csv(path: str, head: bytes, whole: bool, matcher: _Matcher, default: s
         first_row=layout.first_row,
         overflow=overflow,
         overflow_problem=_overflow_problem(layout),
-        default=default,
+        options=options,
+        findings=findings,
+        cp1252=layout.encoding == "cp1252",
+        facts=CellFacts(content=lambda blank: _other_content(path, layout, blank)),
     )
+
+
+def _other_content(
+    path: str, layout: _CsvLayout, blank: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.bool_] | None:
+    """Which ``blank`` rows (no key, no event) hold something in another field (a note, say):
+    those are reported, not dropped. The file is read again, all columns, only when there are
+    blank rows."""
+    if len(layout.columns.names) <= len(_used(layout.columns)):
+        return None
+    try:
+        frame = pd.read_csv(
+            path,
+            sep=layout.delimiter,
+            encoding=layout.encoding,
+            header=None,
+            skiprows=layout.skip + 1,
+            names=_synthetic_names(len(layout.columns.names)),
+            dtype=str,
+            na_filter=False,
+            skip_blank_lines=False,
+            index_col=False,
+            engine="c",
+        )
+    except (ValueError, UnicodeError, pd.errors.ParserError):
+        return None  # the read that gave the rows succeeded; this extra look is best effort
+    if len(frame) != len(blank):
+        return None
+    others = frame.drop(columns=[frame.columns[i] for i in _used(layout.columns)])
+    content: npt.NDArray[np.bool_] = (others.fillna("").apply(lambda c: c.str.strip()) != "").any(
+        axis=1
+    ).to_numpy(dtype=np.bool_) & blank
+    return content if content.any() else None
 
 
 def _csv_encoding(path: str, head: bytes, whole: bool) -> str:
@@ -265,36 +313,61 @@ def _unclosed_quote(path: str) -> int | None:
     return None
 
 
+#: The header is looked for in this many records from the top (title rows may sit above it).
+HEADER_SEARCH_ROWS = 20
+
+
 def _csv_layout(
-    path: str, head: bytes, whole: bool, encoding: str, matcher: _Matcher
+    path: str, head: bytes, whole: bool, encoding: str, matcher: _Matcher, default: str | None
 ) -> _CsvLayout:
+    """Where the header is: within the first records, the first that names the key column (and
+    the event column, unless --event-id is given), else the first naming the key column."""
     try:
         text = codecs.getincrementaldecoder(encoding)().decode(head, final=whole)
     except UnicodeDecodeError:
         raise _undecodable(path, encoding) from None
-    skip = 0
     position = 0
-    while True:
+    first: list[str] | None = None
+    found: list[tuple[int, str, _Columns, bool]] = []
+    ambiguous: InputError | None = None
+    titles = False
+    for skip in range(HEADER_SEARCH_ROWS):
         match = _LINE.match(text, position)
         assert match is not None  # the pattern matches the empty string
         line, ending = match.groups()
         if line.strip(" \t,;"):
-            break
+            delimiter = _detect_delimiter(line)
+            reader = csv.reader(io.StringIO(line, newline=""), delimiter=delimiter)
+            names = [name.strip() for name in next(reader, [])]
+            first = first if first is not None else names
+            try:
+                columns = matcher.find(path, names)
+            except InputError as exc:
+                ambiguous, columns = ambiguous or exc, None
+            if columns is not None:
+                found.append((skip, delimiter, columns, titles))
+                if columns.event is not None or default is not None:
+                    break
+            titles = True
         if not ending:
-            raise InputError(f"{path}: has no header row (the file holds only blank lines)")
-        skip += 1
+            break
         position = match.end()
-    delimiter = _detect_delimiter(line)
-    reader = csv.reader(io.StringIO(text[position:], newline=""), delimiter=delimiter)
-    names = [name.strip() for name in next(reader)]
-    columns = matcher.find(path, names)
-    if columns is None:
-        binary = " (it holds NUL bytes: is it a text file?)" if b"\x00" in head else ""
-        raise InputError(
-            f"{path}: no order ticket key column{binary}; its columns are: "
-            f"{_list_names(names)}. {matcher.no_key_hint()}"
+    if found:
+        chosen = found[-1] if found[-1][2].event is not None or default is not None else found[0]
+        skip, delimiter, columns, titles = chosen
+        return _CsvLayout(
+            encoding=encoding, delimiter=delimiter, skip=skip, columns=columns, titles=titles
         )
-    return _CsvLayout(encoding=encoding, delimiter=delimiter, skip=skip, columns=columns)
+    if ambiguous is not None:
+        raise ambiguous
+    if first is None:
+        raise InputError(f"{path}: has no header row (the file holds only blank lines)")
+    binary = " (it holds NUL bytes: is it a text file?)" if b"\x00" in head else ""
+    raise InputError(
+        f"{path}: no order ticket key column{binary}; its columns are: "
+        f"{_list_names(first)}. {matcher.no_key_hint()}; the header must be in one of the "
+        f"first {HEADER_SEARCH_ROWS} rows"
+    )
 
 
 def _detect_delimiter(header_line: str) -> str:

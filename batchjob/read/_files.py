@@ -10,7 +10,8 @@ from batchjob._model import ColumnAliases, canonical_event_id
 from batchjob.read._columns import _Matcher
 from batchjob.read._csv import _read_csv
 from batchjob.read._excel import _read_excel
-from batchjob.read._normalise import _assemble, _Part
+from batchjob.read._findings import Findings
+from batchjob.read._normalise import ReadOptions, _assemble, _Part
 from batchjob.read._shared import _SNIFF_BYTES, _SUPPORTED, CSV_SUFFIXES, EXCEL_SUFFIXES, Inputs
 
 
@@ -19,6 +20,8 @@ def read_inputs(
     *,
     aliases: ColumnAliases = ColumnAliases(),
     default_event_id: str | None = None,
+    key_pattern: str | None = None,
+    include_hidden_rows: bool = False,
 ) -> Inputs:
     """Read every file into one frame of ``FRAME_COLUMNS``, in input order.
 
@@ -34,17 +37,22 @@ def read_inputs(
                 "(expected 8-4-4-4-12 hex digits, e.g. 123e4567-e89b-12d3-a456-426614174000)"
             )
     matcher = _Matcher(aliases)
+    options = ReadOptions(default, key_pattern, include_hidden_rows)
+    findings = Findings()
     parts: list[_Part] = []
     for path in paths:
-        parts.extend(_read_file(str(path), matcher, default))
+        parts.extend(_read_file(str(path), matcher, options, findings))
     return Inputs(
         frame=_assemble(parts),
         blank_rows=sum(part.blank_rows for part in parts),
         files=tuple(str(path) for path in paths),
+        seen=findings.frozen(),
     )
 
 
-def _read_file(path: str, matcher: _Matcher, default: str | None) -> list[_Part]:
+def _read_file(
+    path: str, matcher: _Matcher, options: ReadOptions, findings: Findings
+) -> list[_Part]:
     file = Path(path)
     suffix = file.suffix.lower()
     if suffix not in CSV_SUFFIXES and suffix not in EXCEL_SUFFIXES:
@@ -61,7 +69,7 @@ def _read_file(path: str, matcher: _Matcher, default: str | None) -> list[_Part]
             head = handle.read(_SNIFF_BYTES)
             whole = len(head) < _SNIFF_BYTES or not handle.read(1)
         if suffix in CSV_SUFFIXES:
-            return [_read_csv(path, head, whole, matcher, default)]
-        return _read_excel(path, suffix, head, matcher, default)
+            return [_read_csv(path, head, whole, matcher, options, findings)]
+        return _read_excel(path, suffix, head, matcher, options, findings)
     except OSError as exc:
         raise InputError(f"{path}: cannot be read: {exc.strerror or exc}") from exc

@@ -7,7 +7,7 @@ Only truly blank rows are dropped, and they are counted.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -18,10 +18,36 @@ import pandas as pd
 from batchjob._cells import unescape_cell
 from batchjob._model import canonical_event_id
 from batchjob.read._columns import _Columns
+from batchjob.read._findings import HIDDEN_PROBLEM, Findings
+from batchjob.read._formats import CAUSE_TEXT, CURE, Cause
 from batchjob.read._keybytes import KeyBytes
 from batchjob.read._shared import _SHOWN_VALUE_LIMIT, FRAME_COLUMNS, MAX_KEY_CHARS, pa, pa_compute
 
 _Codes = npt.NDArray[np.signedinteger[Any]]
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How rows are judged, the same for every file."""
+
+    default: str | None = None  # --event-id
+    key_pattern: str | None = None  # RE2 syntax (linear time: no catastrophic backtracking)
+    include_hidden_rows: bool = False
+
+
+@dataclass(frozen=True)
+class CellFacts:
+    """What a workbook says about each row beyond its text (None: nothing to say)."""
+
+    key_cause: npt.NDArray[np.int8] | None = None  # Cause per row
+    event_cause: npt.NDArray[np.int8] | None = None
+    hidden: npt.NDArray[np.bool_] | None = None
+    # Which of the rows given (blank in the key and event columns) hold something elsewhere.
+    content: Callable[[npt.NDArray[np.bool_]], npt.NDArray[np.bool_] | None] | None = None
+
+
+NO_FACTS: Final = CellFacts()
+NOTE_ROW_PROBLEM: Final = "row has content but no key and no event"
 
 
 @dataclass(frozen=True)
@@ -47,12 +73,19 @@ def _normalise(
     first_row: int,
     overflow: npt.NDArray[np.bool_] | None,
     overflow_problem: str,
-    default: str | None,
+    options: ReadOptions,
+    findings: Findings,
+    facts: CellFacts = NO_FACTS,
+    cp1252: bool = False,
 ) -> _Part:
     """Strip keys, validate events and explain unusable rows; drop and count blank ones."""
+    default = options.default
     count = len(key)
-    key, key_codes = _clean_keys(key)
+    key, key_codes, found = _clean_keys(key)
     key_empty = key_codes == _KEY_EMPTY
+    key_cause = _text_causes(key, found, cp1252)
+    if facts.key_cause is not None:
+        key_cause = facts.key_cause if key_cause is None else np.maximum(facts.key_cause, key_cause)
     if overflow is not None and not overflow.any():
         overflow = None
 
@@ -69,10 +102,17 @@ def _normalise(
             events.add(str(value))
 
     blank: npt.NDArray[np.bool_] | None = None
+    note_rows: npt.NDArray[np.bool_] | None = None
     if key_empty.any():
         blank = key_empty & np.asarray(events.empty, dtype=np.bool_)[codes]
         if overflow is not None:
             blank &= ~overflow
+        if facts.event_cause is not None:
+            blank &= facts.event_cause == 0
+        content = facts.content(blank) if facts.content is not None and blank.any() else None
+        if content is not None:
+            note_rows = blank & content
+            blank &= ~content
     event_codes = _spread(events.value_index, codes)
     problem_codes, problem_values = _problems(
         codes,
@@ -84,6 +124,40 @@ def _normalise(
     )
     event_values = events.values
     rows = np.arange(first_row, first_row + count, dtype=np.int32)
+    hidden: npt.NDArray[np.bool_] | None = None
+    if facts.hidden is not None:
+        hidden = facts.hidden if blank is None else facts.hidden & ~blank
+    # A skipped row is told once, as hidden, whatever else is wrong with it.
+    skipped = hidden if hidden is not None and not options.include_hidden_rows else None
+    told = _Told(problem_codes, problem_values, rows, source, findings, skipped)
+    if options.key_pattern is not None:
+        told.set(
+            _mismatch(key, options.key_pattern) & (key_codes == _KEY_OK),
+            f"column '{columns.key_name}': does not match key_pattern {options.key_pattern!r}",
+            "keys not matching key_pattern (invalid)",
+        )
+    for name, causes in ((columns.event_name, facts.event_cause), (columns.key_name, key_cause)):
+        if causes is None or not causes.any():
+            continue
+        for cause in np.unique(causes[causes > 0]).tolist():
+            text = CAUSE_TEXT[Cause(cause)]
+            told.set(
+                causes == cause,
+                f"column '{name}': {text}; {CURE}",
+                f"cells refused: {text}",
+                CURE,
+            )
+    if note_rows is not None:
+        told.set(note_rows, NOTE_ROW_PROBLEM, "rows with content but no key and no event (invalid)")
+    if hidden is not None:
+        what = "rows hidden or filtered out"
+        if skipped is None:
+            findings.add(f"{what} (sent: --include-hidden-rows)", source, rows[hidden])
+        else:
+            told.skip(
+                HIDDEN_PROBLEM, f"{what} (skipped, not sent)", "--include-hidden-rows sends them"
+            )
+    problem_codes, problem_values = told.codes, told.values
 
     blank_rows = 0 if blank is None else int(blank.sum())
     if blank is not None and blank_rows:
@@ -139,7 +213,7 @@ def _key_problem_texts(name: str) -> list[str]:
     ]
 
 
-def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8]]:
+def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8], KeyBytes | None]:
     """Keys stripped and unescaped, and each one's ``_KEY_*`` code.
 
     Stripping a million keys costs more than the checks that usually show it changes nothing;
@@ -174,7 +248,84 @@ def _clean_keys(key: pd.Series) -> tuple[pd.Series, npt.NDArray[np.int8]]:
         codes[key.str.contains(_CONTROL, regex=True).to_numpy(dtype=np.bool_)] = _KEY_CONTROL
         codes[(key.str.len() > MAX_KEY_CHARS).to_numpy(dtype=np.bool_)] = _KEY_TOO_LONG
         codes[(key == "").to_numpy(dtype=np.bool_)] = _KEY_EMPTY
-    return key, codes
+    return key, codes, found
+
+
+# What an office suite leaves in text it wrote from a number or an error cell.
+_SCIENTIFIC: Final = r"^[+-]?[0-9]+(\.[0-9]+)?[eE][+-][0-9]+$"
+_ERROR: Final = r"^(#N/A|#DIV/0!|#VALUE!|#REF!|#NAME\?|#NUM!|#NULL!|#SPILL!|#CALC!|#GETTING_DATA)$"
+# Both marks hold '#', '+' or '-', all below '0': keys of digits and letters need no pass.
+_HIGHEST_MARK: Final = ord("-")
+
+
+def _text_causes(
+    key: pd.Series, found: KeyBytes | None, cp1252: bool
+) -> npt.NDArray[np.int8] | None:
+    """Keys whose text carries the marks of a spreadsheet's conversion; None for none."""
+    marks = found is None or found.byte_range[0] <= _HIGHEST_MARK
+    if not marks and not cp1252:
+        return None
+    values = _arrow(key)
+    causes = np.zeros(len(key), dtype=np.int8)
+    for pattern, cause in ((_SCIENTIFIC, Cause.SCIENTIFIC), (_ERROR, Cause.ERROR)):
+        if not marks:
+            break
+        matched = pa_compute.match_substring_regex(values, pattern).fill_null(False)
+        causes[matched.to_numpy(zero_copy_only=False).astype(np.bool_)] = cause
+    if cp1252:
+        marked = pa_compute.match_substring(values, "?").fill_null(False)
+        causes[marked.to_numpy(zero_copy_only=False).astype(np.bool_)] = Cause.CP1252
+    return causes if causes.any() else None
+
+
+def _mismatch(key: pd.Series, pattern: str) -> npt.NDArray[np.bool_]:
+    """Keys that do not fully match ``pattern`` (RE2: linear time whatever the pattern)."""
+    matched = pa_compute.match_substring_regex(_arrow(key), f"^(?:{pattern})$").fill_null(False)
+    found: npt.NDArray[np.bool_] = ~matched.to_numpy(zero_copy_only=False).astype(np.bool_)
+    return found
+
+
+def _arrow(key: pd.Series) -> Any:
+    chunked = getattr(key.array, "_pa_array", None)
+    return chunked if chunked is not None else pa.array(key.tolist(), type=pa.large_string())
+
+
+class _Told:
+    """Problem codes being overridden by what cells say; later calls win."""
+
+    def __init__(
+        self,
+        codes: _Codes,
+        values: list[str],
+        rows: npt.NDArray[np.int32],
+        source: str,
+        findings: Findings,
+        skipped: npt.NDArray[np.bool_] | None,
+    ) -> None:
+        self.codes = codes
+        self.values = values
+        self._rows = rows
+        self._source = source
+        self._findings = findings
+        self._skipped = skipped
+
+    def skip(self, text: str, what: str, cure: str) -> None:
+        """The skipped rows get ``text``, over anything set before."""
+        assert self._skipped is not None
+        skipped, self._skipped = self._skipped, None
+        self.set(skipped, text, what, cure)
+
+    def set(self, mask: npt.NDArray[np.bool_], text: str, what: str, cure: str = "") -> None:
+        if self._skipped is not None:
+            mask = mask & ~self._skipped
+        if not mask.any():
+            return
+        if text not in self.values:
+            self.values = [*self.values, text]
+        # A fresh wide copy: the codes may be shared, and the new index may not fit int8.
+        self.codes = self.codes.astype(np.int32)
+        self.codes[mask] = self.values.index(text)
+        self._findings.add(what, self._source, self._rows[mask], cure)
 
 
 def _with_invisible(key: pd.Series, found: KeyBytes | None) -> npt.NDArray[np.bool_] | None:

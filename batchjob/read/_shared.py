@@ -7,10 +7,12 @@ from __future__ import annotations
 import codecs
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import pandas as pd
+
+from batchjob.read._findings import ReadSummary
 
 pa: Any = importlib.import_module("pyarrow")
 pa_csv: Any = importlib.import_module("pyarrow.csv")
@@ -54,6 +56,9 @@ class Inputs:
     frame: pd.DataFrame
     blank_rows: int
     files: tuple[str, ...]
+    seen: ReadSummary = field(
+        default_factory=ReadSummary
+    )  # what the reader saw in sheets, to tell the user
 
 
 def normalise_header(name: str) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 
 from batchjob._model import Outcome
 from batchjob.plan import Plan, Positions
+from batchjob.read import HIDDEN_PROBLEM
 from batchjob.record._ledger import Ledger
 
 
@@ -57,6 +58,10 @@ def _maybe_applied(unanswered_attempts: int) -> str:
 
 
 def mark_invalid(plan: Plan, ledger: Ledger) -> None:
+    """Invalid rows with their problem, and rows hidden in a spreadsheet as skipped."""
+    skipped = plan.skipped
+    if len(skipped):
+        ledger.set(skipped, Outcome.SKIPPED, error_key="row_hidden", error_message=HIDDEN_PROBLEM)
     invalid = plan.invalid
     if not len(invalid):
         return

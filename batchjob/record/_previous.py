@@ -47,7 +47,7 @@ def read_previous(paths: ReportPaths) -> pd.DataFrame:
     if not frames:
         return pd.DataFrame(columns=[*REPORT_COLUMNS, "record_file", "record_index"])
     previous = pd.concat(frames, ignore_index=True)
-    previous = previous[previous["outcome"] != Outcome.INVALID.value]
+    previous = previous[~previous["outcome"].isin([Outcome.INVALID.value, Outcome.SKIPPED.value])]
     for column in ("event_id", "order_ticket_key"):
         previous[column] = previous[column].map(unescape_cell)
     # Undone is final (a later record of the same key can only come from a stale copy).

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from batchjob._config import JobConfig
 from batchjob._errors import ExitCode, InputError, ReportError, TokenError
 from batchjob._logging import Redactor, null_logger
@@ -90,7 +92,12 @@ async def run_job(
     # The heavy parts run in a thread: a host's event loop (an orchestrator's, a notebook's)
     # must not stall for the seconds a million rows take.
     inputs = await asyncio.to_thread(
-        read_inputs, config.inputs, aliases=config.columns, default_event_id=config.event_id
+        read_inputs,
+        config.inputs,
+        aliases=config.columns,
+        default_event_id=config.event_id,
+        key_pattern=config.key_pattern,
+        include_hidden_rows=config.include_hidden_rows,
     )
     plan = await asyncio.to_thread(build_plan, inputs)
     described = (
@@ -102,8 +109,11 @@ async def run_job(
         keys=plan.key_count,
         events=len(plan.events),
         invalid=len(plan.invalid),
+        skipped=len(plan.skipped),
         duplicates=plan.duplicates,
     )
+    if plan.seen:
+        log.info("input.spreadsheet", seen=" | ".join(plan.seen.lines()))
     if not config.dry_run and tokens is None:
         raise TokenError("no access token: set CC_ACCESS_TOKEN or a token file")
 
@@ -151,7 +161,7 @@ async def run_job(
             assert tokens is not None
             journal = Journal(paths.journal, writer)
             try:
-                journal.append(plan.invalid)
+                journal.append(np.sort(np.concatenate([plan.invalid, plan.skipped])))
                 run = await send_all(
                     config,
                     plan,
@@ -193,7 +203,15 @@ async def run_job(
     done = counts[config.action.success.value]  # undone, or checked_in
     if run is not None and run.exit_code:
         exit_code = run.exit_code
-    elif done == len(plan.rows) - counts[Outcome.PLANNED.value] and not counts[Outcome.INVALID]:
+    elif (
+        done
+        == len(plan.rows)
+        - sum(
+            counts[o.value]
+            for o in (Outcome.PLANNED, Outcome.SKIPPED)  # skipped: not sent on purpose
+        )
+        and not counts[Outcome.INVALID]
+    ):
         exit_code = ExitCode.OK
     else:
         exit_code = ExitCode.INCOMPLETE
@@ -216,6 +234,7 @@ async def run_job(
         run_id=run_id,
         started_at=utc_iso(started_at),
         ended_at=utc_iso(datetime.now(UTC)),
+        seen=plan.seen,
     )
     if config.summary_json is not None:
         result = _write_summary(

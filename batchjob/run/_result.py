@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from batchjob._logging import printable
+from batchjob.read import ReadSummary
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,7 @@ class RunResult:
     run_id: str = ""  # short, sortable by time (see new_run_id)
     started_at: str = ""  # UTC, ISO 8601
     ended_at: str = ""
+    seen: ReadSummary = field(default_factory=ReadSummary)  # what the reader saw in sheets
 
     def summary(self) -> str:
         lines = [f"report:      {self.report}"]
@@ -46,6 +48,9 @@ class RunResult:
                 f"{self.blank_rows} blank rows skipped"
             )
         lines.append(f"action:      {self.action} (run {self.run_id})")
+        if self.seen:
+            lines.append("spreadsheet:")
+            lines.extend(f"  {printable(line)}" for line in self.seen.lines())
         lines.append(f"elapsed:     {self.elapsed:.1f}s")
         if self.stopped:
             lines.append(f"stopped:     {printable(self.stopped)}")
