@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -43,34 +45,17 @@ def _create_new(path: Path) -> int:
         return os.open(path, flags, 0o666)
 
 
-def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    fd = _create_new(tmp)
-    try:
-        with open(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as fh:
-            csv.writer(fh).writerow(REPORT_COLUMNS)
-            for part in _chunks(positions):
-                writer.write(fh, part)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _sync_folder(path)
-
-
-def write_bytes_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: a new temporary file beside it (never one already
-    there, nor through a link), fsynced and renamed; a kill leaves the old file whole."""
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[BinaryIO]:
+    """A new temporary file beside ``path`` (never one already there, nor through a link),
+    to write; then fsynced and renamed over ``path``, so a reader or a kill sees the old file
+    or the new one, never half of one. On an error the temporary file goes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_path(path)
     fd = _create_new(tmp)
     try:
         with open(fd, "wb") as fh:
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -78,12 +63,24 @@ def write_bytes_atomically(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    _sync_folder(path)
-
-
-def _sync_folder(path: Path) -> None:
     # The rename is durable only once the directory entry is.
     fsync_directory(path.parent)
+
+
+def _write_atomically(path: Path, writer: RowWriter, positions: Positions) -> None:
+    with _replacing(path) as raw:
+        fh = io.TextIOWrapper(raw, encoding="utf-8", errors="backslashreplace", newline="")
+        csv.writer(fh).writerow(REPORT_COLUMNS)
+        for part in _chunks(positions):
+            writer.write(fh, part)
+        fh.flush()
+        fh.detach()  # the file is _replacing's to sync and close
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` (see :func:`_replacing`)."""
+    with _replacing(path) as fh:
+        fh.write(data)
 
 
 def write_final(paths: ReportPaths, writer: RowWriter, ledger: Ledger) -> int:
