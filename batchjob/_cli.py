@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run the job on sample_data/ against the sandbox")
     demo.add_argument("--sample-dir", type=Path, help="default: the sample data batchjob ships")
-    demo.add_argument("--report", type=Path)
+    demo.add_argument("--report", type=Path, help="where the demo writes its report")
 
     config = commands.add_parser("config", help="write a commented settings file to start from")
     config_commands = config.add_subparsers(dest="config_command", required=True)

@@ -148,3 +148,19 @@ def test_the_help_names_every_file_type_the_reader_takes() -> None:
     from batchjob.read import CSV_SUFFIXES, EXCEL_SUFFIXES
 
     assert set(INPUT_TYPES.replace("(", " ").split()) >= CSV_SUFFIXES | EXCEL_SUFFIXES
+
+
+def test_every_option_of_every_command_says_what_it_does() -> None:
+    import argparse
+
+    from batchjob._cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, command in commands.items()
+        for action in command._actions
+        if action.help is None and not isinstance(action, argparse._SubParsersAction)
+    ]
+    assert silent == []

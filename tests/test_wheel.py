@@ -11,6 +11,7 @@ import subprocess
 import sys
 import sysconfig
 import venv
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -32,7 +33,11 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
                 "-w", tmp / "dist", ROOT)  # fmt: skip
     assert built.returncode == 0, built.stderr
+    # No setuptools deprecation screed (a license table instead of an SPDX string made ~100).
+    assert "deprecat" not in (built.stdout + built.stderr).lower()
     wheel = next((tmp / "dist").glob("batchjob-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        assert "batchjob/py.typed" in archive.namelist()  # type hints for users
     venv.create(tmp / "venv", with_pip=True)
     bin_dir = tmp / "venv" / "bin"
     site = run(bin_dir / "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))")
