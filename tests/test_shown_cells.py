@@ -64,6 +64,12 @@ EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
         ("0.00", Kind.OTHER),
         ('0" pcs"', Kind.OTHER),
         ("# ?/?", Kind.OTHER),
+        # Where the first section is not the whole story (from the adversary review):
+        ('[>=1000]0;"X"0', Kind.OTHER),  # 126 shows X126
+        ('0;-0;"-"', Kind.OTHER),  # 0 shows -
+        ("*X0", Kind.OTHER),  # a fill: XXXX127
+        ("[DBNum1]0", Kind.OTHER),  # digits in another script
+        ("0;0;0;@", Kind.ZEROS),
     ],
 )
 def test_format_codes_are_classified_by_what_they_show(code: str, kind: Kind) -> None:
@@ -406,3 +412,59 @@ def test_a_hidden_row_is_told_once_as_hidden_whatever_else_it_holds(tmp_path: Pa
     ]
     shown = read_inputs([tmp_path / "a.xlsx"], include_hidden_rows=True)
     assert "floating point" in shown.frame["problem"][0]
+
+
+# --- from the adversary review: merged key cells, title rows, hidden sheets -----------------
+
+
+def _dry_run(path: Path, tmp_path: Path, *extra: str) -> list[tuple[str, str]]:
+    report = tmp_path / "r.csv"
+    main(["run", str(path), "--report", str(report), "--dry-run", "--no-progress", *extra])
+    frame = read_report(report)
+    return list(zip(frame.order_ticket_key, frame.outcome, strict=True))
+
+
+def test_rows_covered_by_a_merged_key_cell_show_its_formatted_text(tmp_path: Path) -> None:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["event_id", "order_ticket_key"])
+    for _ in range(3):
+        sheet.append([EVENT, None])
+    sheet["B2"] = 123
+    sheet["B2"].number_format = "000000"  # shows 000123
+    sheet.merge_cells("B2:B4")
+    path = tmp_path / "merged.xlsx"
+    book.save(path)
+    # The covered rows show 000123 too (a repeat of row 2), never a bare 123.
+    assert _dry_run(path, tmp_path) == [("000123", "planned")]
+
+
+def test_with_event_id_a_title_row_naming_the_key_column_is_not_the_header(
+    tmp_path: Path,
+) -> None:
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["Ticket Key"])  # a title
+    sheet.append([])
+    sheet.append(["Attendee", "Ticket Key"])  # the header
+    sheet.append(["Alice Smith", "a1b2c3d4e5f6"])
+    path = tmp_path / "titled.xlsx"
+    book.save(path)
+    assert _dry_run(path, tmp_path, "--event-id", EVENT) == [("a1b2c3d4e5f6", "planned")]
+
+
+def test_the_rows_of_a_hidden_sheet_are_skipped_like_hidden_rows(tmp_path: Path) -> None:
+    book = openpyxl.Workbook()
+    shown = book.active
+    assert shown is not None
+    shown.append(["event_id", "order_ticket_key"])
+    shown.append([EVENT, "visible0001"])
+    hidden = book.create_sheet("Old")
+    hidden.append(["event_id", "order_ticket_key"])
+    hidden.append([EVENT, "secret00001"])
+    hidden.sheet_state = "hidden"
+    path = tmp_path / "sheets.xlsx"
+    book.save(path)
+    assert _dry_run(path, tmp_path) == [("visible0001", "planned"), ("secret00001", "skipped")]

@@ -57,6 +57,10 @@ def _read_excel(
     try:
         book = python_calamine.CalamineWorkbook.from_path(path)
         sheets = [book.get_sheet_by_name(name) for name in book.sheet_names]
+        visible = {
+            meta.name: meta.visible == python_calamine.SheetVisibleEnum.Visible
+            for meta in book.sheets_metadata
+        }
         grids = [sheet.to_python(skip_empty_area=False) for sheet in sheets]
         kind = _zip_kind(path) if head.startswith(_ZIP_MAGIC) else ""
         sheet_xml = read_sheets(path) if kind == "xlsx" and suffix in _XML_SUFFIXES else {}
@@ -103,6 +107,7 @@ def _read_excel(
             _Extra(sheet_xml.get(sheet.name), ods.get(sheet.name), xls.get(sheet.name)),
             options,
             findings,
+            visible=visible.get(sheet.name, True),
         )
         for where, grid, header, columns, sheet in found_sheets
     ]
@@ -123,6 +128,8 @@ def _read_sheet(
     extra: _Extra,
     options: ReadOptions,
     findings: Findings,
+    *,
+    visible: bool = True,
 ) -> _Part:
     body = grid[header + 1 :]
     first_row = header + 2  # 1-based; the grid starts at A1 (skip_empty_area=False)
@@ -132,17 +139,21 @@ def _read_sheet(
         found = xml.merges if xml is not None else ods.merges if ods is not None else []
         merges = [((r0, c0), (r1, c1)) for r0, c0, r1, c1 in found]
     reader = _CellReader(where, extra, first_row, findings)
-    key_text, key_cause = reader.read(_column(body, columns.key, header + 1, merges), columns.key)
+    key_text, key_cause = reader.read(_column(body, columns.key), columns.key)
+    _fill_merges(key_text, key_cause, columns.key, header + 1, merges)
     event = event_cause = None
     if columns.event is not None:
-        values = _column(body, columns.event, header + 1, merges)
-        event_text, event_cause = reader.read(values, columns.event)
+        event_text, event_cause = reader.read(_column(body, columns.event), columns.event)
+        _fill_merges(event_text, event_cause, columns.event, header + 1, merges)
         event = pd.Series(event_text, dtype="category")
     hidden = None
     for found_in in (ods, xls):
         if found_in is not None:
             hidden = found_in.hidden_rows(first_row, len(body))
-    if xml is not None and len(xml.hidden_rows):
+    if not visible:
+        # A hidden sheet is not what the user sees: each of its rows is a hidden row.
+        hidden = np.ones(len(body), dtype=np.bool_)
+    elif xml is not None and len(xml.hidden_rows):
         hidden = np.zeros(len(body), dtype=np.bool_)
         at = xml.hidden_rows - first_row
         hidden[at[(at >= 0) & (at < len(body))]] = True
@@ -173,16 +184,22 @@ def _other_content(
     return found
 
 
-def _column(body: list[list[Any]], col: int, top: int, merges: Sequence[_Merge]) -> list[Any]:
-    """One column's values; cells covered by a merge show the merge's first cell."""
-    values = [row[col] if col < len(row) else "" for row in body]
-    for (r0, c0), (r1, c1) in merges:
-        if c0 == col and c0 <= col <= c1 and r1 > r0:
+def _column(body: list[list[Any]], col: int) -> list[Any]:
+    return [row[col] if col < len(row) else "" for row in body]
+
+
+def _fill_merges(
+    texts: list[str], causes: npt.NDArray[np.int8], col: int, top: int, merges: Sequence[_Merge]
+) -> None:
+    """Cells covered by a merge show the merge's first cell: they take its shown text and its
+    verdict (a format, a formula), judged once where the cell really is."""
+    for (r0, c0), (r1, _c1) in merges:
+        if c0 == col and r1 > r0:
             first = r0 - top
-            value = values[first] if 0 <= first < len(values) else ""
-            for at in range(max(first + 1, 0), min(r1 - top + 1, len(values))):
-                values[at] = value
-    return values
+            text = texts[first] if 0 <= first < len(texts) else ""
+            cause = causes[first] if 0 <= first < len(texts) else 0
+            for at in range(max(first + 1, 0), min(r1 - top + 1, len(texts))):
+                texts[at], causes[at] = text, cause
 
 
 class _CellReader:
@@ -391,9 +408,13 @@ def _sheet_header(
             columns = None
         if columns is None:
             continue
-        if columns.event is not None or default is not None:
+        if columns.event is not None:
             return index, names, columns
-        if key_only is None:
+        # With --event-id a title row ("Ticket Key") names the key column as well as the
+        # header does: the header is the row that names more cells.
+        if key_only is None or (
+            default is not None and sum(map(bool, names)) > sum(map(bool, key_only[1]))
+        ):
             key_only = index, names, columns
     if key_only is not None:
         return key_only

@@ -79,6 +79,8 @@ def classify(code: str) -> Format:
         return GENERAL
     if '"TRUE"' in code.upper() and '"FALSE"' in code.upper():
         return Format(Kind.BOOLEAN)
+    if _shown_another_way(code):
+        return Format(Kind.OTHER)
     currency = any(sign for sign in _CURRENCY_TAG.findall(code))
     section = _first_section(code)
     bare = _BRACKETS.sub("", _QUOTED.sub("", section))
@@ -104,8 +106,15 @@ def classify(code: str) -> Format:
 
 def _first_section(code: str) -> str:
     """The code up to its first unquoted ``;``."""
+    return _sections(code)[0]
+
+
+def _sections(code: str) -> list[str]:
+    """The code's sections (positive; negative; zero; text), split at unquoted ``;``."""
+    sections: list[str] = []
     quoted = False
     escaped = False
+    start = 0
     for at, ch in enumerate(code):
         if escaped:
             escaped = False
@@ -114,8 +123,26 @@ def _first_section(code: str) -> str:
         elif ch == '"':
             quoted = not quoted
         elif ch == ";" and not quoted:
-            return code[:at]
-    return code
+            sections.append(code[start:at])
+            start = at + 1
+    return [*sections, code[start:]]
+
+
+#: What makes the first section not the whole story: a condition (``[>=1000]``) picks another
+#: section; a fill (``*X``) repeats a character; ``[DBNum1]``/``[NatNum1]`` draw the digits in
+#: another script.
+_NOT_PLAIN: Final = re.compile(r"\[[<>=]|\[(?:dbnum|natnum)|\*", re.IGNORECASE)
+_LITERAL_TEXT: Final = re.compile(r'"[^"]*"|\\.')
+
+
+def _shown_another_way(code: str) -> bool:
+    """Whether some number would show otherwise than the first section says: a condition, a
+    fill, another script, or a zero section unlike the first (``0;-0;"-"`` shows 0 as -)."""
+    unquoted = _LITERAL_TEXT.sub("", code)  # fills (*X) stay: they are what is looked for
+    if _NOT_PLAIN.search(unquoted):
+        return True
+    sections = _sections(code)
+    return len(sections) >= 3 and sections[2].strip() != sections[0].strip()
 
 
 class Cause(IntEnum):
