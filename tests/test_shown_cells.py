@@ -468,3 +468,28 @@ def test_the_rows_of_a_hidden_sheet_are_skipped_like_hidden_rows(tmp_path: Path)
     path = tmp_path / "sheets.xlsx"
     book.save(path)
     assert _dry_run(path, tmp_path) == [("visible0001", "planned"), ("secret00001", "skipped")]
+
+
+def test_a_conditional_format_s_number_format_does_not_replace_the_cell_s(
+    tmp_path: Path,
+) -> None:
+    """Conditional formats (<dxf>) carry a <numFmt> of their own that may reuse an id."""
+    book = openpyxl.Workbook()
+    sheet = book.active
+    assert sheet is not None
+    sheet.append(["event_id", "order_ticket_key"])
+    sheet.append([EVENT, 123])
+    sheet["B2"].number_format = '"ABC"0'  # shows ABC123: not a key
+    plain = tmp_path / "plain.xlsx"
+    book.save(plain)
+    path = tmp_path / "dxf.xlsx"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(path, "w") as target:
+        for item in source.infolist():
+            data = source.read(item)
+            if item.filename == "xl/styles.xml":
+                ident = re.search(rb'numFmtId="(\d+)" formatCode="&quot;ABC', data)
+                assert ident is not None
+                dxf = b'<dxfs count="1"><dxf><numFmt numFmtId="%s" formatCode="0"/></dxf></dxfs>'
+                data = data.replace(b"</styleSheet>", dxf % ident[1] + b"</styleSheet>")
+            target.writestr(item, data)
+    assert _dry_run(path, tmp_path)[0][1] == "invalid"

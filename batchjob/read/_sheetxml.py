@@ -24,6 +24,7 @@ from batchjob.read._limits import MAX_UNPACKED_BYTES, _column_letters, _unpack, 
 #: are taken as unknown (the rule for .xls) rather than parsed.
 MAX_STYLES: Final = 65_536
 _NUM_FMT: Final = re.compile(rb"<(?:\w+:)?numFmt\b([^>]*)>")
+_NUM_FMTS: Final = re.compile(rb"<(?:\w+:)?numFmts\b[^>]*>(.*?)</(?:\w+:)?numFmts>", re.S)
 _CELL_XFS: Final = re.compile(rb"<(?:\w+:)?cellXfs\b[^>]*>(.*?)</(?:\w+:)?cellXfs>", re.S)
 _XF: Final = re.compile(rb"<(?:\w+:)?xf\b([^>]*)>")
 _ATTRIBUTE: Final = re.compile(rb"""([\w:]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
@@ -119,7 +120,10 @@ def _attributes(text: bytes) -> dict[bytes, bytes]:
 def _formats(styles: bytes) -> list[Format]:
     """Each cell style's number format, by the ``s`` index cells use."""
     codes: dict[int, Format] = {}
-    for tag in _NUM_FMT.finditer(styles):
+    # Only the <numFmts> table: a conditional format's <dxf> carries a <numFmt> of its own,
+    # which may reuse an id and must not replace the cells' format.
+    block = _NUM_FMTS.search(styles)
+    for tag in _NUM_FMT.finditer(block[1] if block is not None else b""):
         found = _attributes(tag[1])
         ident, code = found.get(b"numFmtId"), found.get(b"formatCode")
         if ident is not None and ident.isdigit() and code is not None:
