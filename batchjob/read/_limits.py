@@ -248,6 +248,27 @@ class _Scanner:
         raise NotImplementedError
 
 
+class _TagScanner(_Scanner):
+    """A scanner of XML fed in blocks: each block is cut after its last complete tag, and the
+    rest carried to the next (no tag holds a '<', so tags never straddle the cut)."""
+
+    carry = b""
+
+    def feed(self, data: bytes) -> None:
+        data = self.carry + data
+        cut = data.rfind(b"<")
+        if cut < 0:
+            self.carry = b""
+            return
+        self.carry = data[cut:]
+        if len(self.carry) > _ZIP_READ:
+            raise ValueError("a tag longer than 1 MiB")
+        self._scan(data, cut)
+
+    def _scan(self, data: bytes, end: int) -> None:
+        raise NotImplementedError
+
+
 def _member_scanners(name: str, binary_sheets: set[str]) -> list[_Scanner]:
     # Every part, whatever its name: a sheet can be any part the workbook points to, and no
     # other part holds <c> or <row> tags by chance.
@@ -293,7 +314,7 @@ def _starts_like_xml(archive: zipfile.ZipFile, name: str) -> bool:
         return False
 
 
-class _XlsxScanner(_Scanner):
+class _XlsxScanner(_TagScanner):
     """Where a sheet's ``<c r="...">`` cells reach, as calamine places them.
 
     A cell without ``r`` follows the previous one in its row; a row without ``r`` follows the
@@ -306,18 +327,6 @@ class _XlsxScanner(_Scanner):
         self.row = 0  # 1-based; the current row
         self.column = 0
         self.carry = b""
-
-    def feed(self, data: bytes) -> None:
-        data = self.carry + data
-        # No tag holds a '<', so tags never straddle the cut.
-        cut = data.rfind(b"<")
-        if cut < 0:
-            self.carry = b""
-            return
-        self.carry = data[cut:]
-        if len(self.carry) > _ZIP_READ:
-            raise ValueError("a tag longer than 1 MiB")
-        self._scan(data, cut)
 
     def _scan(self, data: bytes, end: int) -> None:
         if not self._scan_plain(data, end):
@@ -457,7 +466,7 @@ def _column_number(letters: bytes) -> int:
     return number
 
 
-class _SharedStringsScanner(_Scanner):
+class _SharedStringsScanner(_TagScanner):
     """Refuses a string table declaring more strings than it holds.
 
     calamine reserves room for ``uniqueCount`` strings before reading one, so
@@ -469,17 +478,6 @@ class _SharedStringsScanner(_Scanner):
         self.strings = 0
         self.carry = b""
         self.seen_table = False
-
-    def feed(self, data: bytes) -> None:
-        data = self.carry + data
-        cut = data.rfind(b"<")  # as in _XlsxScanner: no tag straddles the cut
-        if cut < 0:
-            self.carry = b""
-            return
-        self.carry = data[cut:]
-        if len(self.carry) > _ZIP_READ:
-            raise ValueError("a tag longer than 1 MiB")
-        self._scan(data, cut)
 
     def _scan(self, data: bytes, end: int) -> None:
         if not self.seen_table:
