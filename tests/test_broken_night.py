@@ -238,6 +238,19 @@ async def test_every_event_check_404_stops_the_run_suggesting_the_base_url(
     assert result.requests == len(world.events)  # one GET per event, nothing more
 
 
+async def test_a_single_event_not_found_names_its_event_id_first(
+    sandbox: Sandbox, tmp_path: Path
+) -> None:
+    """A typo in the only event id: the message points at that id before the URL."""
+    typo = "00000000-0000-4000-8000-0000000000ee"
+    inputs = write_csv(tmp_path / "in.csv", [(typo, "k1"), (typo, "k2")], HEADER)
+
+    result = await run_against(sandbox.base_url, inputs, tmp_path, sandbox)
+
+    assert result.exit_code == 3
+    assert f"event {typo} was not found: check that event id" in result.stopped
+
+
 async def test_one_missing_event_among_found_ones_is_that_events_failure(
     sandbox: Sandbox, world: World, tmp_path: Path
 ) -> None:

@@ -546,10 +546,15 @@ class Dispatcher:
         """Give every key the planner still holds an outcome: the run stopped before it."""
         missing = [e for e in self.events if e.state == EventState.MISSING]
         if missing and len(missing) == len(self.events):
+            which = (
+                f"event {missing[0].event_id} was not found: check that event id in the input, "
+                "then --base-url"
+                if len(missing) == 1
+                else f"none of the {len(missing)} events was found: check --base-url"
+            )
             self.halt(
-                f"every event check answered 404 (none of the {len(missing)} events was "
-                "found): check --base-url and that the token is for the account that owns "
-                "these events; left for the next run",
+                f"every event check answered 404 ({which}, and that the token is for the "
+                "account that owns these events); left for the next run",
                 ExitCode.STOPPED,
             )
         reason = self.stopped or "run ended before this key was sent"
