@@ -103,3 +103,13 @@ async def test_reading_planning_and_writing_never_run_on_the_host_s_event_loop(
     await run_job(config)
     assert set(seen) == {"read_inputs", "build_plan", "write_final"}
     assert loop_thread not in seen.values()
+
+
+async def test_the_result_s_exit_code_is_a_plain_number_for_logs_and_json(tmp_path: Path) -> None:
+    """RunResult.exit_code goes into JSON, logs and sys.exit: an int, not an enum's repr."""
+    from batchjob import JobConfig, run_job
+
+    inputs = write_csv(tmp_path / "in.csv", [(EVENT, "k1")], ("event_id", "order_ticket_key"))
+    result = await run_job(JobConfig(inputs=(inputs,), report=tmp_path / "r.csv", dry_run=True))
+    assert type(result.exit_code) is int
+    assert repr(result.exit_code) == "0"
