@@ -37,6 +37,7 @@ from batchjob._cli import add_auth_arguments
 from batchjob._cli import main as cli_main
 from batchjob._config import JobConfig
 from batchjob._errors import ConfigError, TokenError, TokenSaveError
+from batchjob._logging import MAX_SERVER_TEXT
 from batchjob._tokens import (
     FileTokenSource,
     Secret,
@@ -450,6 +451,30 @@ class RecordingLog:
 
     def warning(self, event: str, **fields: Any) -> None:
         self.events.append(("warning", event, fields))
+
+
+async def test_a_token_endpoint_s_huge_error_is_cut_in_the_log(tmp_path: Path) -> None:
+    """The endpoint's text goes into the token.refresh_failed line: at most the length every
+    other server text is kept to, not the 256 KiB a hostile endpoint may send."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = {"error": "invalid_request", "error_description": "x" * 200_000}
+        return web.json_response(body, status=400)
+
+    clock, log = Clock(), RecordingLog()
+    path = write_raw(
+        tmp_path / "t.json", access_token="a0", refresh_token="r0", expires_at=clock.now + 120
+    )
+    async with (
+        token_server(handler) as url,
+        FileTokenSource(
+            path, "cid", token_url=url, clock=clock, retry_waits=FAST_RETRY, log=log
+        ) as tokens,
+    ):
+        assert await tokens.token() == "a0"
+    [(level, event, fields)] = log.events
+    assert (level, event) == ("warning", "token.refresh_failed")
+    assert len(fields["error"]) <= MAX_SERVER_TEXT
 
 
 async def test_failed_refresh_before_expiry_keeps_using_the_current_token(
