@@ -54,6 +54,11 @@ class ReportError(UsageError):
     """The report path cannot be used (exists without --resume, locked, unwritable)."""
 
 
+class StoreError(UsageError):
+    """The run store cannot be opened, read or written; the message names it. Before a run
+    sends anything this is exit 2; a store that fails during a run stops it (exit 3)."""
+
+
 class TokenError(BatchjobError):
     """No usable token: the file is missing or malformed, or the token server said no.
 
