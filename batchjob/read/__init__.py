@@ -7,6 +7,7 @@ naming the file, row and column; a file that cannot be used at all raises
 
 from batchjob.read._files import read_inputs
 from batchjob.read._findings import HIDDEN_PROBLEM, Finding, ReadSummary
+from batchjob.read._identity import IDENTITY_COLUMN, IDENTITY_SEPARATOR, MAX_IDENTITY_CHARS
 from batchjob.read._keybytes import KeyBytes, Offsets, Words, word_count
 from batchjob.read._shared import CSV_SUFFIXES, EXCEL_SUFFIXES, FRAME_COLUMNS, MAX_KEY_CHARS, Inputs
 
@@ -15,6 +16,9 @@ __all__ = [
     "EXCEL_SUFFIXES",
     "FRAME_COLUMNS",
     "HIDDEN_PROBLEM",
+    "IDENTITY_COLUMN",
+    "IDENTITY_SEPARATOR",
+    "MAX_IDENTITY_CHARS",
     "MAX_KEY_CHARS",
     "Finding",
     "Inputs",

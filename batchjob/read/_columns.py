@@ -98,3 +98,18 @@ def _quote_names(names: Sequence[str], indices: Iterable[int]) -> str:
 
 def _list_names(names: Sequence[str]) -> str:
     return ", ".join(name or "(unnamed)" for name in names) or "(none)"
+
+
+#: A header listed in a message: at most this many names, each cut to _NAME_CHARS.
+_LISTED_NAMES = 30
+_NAME_CHARS = 60
+
+
+def _clipped_names(names: Sequence[str]) -> str:
+    """:func:`_list_names` kept short: a header can be thousands of columns, or one huge cell."""
+    shown = [
+        name if len(name) <= _NAME_CHARS else name[: _NAME_CHARS - 1] + "…"
+        for name in names[:_LISTED_NAMES]
+    ]
+    more = len(names) - len(shown)
+    return _list_names(shown) + (f", ... ({more} more)" if more > 0 else "")

@@ -26,6 +26,7 @@ import pandas as pd
 from batchjob._errors import InputError
 from batchjob.read._columns import _check_event_source, _Columns, _list_names, _Matcher
 from batchjob.read._findings import Findings
+from batchjob.read._identity import as_arrow, find_identity, joined_arrow
 from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
 from batchjob.read._shared import (
     _BOMS,
@@ -67,17 +68,23 @@ def _read_csv(
     encoding = _csv_encoding(path, head, whole)
     layout = _csv_layout(path, head, whole, encoding, matcher, default)
     _check_event_source(path, layout.columns, default, matcher)
+    # Before any parsing: a missing identity column fails fast, whatever the file's size.
+    identity = (
+        find_identity(path, layout.columns.names, options.identity) if options.identity else ()
+    )
     if encoding == "cp1252":
         _refuse_mixed_encodings(path, layout)
     try:
-        event, key, overflow = _read_csv_fast(path, layout)
+        event, key, overflow, identities = _read_csv_fast(path, layout, identity)
     except (pa.lib.ArrowException, UnicodeError):
         if encoding in ("utf-8", "utf-8-sig") and not _decodes(path, encoding):
             if encoding == "utf-8-sig":
                 raise _undecodable(path, encoding) from None
             layout = _csv_layout(path, head, whole, "cp1252", matcher, default)
             _refuse_mixed_encodings(path, layout)
-        event, key, overflow = _read_csv_tolerant(path, layout)
+            if options.identity:  # the header decoded anew may spell its names otherwise
+                identity = find_identity(path, layout.columns.names, options.identity)
+        event, key, overflow, identities = _read_csv_tolerant(path, layout, identity)
     if layout.titles:
         findings.headers.append(f"header found on row {layout.skip + 1} of {path}")
     return _normalise(
@@ -92,6 +99,7 @@ def _read_csv(
         findings=findings,
         cp1252=layout.encoding == "cp1252",
         facts=CellFacts(content=lambda blank: _other_content(path, layout, blank)),
+        identity=identities,
     )
 
 
@@ -395,21 +403,31 @@ def _used(columns: _Columns) -> list[int]:
     return [i for i in (columns.event, columns.key) if i is not None]
 
 
-def _read_csv_fast(path: str, layout: _CsvLayout) -> tuple[pd.Series | None, pd.Series, None]:
-    """pyarrow, all cores; raises on any row whose field count differs from the header's."""
+def _read_csv_fast(
+    path: str, layout: _CsvLayout, identity: Sequence[int] = ()
+) -> tuple[pd.Series | None, pd.Series, None, pd.Series | None]:
+    """pyarrow, all cores; raises on any row whose field count differs from the header's.
+
+    The ``identity`` columns (indices) are parsed as well, and joined; None without them.
+    """
     columns = layout.columns
     names = _synthetic_names(len(columns.names))
     types = {names[columns.key]: pa.large_string()}
     if columns.event is not None:
         # Parsing straight into a dictionary keeps the few distinct events compact from the start.
         types[names[columns.event]] = pa.dictionary(pa.int32(), pa.large_string())
+    included = _used(columns)
+    for at in identity:
+        types.setdefault(names[at], pa.large_string())
+        if at not in included:
+            included.append(at)
     mapped = _map(path)
     table = pa_csv.read_csv(
         path if mapped is None else pa.BufferReader(pa.py_buffer(mapped)),
         read_options=_read_options(layout, names, use_threads=True),
         parse_options=_parse_options(layout, quoted=mapped is None or mapped.find(b'"') >= 0),
         convert_options=pa_csv.ConvertOptions(
-            include_columns=[names[i] for i in _used(columns)],
+            include_columns=[names[i] for i in included],
             column_types=types,
             null_values=[],
             strings_can_be_null=False,
@@ -425,7 +443,10 @@ def _read_csv_fast(path: str, layout: _CsvLayout) -> tuple[pd.Series | None, pd.
     event = None
     if columns.event is not None:
         event = pd.Series(_categorical_of(table.column(names[columns.event])), copy=False)
-    return event, key, None
+    identities = None
+    if identity:
+        identities = joined_arrow([table.column(names[at]) for at in identity])
+    return event, key, None, identities
 
 
 def _categorical_of(column: Any) -> pd.Categorical[str]:
@@ -486,9 +507,12 @@ def _parse_options(
 
 
 def _read_csv_tolerant(
-    path: str, layout: _CsvLayout
-) -> tuple[pd.Series | None, pd.Series, npt.NDArray[np.bool_] | None]:
-    """pandas' C engine: pads short rows and ignores extra fields, which we then flag."""
+    path: str, layout: _CsvLayout, identity: Sequence[int] = ()
+) -> tuple[pd.Series | None, pd.Series, npt.NDArray[np.bool_] | None, pd.Series | None]:
+    """pandas' C engine: pads short rows and ignores extra fields, which we then flag.
+
+    The ``identity`` columns (indices) are read as well, and joined; None without them.
+    """
     columns = layout.columns
     names = _synthetic_names(len(columns.names))
     try:
@@ -499,7 +523,7 @@ def _read_csv_tolerant(
             header=None,
             skiprows=layout.skip + 1,
             names=names,
-            usecols=_used(columns),
+            usecols=sorted({*_used(columns), *identity}) if identity else _used(columns),
             dtype=str,
             na_filter=False,
             skip_blank_lines=False,
@@ -529,7 +553,11 @@ def _read_csv_tolerant(
     if rows:
         numbers = np.arange(layout.first_row, layout.first_row + len(frame), dtype=np.int64)
         overflow = np.isin(numbers, np.asarray(rows, dtype=np.int64))
-    return event, key, overflow
+    identities = None
+    if identity:
+        # A short row's missing fields are empty, as for the key.
+        identities = joined_arrow([as_arrow(frame[names[at]].fillna("")) for at in identity])
+    return event, key, overflow, identities
 
 
 def _overflowing_rows(path: str, layout: _CsvLayout, names: list[str]) -> list[int]:

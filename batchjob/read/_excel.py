@@ -27,6 +27,7 @@ from batchjob._errors import InputError
 from batchjob.read._columns import _check_event_source, _Columns, _list_names, _Matcher
 from batchjob.read._findings import Findings
 from batchjob.read._formats import EXACT_LIMIT, Cause, shown_number, value_cause
+from batchjob.read._identity import cell_text, find_identity, joined_texts
 from batchjob.read._limits import _check_workbook_size
 from batchjob.read._normalise import CellFacts, ReadOptions, _normalise, _Part
 from batchjob.read._odsxml import OdsSheet, read_ods
@@ -68,7 +69,7 @@ def _read_excel(
         raise
     except Exception as exc:  # the engine raises many unrelated types for a damaged workbook
         raise InputError(f"{path}: cannot be read as a {suffix} workbook: {exc}") from exc
-    found_sheets: list[tuple[str, list[list[Any]], int, _Columns, Any]] = []
+    found_sheets: list[tuple[str, list[list[Any]], int, _Columns, tuple[int, ...], Any]] = []
     seen: list[str] = []
     for sheet, grid in zip(sheets, grids, strict=True):
         where = f"{path}#{sheet.name}"
@@ -84,15 +85,21 @@ def _read_excel(
             )
             continue
         _check_event_source(where, columns, options.default, matcher)
+        identity = find_identity(where, names, options.identity) if options.identity else ()
         if header:
             findings.headers.append(f"header found on row {header + 1} of {where}")
-        found_sheets.append((where, grid, header, columns, sheet))
+        found_sheets.append((where, grid, header, columns, identity, sheet))
     ods: dict[str, OdsSheet] = {}
     xls: dict[str, XlsSheet] = {}
-    wanted = {s.name: [c.key, *([] if c.event is None else [c.event])] for *_, c, s in found_sheets}
+    wanted = {
+        s.name: [c.key, *([] if c.event is None else [c.event])] for *_, c, _i, s in found_sheets
+    }
     try:
         if kind == "ods" and found_sheets:
-            ods = read_ods(path, wanted)
+            # Only the merges of identity columns: calamine gives no .ods merges, and their
+            # cells' values are calamine's.
+            spans = {s.name: i for *_, i, s in found_sheets if i}
+            ods = read_ods(path, wanted, spans)
         elif head.startswith(_OLE2_MAGIC) and found_sheets:
             xls = read_xls(path, wanted)
     except (ValueError, xml.parsers.expat.ExpatError) as exc:
@@ -108,8 +115,9 @@ def _read_excel(
             options,
             findings,
             visible=visible.get(sheet.name, True),
+            identity=identity,
         )
-        for where, grid, header, columns, sheet in found_sheets
+        for where, grid, header, columns, identity, sheet in found_sheets
     ]
     if not parts:
         raise InputError(
@@ -130,6 +138,7 @@ def _read_sheet(
     findings: Findings,
     *,
     visible: bool = True,
+    identity: Sequence[int] = (),
 ) -> _Part:
     body = grid[header + 1 :]
     first_row = header + 2  # 1-based; the grid starts at A1 (skip_empty_area=False)
@@ -170,7 +179,27 @@ def _read_sheet(
         facts=CellFacts(
             key_cause, event_cause, hidden, lambda blank: _other_content(body, columns, blank)
         ),
+        identity=_identities(body, identity, header + 1, merges) if identity else None,
     )
+
+
+def _identities(
+    body: list[list[Any]], identity: Sequence[int], top: int, merges: Sequence[_Merge]
+) -> pd.Series:
+    """The identity columns' values, joined per row: from calamine's values, with no look at
+    the file's formats (a date shows as ISO 8601, whatever its sheet's format)."""
+    columns: list[list[str]] = []
+    for col in identity:
+        texts = [cell_text(value) for value in _column(body, col)]
+        # As for keys: cells covered by a merge show its first cell.
+        for (r0, c0), (r1, _c1) in merges:
+            if c0 == col and r1 > r0:
+                first = r0 - top
+                text = texts[first] if 0 <= first < len(texts) else ""
+                for at in range(max(first + 1, 0), min(r1 - top + 1, len(texts))):
+                    texts[at] = text
+        columns.append(texts)
+    return joined_texts(columns, len(body))
 
 
 def _other_content(

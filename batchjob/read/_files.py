@@ -1,4 +1,5 @@
-"""``read_inputs``: every input file, by type, into one frame of ``FRAME_COLUMNS``."""
+"""``read_inputs``: every input file, by type, into one frame of ``FRAME_COLUMNS`` (and
+``identity`` when identity columns are asked for)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from batchjob.read._columns import _Matcher
 from batchjob.read._csv import _read_csv
 from batchjob.read._excel import _read_excel
 from batchjob.read._findings import Findings
+from batchjob.read._identity import check_identity_names
 from batchjob.read._normalise import ReadOptions, _assemble, _Part
 from batchjob.read._shared import _SNIFF_BYTES, _SUPPORTED, CSV_SUFFIXES, EXCEL_SUFFIXES, Inputs
 
@@ -22,11 +24,17 @@ def read_inputs(
     default_event_id: str | None = None,
     key_pattern: str | None = None,
     include_hidden_rows: bool = False,
+    identity_columns: Sequence[str] = (),
 ) -> Inputs:
     """Read every file into one frame of ``FRAME_COLUMNS``, in input order.
 
+    ``identity_columns`` names input columns beyond the event and key (the config's
+    ``[incremental] identity``, matched as column aliases are). When given, the frame has one
+    more column, ``identity`` (see :class:`Inputs`), and every file (every sheet read) must
+    have them all.
+
     Raises :class:`InputError` for a file that cannot be used at all, and ``ValueError`` when
-    ``default_event_id`` is given but is not a UUID.
+    ``default_event_id`` is given but is not a UUID, or an identity column's name is blank.
     """
     default = None
     if default_event_id is not None:
@@ -36,14 +44,15 @@ def read_inputs(
                 f"--event-id {default_event_id!r} is not a UUID "
                 "(expected 8-4-4-4-12 hex digits, e.g. 123e4567-e89b-12d3-a456-426614174000)"
             )
+    identity = check_identity_names(identity_columns)
     matcher = _Matcher(aliases)
-    options = ReadOptions(default, key_pattern, include_hidden_rows)
+    options = ReadOptions(default, key_pattern, include_hidden_rows, identity)
     findings = Findings()
     parts: list[_Part] = []
     for path in paths:
         parts.extend(_read_file(str(path), matcher, options, findings))
     return Inputs(
-        frame=_assemble(parts),
+        frame=_assemble(parts, identity=bool(identity)),
         blank_rows=sum(part.blank_rows for part in parts),
         files=tuple(str(path) for path in paths),
         seen=findings.frozen(),

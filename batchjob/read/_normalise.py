@@ -20,6 +20,7 @@ from batchjob._model import canonical_event_id
 from batchjob.read._columns import _Columns
 from batchjob.read._findings import HIDDEN_PROBLEM, Findings
 from batchjob.read._formats import CAUSE_TEXT, CURE, Cause
+from batchjob.read._identity import IDENTITY_COLUMN
 from batchjob.read._keybytes import KeyBytes
 from batchjob.read._shared import _SHOWN_VALUE_LIMIT, FRAME_COLUMNS, MAX_KEY_CHARS, pa, pa_compute
 
@@ -33,6 +34,7 @@ class ReadOptions:
     default: str | None = None  # --event-id
     key_pattern: str | None = None  # RE2 syntax (linear time: no catastrophic backtracking)
     include_hidden_rows: bool = False
+    identity: tuple[str, ...] = ()  # extra columns whose values name a row (see ._identity)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class _Part:
     problem_codes: _Codes
     problem_values: list[str]
     blank_rows: int
+    identity: pd.Series | None = None  # only when identity columns are asked for
 
 
 def _normalise(
@@ -77,6 +80,7 @@ def _normalise(
     findings: Findings,
     facts: CellFacts = NO_FACTS,
     cp1252: bool = False,
+    identity: pd.Series | None = None,
 ) -> _Part:
     """Strip keys, validate events and explain unusable rows; drop and count blank ones."""
     default = options.default
@@ -163,6 +167,8 @@ def _normalise(
     if blank is not None and blank_rows:
         keep = ~blank
         key = key[keep].reset_index(drop=True)
+        if identity is not None:
+            identity = identity[keep].reset_index(drop=True)
         rows = rows[keep]
         event_codes, event_values = _compact(event_codes[keep], event_values)
         problem_codes, problem_values = _compact(problem_codes[keep], problem_values)
@@ -175,6 +181,7 @@ def _normalise(
         problem_codes=problem_codes,
         problem_values=problem_values,
         blank_rows=blank_rows,
+        identity=identity,
     )
 
 
@@ -472,7 +479,7 @@ def _show(value: str) -> str:
     return f"'{value}'" if value.isprintable() and "'" not in value else repr(value)
 
 
-def _assemble(parts: Sequence[_Part]) -> pd.DataFrame:
+def _assemble(parts: Sequence[_Part], *, identity: bool = False) -> pd.DataFrame:
     events: dict[str, int] = {}
     problems: dict[str, int] = {}
     sources: dict[str, int] = {}
@@ -492,17 +499,29 @@ def _assemble(parts: Sequence[_Part]) -> pd.DataFrame:
         key = pd.Series(dtype="str")
         rows = np.zeros(0, dtype=np.int32)
         source_codes = []
-    return pd.DataFrame(
-        {
-            "event_id": _categorical(event_codes, events),
-            "order_ticket_key": key,
-            "source_file": _categorical(source_codes, sources),
-            "source_row": rows,
-            "problem": _categorical(problem_codes, problems),
-        },
-        columns=list(FRAME_COLUMNS),
-        copy=False,
-    )
+    data: dict[str, Any] = {
+        "event_id": _categorical(event_codes, events),
+        "order_ticket_key": key,
+        "source_file": _categorical(source_codes, sources),
+        "source_row": rows,
+        "problem": _categorical(problem_codes, problems),
+    }
+    names = list(FRAME_COLUMNS)
+    if identity:
+        data[IDENTITY_COLUMN] = _identities(parts)
+        names.append(IDENTITY_COLUMN)
+    return pd.DataFrame(data, columns=names, copy=False)
+
+
+def _identities(parts: Sequence[_Part]) -> pd.Series:
+    found = [part.identity for part in parts if part.identity is not None]
+    # Every reader gives one when asked: a part without would shift every later row's.
+    assert len(found) == len(parts)
+    if not found:
+        return pd.Series(dtype="str")
+    if len(found) == 1:
+        return found[0]
+    return pd.concat(found, ignore_index=True)
 
 
 def _recode(codes: _Codes, values: list[str], into: dict[str, int]) -> _Codes:

@@ -91,13 +91,20 @@ class OdsSheet:
         return mask if mask.any() else None
 
 
-def read_ods(path: str, wanted: Mapping[str, Collection[int]]) -> dict[str, OdsSheet]:
-    """The wanted columns (0-based) of each named sheet; call only after the pre-scan passed."""
+def read_ods(
+    path: str,
+    wanted: Mapping[str, Collection[int]],
+    spans: Mapping[str, Collection[int]] | None = None,
+) -> dict[str, OdsSheet]:
+    """The wanted columns (0-based) of each named sheet; call only after the pre-scan passed.
+
+    ``spans`` names more columns of a sheet whose merges alone are wanted, not their cells.
+    """
     with zipfile.ZipFile(path) as archive, open(path, "rb") as raw:
         info = next((i for i in archive.infolist() if i.filename.lower() == "content.xml"), None)
         if info is None:
             return {}
-        walker = _Walker(wanted)
+        walker = _Walker(wanted, spans or {})
         parser = xml.parsers.expat.ParserCreate(namespace_separator=" ")
         parser.StartElementHandler = walker.start
         parser.EndElementHandler = walker.end
@@ -109,11 +116,15 @@ def read_ods(path: str, wanted: Mapping[str, Collection[int]]) -> dict[str, OdsS
 
 
 class _Walker:
-    def __init__(self, wanted: Mapping[str, Collection[int]]) -> None:
+    def __init__(
+        self, wanted: Mapping[str, Collection[int]], spans: Mapping[str, Collection[int]]
+    ) -> None:
         self._wanted = wanted
+        self._spans = spans
         self.sheets: dict[str, OdsSheet] = {}
         self._sheet: OdsSheet | None = None
         self._columns: Collection[int] = ()
+        self._merges_only: Collection[int] = ()
         self._row = 0  # 1-based number of the current row
         self._repeat = 1
         self._col = 0
@@ -125,6 +136,7 @@ class _Walker:
         if name == _TABLE + "table":
             table = attrs.get(_TABLE + "name", "")
             self._columns = self._wanted.get(table, ())
+            self._merges_only = self._spans.get(table, ())
             self._sheet = OdsSheet() if table in self._wanted else None
             if self._sheet is not None:
                 self.sheets[table] = self._sheet
@@ -144,7 +156,10 @@ class _Walker:
             span = int(attrs.get(_TABLE + "number-columns-repeated", "1") or 1)
             col = self._col
             self._col += span
-            if not any(col <= c < col + span for c in self._columns):
+            read = any(col <= c < col + span for c in self._columns)
+            if not read and not (
+                self._merges_only and any(col <= c < col + span for c in self._merges_only)
+            ):
                 return
             rows_spanned = int(attrs.get(_TABLE + "number-rows-spanned", "1") or 1)
             if rows_spanned > 1:
@@ -152,6 +167,8 @@ class _Walker:
                 self._sheet.merges.append(
                     (self._row - 1, col, self._row + rows_spanned - 2, col + cols_spanned - 1)
                 )
+            if not read:
+                return
             value_type = attrs.get(_OFFICE + "value-type", "")
             error = attrs.get(_CALCEXT + "value-type") == "error"
             formula = _TABLE + "formula" in attrs

@@ -18,6 +18,7 @@ pa: Any = importlib.import_module("pyarrow")
 pa_csv: Any = importlib.import_module("pyarrow.csv")
 pa_compute: Any = importlib.import_module("pyarrow.compute")
 
+#: The frame's columns; with identity columns asked for, ``identity`` follows (see Inputs).
 FRAME_COLUMNS: Final = ("event_id", "order_ticket_key", "source_file", "source_row", "problem")
 
 CSV_SUFFIXES: Final = frozenset({".csv", ".tsv", ".txt"})
@@ -51,7 +52,16 @@ _SHOWN_VALUE_LIMIT: Final = 60
 
 @dataclass(frozen=True)
 class Inputs:
-    """All rows of all input files; see :func:`read_inputs`."""
+    """All rows of all input files; see :func:`read_inputs`.
+
+    ``frame`` holds ``FRAME_COLUMNS``, one row per input row (blank rows dropped). When
+    ``read_inputs`` was given identity columns it holds one more, ``identity`` (pandas ``str``
+    dtype, never missing): per row, those columns' values in the order named, each as a person
+    sees it (trimmed of spaces; spreadsheet numbers, dates and booleans as text: ``5``,
+    ``0.1``, ``2026-11-20T12:30:00``, ``2026-11-20``, ``TRUE``; empty cells ``""``) and cut to
+    1,000 characters, joined with the ASCII unit separator U+001F (``IDENTITY_SEPARATOR``; one
+    inside a value becomes a space). Every row has one, invalid and hidden rows included.
+    """
 
     frame: pd.DataFrame
     blank_rows: int
