@@ -91,18 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument(
-        "inputs", nargs="+", type=Path, metavar="INPUT", help=f"input files: {INPUT_TYPES}"
+        "inputs",
+        nargs="*",
+        type=Path,
+        metavar="INPUT",
+        help=f"input files: {INPUT_TYPES} (none with --pending: just what is left)",
     )
-    run.add_argument(
-        "--report", type=Path, help="outcome CSV (default reports/undo-check-in-<UTC>.csv)"
-    )
-    run.add_argument("--failed-rows", type=Path, help="rows to retry (default <report>.failed.csv)")
-    run.add_argument("--config", type=Path, help="TOML settings file (see configs/default.toml)")
-    run.add_argument("--base-url", help="API base URL (env CC_BASE_URL)")
-    # Numbers are only parsed here: load_config checks every setting, whatever its origin.
-    run.add_argument("--rate", type=float, help="requests per second, at most (4)")
-    run.add_argument("--batch-size", type=int, help="keys per request, at most (100)")
-    run.add_argument("--concurrency", type=int, help="requests in flight, at most (4)")
+    add_common_run_arguments(run)
     run.add_argument("--event-id", help="event for input files that have no event column")
     run.add_argument(
         "--key-pattern",
@@ -115,34 +110,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="send rows hidden or filtered out in a spreadsheet (default: skipped)",
     )
-    run.add_argument(
-        "--token-file", type=Path, help="token file to use and refresh (env CC_TOKEN_FILE)"
-    )
-    run.add_argument("--client-id", help="OAuth client id for refreshing (env CC_CLIENT_ID)")
-    run.add_argument("--max-requests", type=int, help="spend at most this many requests")
-    run.add_argument("--dry-run", action="store_true", default=None, help="plan only, send nothing")
     run.add_argument("--resume", action="store_true", default=None, help="continue --report's run")
+    add_store_arguments(run)
     run.add_argument(
-        "--log-format", choices=("console", "json"), help="default: console on a terminal"
-    )
-    run.add_argument(
-        "--log-level", choices=("debug", "info", "warning"), help="debug logs every request"
-    )
-    run.add_argument(
-        "--no-progress",
-        dest="progress",
-        action="store_false",
+        "--again",
+        action="store_true",
         default=None,
-        help="never draw the progress bar (default: drawn on a terminal only)",
+        help="send rows an earlier run already did (default: reported skipped, not sent)",
+    )
+    run.add_argument(
+        "--pending",
+        action="store_true",
+        default=None,
+        help="add every key earlier runs left unfinished (with no INPUT: just those)",
     )
     run.add_argument(
         "--action",
         choices=("undo", "check-in"),
         help="undo the keys' check-ins (default), or check them in (the reverse)",
     )
-    run.add_argument(
-        "--summary-json", type=Path, help="write the run's record as JSON (docs/summary-json.md)"
+    revert = commands.add_parser(
+        "revert",
+        help="check in again the keys a run undid (a new run)",
+        description="Check in exactly the keys RUN reported undone that no later run has "
+        "touched, as a new run with its own report. The API cannot tell whether a ticket was "
+        "checked in before RUN undid it: a ticket RUN undid that was not checked in will be "
+        "after this. Look first with --dry-run.",
     )
+    revert.add_argument("run_id", metavar="RUN", help="the run to revert (its id, or a prefix)")
+    add_common_run_arguments(revert)
+    add_store_arguments(revert)
 
     # Listed for --help; main() hands everything after "sandbox" to the sandbox's own parser.
     commands.add_parser(
@@ -169,6 +166,54 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: every setting; nightly: a commented scheduled-run example",
     )
     return parser
+
+
+def add_common_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of every command that sends: ``run`` and ``revert``."""
+    parser.add_argument(
+        "--report", type=Path, help="outcome CSV (default reports/undo-check-in-<UTC>.csv)"
+    )
+    parser.add_argument(
+        "--failed-rows", type=Path, help="rows to retry (default <report>.failed.csv)"
+    )
+    parser.add_argument("--config", type=Path, help="TOML settings file (see configs/default.toml)")
+    parser.add_argument("--base-url", help="API base URL (env CC_BASE_URL)")
+    # Numbers are only parsed here: load_config checks every setting, whatever its origin.
+    parser.add_argument("--rate", type=float, help="requests per second, at most (4)")
+    parser.add_argument("--batch-size", type=int, help="keys per request, at most (100)")
+    parser.add_argument("--concurrency", type=int, help="requests in flight, at most (4)")
+    parser.add_argument(
+        "--token-file", type=Path, help="token file to use and refresh (env CC_TOKEN_FILE)"
+    )
+    parser.add_argument("--client-id", help="OAuth client id for refreshing (env CC_CLIENT_ID)")
+    parser.add_argument("--max-requests", type=int, help="spend at most this many requests")
+    parser.add_argument(
+        "--dry-run", action="store_true", default=None, help="plan only, send nothing"
+    )
+    parser.add_argument(
+        "--log-format", choices=("console", "json"), help="default: console on a terminal"
+    )
+    parser.add_argument(
+        "--log-level", choices=("debug", "info", "warning"), help="debug logs every request"
+    )
+    parser.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        default=None,
+        help="never draw the progress bar (default: drawn on a terminal only)",
+    )
+    parser.add_argument(
+        "--summary-json", type=Path, help="write the run's record as JSON (docs/summary-json.md)"
+    )
+
+
+def add_store_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state",
+        metavar="PATH|none",
+        help="the run store (env BATCHJOB_STATE; default: one file per user, see docs/store.md)",
+    )
 
 
 def _cmd_config_init(args: argparse.Namespace) -> int:
@@ -263,30 +308,41 @@ def add_auth_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Options ``run`` has that ``revert`` does not; given as None there.
+_RUN_ONLY = (
+    "inputs",
+    "event_id",
+    "key_pattern",
+    "include_hidden_rows",
+    "resume",
+    "action",
+    "again",
+    "pending",
+)
+_COMMON = (
+    "report",
+    "failed_rows",
+    "base_url",
+    "rate",
+    "batch_size",
+    "concurrency",
+    "token_file",
+    "client_id",
+    "max_requests",
+    "dry_run",
+    "log_format",
+    "log_level",
+    "progress",
+    "summary_json",
+    "state",
+)
+
+
 def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
-    cli = {
-        "inputs": tuple(args.inputs),
-        "report": args.report,
-        "failed_rows": args.failed_rows,
-        "base_url": args.base_url,
-        "rate": args.rate,
-        "batch_size": args.batch_size,
-        "concurrency": args.concurrency,
-        "event_id": args.event_id,
-        "key_pattern": args.key_pattern,
-        "include_hidden_rows": args.include_hidden_rows,
-        "token_file": args.token_file,
-        "client_id": args.client_id,
-        "max_requests": args.max_requests,
-        "dry_run": args.dry_run,
-        "resume": args.resume,
-        "log_format": args.log_format,
-        "log_level": args.log_level,
-        "progress": args.progress,
-        "action": args.action,
-        "summary_json": args.summary_json,
-    } | overrides
-    return load_config(cli=cli, config_file=args.config)
+    cli = {name: getattr(args, name, None) for name in (*_COMMON, *_RUN_ONLY)}
+    if cli["inputs"] is not None:
+        cli["inputs"] = tuple(cli["inputs"])
+    return load_config(cli=cli | overrides, config_file=args.config)
 
 
 async def _run(config: JobConfig, tokens: ManagedTokenSource | None = None) -> RunResult:
@@ -343,6 +399,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _cmd_revert(args: argparse.Namespace) -> int:
+    config = _config_from(args, revert=args.run_id, action="check-in")
+    _say(
+        f"revert {args.run_id}: checks in again the keys that run undid and no later run "
+        "touched. The API cannot tell whether a ticket was checked in before that run: a "
+        "ticket it undid that was not checked in will be checked in after this."
+        + (" (dry run: nothing is sent)" if config.dry_run else ""),
+        sys.stderr,
+    )
+    from batchjob.run import run_to_end
+
+    result = run_to_end(_run(config))
+    _say(result.summary(), sys.stdout)
+    return result.exit_code
+
+
 def _display(path: Path) -> Path:
     cwd = Path.cwd()
     return path.relative_to(cwd) if path.is_relative_to(cwd) else path
@@ -389,6 +461,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "revert":
+            return _cmd_revert(args)
         if args.command == "demo":
             return _cmd_demo(args)
         if args.command == "config":

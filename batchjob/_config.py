@@ -71,6 +71,12 @@ class JobConfig:
     client_id: str | None = None
     grace_period: float = 10.0  # seconds in-flight requests get after SIGINT/SIGTERM
     config_file: Path | None = None  # the settings file this was read from: never written
+    # The run store (docs/store.md): "default" (one file per user), a path, or "none".
+    state: str = "default"
+    again: bool = False  # send rows an earlier run already did (default: reported skipped)
+    pending: bool = False  # add every key earlier runs left unfinished
+    identity: tuple[str, ...] = ("event_id", "order_ticket_key")  # what tells input rows apart
+    revert: str | None = None  # the run whose undone keys this run checks in again
 
     def __post_init__(self) -> None:
         for name in _CHECKED:
@@ -83,6 +89,16 @@ class JobConfig:
             raise ConfigError("--resume needs --report: the report of the run to continue")
         if self.resume and self.dry_run:
             raise ConfigError("--dry-run cannot --resume: a dry run never replaces a report")
+        object.__setattr__(self, "identity", tuple(self.identity))
+        no_store = self.state.strip().lower() == "none"
+        if no_store and (self.pending or self.revert):
+            what = "--pending" if self.pending else "revert"
+            raise ConfigError(f"{what} needs the run store: state is none")
+        if self.revert is not None:
+            if self.action != Action.CHECK_IN:
+                raise ConfigError("revert checks keys in again: the action must be check-in")
+            if self.inputs or self.pending or self.resume:
+                raise ConfigError("revert takes its keys from the run it reverts, not from inputs")
 
     def report_path(self, now: datetime | None = None) -> Path:
         if self.report is not None:
@@ -161,6 +177,8 @@ _CHECKED = (
     "base_url",
     "token_url",
     "action",
+    "state",
+    "identity",
 )
 
 
@@ -186,7 +204,31 @@ def setting_problem(name: str, value: Any) -> str | None:
         return url_problem(value)
     if name == "key_pattern":
         return None if value is None else key_pattern_problem(value)
+    if name == "state":
+        ok = isinstance(value, str) and value.strip() != "" and "\x00" not in value
+        return None if ok else "must be a file path, or none"
+    if name == "identity":
+        return identity_problem(value)
     return None
+
+
+#: Always part of a row's identity: naming them in ``identity`` changes nothing.
+IDENTITY_BASE = ("event_id", "order_ticket_key")
+
+
+def identity_problem(value: Any) -> str | None:
+    if not isinstance(value, list | tuple) or not all(
+        isinstance(n, str) and n.strip() for n in value
+    ):
+        return "must be a list of input column names"
+    if len({n.strip().lower() for n in value}) != len(value):
+        return "names a column twice"
+    return None
+
+
+def identity_extra(identity: tuple[str, ...]) -> tuple[str, ...]:
+    """The columns of ``identity`` beside the event and key, which are always part of it."""
+    return tuple(n for n in identity if n.strip().lower() not in IDENTITY_BASE)
 
 
 def key_pattern_problem(value: Any) -> str | None:
@@ -332,7 +374,7 @@ _FLOAT_FIELDS = {
     "retry_cap",
     "grace_period",
 }
-_BOOL_FIELDS = {"dry_run", "resume", "progress", "include_hidden_rows"}
+_BOOL_FIELDS = {"dry_run", "resume", "progress", "include_hidden_rows", "again", "pending"}
 _STR_FIELDS = {
     "base_url",
     "token_url",
@@ -342,10 +384,11 @@ _STR_FIELDS = {
     "client_id",
     "key_pattern",
 }
-_STR_FIELDS |= {"action"}
-#: Settings a config file may hold (inputs and resume belong to one run, not to a file).
+_STR_FIELDS |= {"action", "state"}
+#: Settings a config file may hold (inputs, resume, again and revert belong to one run).
 _FILE_FIELDS = (_PATH_FIELDS | _INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS | _STR_FIELDS) - {
-    "resume"
+    "resume",
+    "again",
 }
 
 #: Environment variables, by setting. CC_* follow Constant Contact's own naming.
@@ -361,6 +404,7 @@ ENV_VARS: Mapping[str, str] = {
     "log_format": "BATCHJOB_LOG_FORMAT",
     "log_level": "BATCHJOB_LOG_LEVEL",
     "key_pattern": "BATCHJOB_KEY_PATTERN",
+    "state": "BATCHJOB_STATE",
 }
 
 
@@ -416,10 +460,12 @@ def read_config_file(path: Path) -> dict[str, Any]:
     for name, value in raw.items():
         if name == "columns":
             settings["columns"] = _columns_from(path, value)
+        elif name == "incremental":
+            settings.update(_incremental_from(path, value))
         elif name in _FILE_FIELDS:
             settings[name] = _coerce(name, value, f"config file {path}")
         else:
-            known = ", ".join(sorted(_FILE_FIELDS | {"columns"}))
+            known = ", ".join(sorted(_FILE_FIELDS | {"columns", "incremental"}))
             raise ConfigError(f"{path}: unknown setting {name!r}; known settings: {known}")
     return settings
 
@@ -440,6 +486,18 @@ def _columns_from(path: Path, value: Any) -> ColumnAliases:
             raise ConfigError(f"{path}: [columns] {name} must be a list of column names")
         extra[name] = (*names, *getattr(defaults, name))
     return dataclasses.replace(defaults, **extra)
+
+
+def _incremental_from(path: Path, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: [incremental] must be a table")
+    settings: dict[str, Any] = {}
+    for name, item in value.items():
+        if name != "identity":
+            raise ConfigError(f"{path}: [incremental] knows identity, not {name!r}")
+        check_setting("identity", item, f"config file {path}, [incremental]")
+        settings["identity"] = tuple(item)
+    return settings
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:

@@ -16,10 +16,12 @@ See :func:`check_run` for the rule itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
 import os
+import sqlite3
 import sys
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from batchjob._cells import unescape_cell
 from batchjob._logging import Redactor, make_logger
 from batchjob.sandbox import RequestRecord, Sandbox, World
 from batchjob.send import AiohttpTransport, RawResponse, Transport, TransportError, make_session
+from batchjob.store import default_path
 from tests.support import read_report, token_for
 
 Pair = tuple[str, str]
@@ -306,11 +309,31 @@ def journal_records(path: Path) -> list[dict[str, str]]:
 
 
 def undone_in_journal(path: Path) -> set[Pair]:
-    return {
-        (r["event_id"], r["order_ticket_key"])
-        for r in journal_records(path)
-        if r.get("outcome") == "undone"
-    }
+    """Keys recorded undone so far: in the journal (``--state none``), or else in the run
+    store at the default location, for the run of the report the journal belongs to."""
+    if path.exists():
+        return {
+            (r["event_id"], r["order_ticket_key"])
+            for r in journal_records(path)
+            if r.get("outcome") == "undone"
+        }
+    return recorded_in_store(path.with_name(path.name.removesuffix(".journal")), "undone")
+
+
+def recorded_in_store(report: Path, outcome: str, store: Path | None = None) -> set[Pair]:
+    """(event, key) pairs the run store records with ``outcome`` for ``report``'s runs."""
+    store = store or default_path()
+    if not store.exists():
+        return set()
+    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'run_rows'").fetchone():
+            return set()  # created, not yet migrated
+        found = db.execute(
+            "SELECT run_rows.event_id, run_rows.order_ticket_key FROM run_rows "
+            "JOIN runs ON runs.seq = run_rows.run WHERE runs.report = ? AND run_rows.outcome = ?",
+            (os.path.abspath(report), outcome),
+        ).fetchall()
+    return {(str(e), str(k)) for e, k in found}
 
 
 def cells(path: Path) -> list[list[str]]:

@@ -19,3 +19,13 @@ async def sandbox(world: World) -> AsyncIterator[Sandbox]:
     settings = SandboxSettings(rate=400.0, burst=20.0, daily_quota=None, seed=5)
     async with Sandbox(world, settings, Faults()) as sb:
         yield sb
+
+
+@pytest.fixture(autouse=True)
+def own_run_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test gets a run store of its own at the default location (XDG_STATE_HOME), so
+    runs are recorded as a user's would be, and never in the home of whoever runs the tests."""
+    state_home = tmp_path_factory.mktemp("xdg-state")
+    monkeypatch.setenv("XDG_STATE_HOME", str(state_home))
+    monkeypatch.setenv("LOCALAPPDATA", str(state_home))
+    monkeypatch.delenv("BATCHJOB_STATE", raising=False)

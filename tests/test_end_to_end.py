@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from batchjob import REPORT_COLUMNS, JobConfig, ReportError, RunResult, run_job
+from batchjob._errors import StoreError
 from batchjob.sandbox import EventState, Sandbox, SandboxSettings, World
 from batchjob.send import AiohttpTransport, RawResponse
 from tests.support import read_report, run, ticket_rows, token_for, write_csv
@@ -360,32 +361,41 @@ async def test_resume_refuses_inputs_that_would_drop_keys_from_the_report(
 
 
 @pytest.mark.parametrize(
-    "error", [OSError(28, "No space left on device"), ValueError("a bug in the writer")]
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        ValueError("a bug in the writer"),
+        StoreError("state.sqlite3: cannot write the run store: disk I/O error"),
+    ],
 )
-async def test_a_journal_that_cannot_be_written_stops_the_run_and_the_report_keeps_every_key(
+@pytest.mark.parametrize("state", ["default", "none"])  # the run store, or the journal
+async def test_a_record_that_cannot_be_written_stops_the_run_and_the_report_keeps_every_key(
     sandbox: Sandbox,
     world: World,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     error: Exception,
+    state: str,
 ) -> None:
     from batchjob.record import Journal
+    from batchjob.run._remember import StoreJournal
 
-    real_flush = Journal.flush
+    recorder: Any = StoreJournal if state == "default" else Journal
+    real_flush = recorder.flush
     flushes = 0
 
-    def disk_fills_up(self: Journal) -> None:
+    def disk_fills_up(self: Any) -> None:
         nonlocal flushes
         flushes += 1
         if flushes == 3:
             raise error
         real_flush(self)
 
-    monkeypatch.setattr(Journal, "flush", disk_fills_up)
+    monkeypatch.setattr(recorder, "flush", disk_fills_up)
     rows = ticket_rows(world)
     inputs = write_csv(tmp_path / "in.csv", [(e, k, "") for e, k in rows], HEADER)
 
-    result = await run(sandbox, [inputs], tmp_path, batch_size=10, concurrency=2)
+    result = await run(sandbox, [inputs], tmp_path, batch_size=10, concurrency=2, state=state)
 
     assert result.exit_code == 3, result.summary()
     assert str(error) in result.stopped

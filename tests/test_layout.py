@@ -26,6 +26,7 @@ RANK = {
     "plan": 4,
     "send": 5,
     "record": 6,
+    "store": 6,
     "run": 7,
     "_progress": 7,
     "_auth": 8,

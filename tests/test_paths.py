@@ -368,15 +368,18 @@ async def test_resume_names_the_journal_and_the_line_it_cannot_use(
     report = tmp_path / "r.csv"
     journal = journal_path(report)
     async with fast_sandbox(world) as sandbox:
+        # The journal is the record of a run without a store.
         await crash_run(
-            run_recorded(sandbox, [inputs], report, batch_size=10, progress=CrashAfter(60))
+            run_recorded(
+                sandbox, [inputs], report, batch_size=10, progress=CrashAfter(60), state="none"
+            )
         )
         insert_line(journal, line, garbage.format(event=event, key=key))
         before = journal.read_bytes()
         sent = sandbox.counters.total
 
         with pytest.raises(ReportError) as refused:
-            await run_recorded(sandbox, [inputs], report, resume=True)
+            await run_recorded(sandbox, [inputs], report, resume=True, state="none")
 
         assert sandbox.counters.total == sent
     assert str(refused.value).startswith(f"{journal}, line {line}: ")

@@ -364,9 +364,12 @@ async def crash_then_cut(
     sandbox: Sandbox, inputs: Path, report: Path, cut: str, *, after: int = 60
 ) -> None:
     """Run until ``after`` keys are recorded, crash, then cut the journal's last record short
-    inside its ``cut`` field, as a kill -9 in the middle of a journal write leaves it."""
+    inside its ``cut`` field, as a kill -9 in the middle of a journal write leaves it. The
+    journal is a run's record with no store (``--state none``)."""
     await crash_run(
-        run_recorded(sandbox, [inputs], report, batch_size=10, progress=CrashAfter(after))
+        run_recorded(
+            sandbox, [inputs], report, batch_size=10, progress=CrashAfter(after), state="none"
+        )
     )
     journal = journal_path(report)
     text = journal.read_text(encoding="utf-8")
@@ -386,7 +389,7 @@ async def test_resume_after_a_crash_that_cut_a_quoted_journal_field(tmp_path: Pa
         await crash_then_cut(sandbox, inputs, report, "source_file")
         before = undone_in_journal(journal_path(report))
         since = len(sandbox.requests)
-        result, exchanges = await run_recorded(sandbox, [inputs], report, resume=True)
+        result, exchanges = await run_recorded(sandbox, [inputs], report, resume=True, state="none")
         assert result.exit_code == 0
         check_run(report, pairs, world, sandbox.requests[since:], exchanges,
                   carried={k for _, k in before})  # fmt: skip
@@ -403,14 +406,14 @@ async def test_two_crashes_in_a_row_never_resend_a_key_the_journal_recorded(
 
         # Resume, and crash again: everything this run was told is done must be journaled.
         exchanges: list[Exchange] = []
-        await crash_run(run_recorded(sandbox, [inputs], report, resume=True, batch_size=10,
+        await crash_run(run_recorded(sandbox, [inputs], report, resume=True, batch_size=10, state="none",
                                      progress=CrashAfter(60), exchanges=exchanges))  # fmt: skip
         acked = set(ack_times(exchanges))
         assert acked, "the resumed run should have undone some keys before the crash"
         carried = {k for _, k in undone_in_journal(journal_path(report))} | acked
 
         since = len(sandbox.requests)
-        result, last = await run_recorded(sandbox, [inputs], report, resume=True)
+        result, last = await run_recorded(sandbox, [inputs], report, resume=True, state="none")
         assert result.exit_code == 0
         resent = acked & keys_sent(sandbox.requests[since:])
         assert not resent, f"undone and journaled by the second run, sent again: {resent}"

@@ -18,16 +18,18 @@ from batchjob.record._files import (
     remove_stale_temp_files,
 )
 from batchjob.record._final import write_bytes_atomically, write_final
-from batchjob.record._journal import Journal
-from batchjob.record._ledger import Ledger
+from batchjob.record._journal import Journal, Recorder
+from batchjob.record._ledger import OUTCOME_CODES, Ledger
 from batchjob.record._lock import ReportLock
 from batchjob.record._outcomes import mark_invalid, set_outcome
 from batchjob.record._resume import resume_previous
 from batchjob.record._rows import RowWriter
 
 __all__ = [
+    "OUTCOME_CODES",
     "Journal",
     "Ledger",
+    "Recorder",
     "ReportLock",
     "ReportPaths",
     "RowWriter",

@@ -14,7 +14,7 @@ import io
 import math
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 
@@ -25,6 +25,15 @@ from batchjob.record._files import _NOFOLLOW, _NONBLOCK, _OPEN_FLAGS, _not_own_f
 from batchjob.record._rows import RowWriter
 
 _HEADER = ",".join(REPORT_COLUMNS).encode()
+
+
+class Recorder(Protocol):
+    """Where a run's outcomes go as they come: the journal file, or the run store."""
+
+    failed: Exception | None  # a write that failed; the run stops on it
+
+    def append(self, positions: Positions, keys: list[str] | None = None) -> None: ...
+    def close(self) -> None: ...
 
 
 class Journal:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,18 +20,30 @@ from batchjob.record._previous import read_previous, record_place
 
 
 def resume_previous(
-    config: JobConfig, paths: ReportPaths, plan: Plan, ledger: Ledger, log: Any
-) -> int:
-    """Carry over keys an earlier run already undid; they are not sent again.
+    config: JobConfig,
+    paths: ReportPaths,
+    plan: Plan,
+    ledger: Ledger,
+    log: Any,
+    stored: tuple[pd.DataFrame, Callable[[Any], str]] | None = None,
+) -> Any:
+    """Carry over keys an earlier run already undid; they are not sent again. Returns their
+    plan positions.
 
-    The resumed report replaces the earlier one, so it must hold every key the earlier one
-    held: inputs that leave some out are refused rather than losing their record.
+    The earlier run's rows come from the run store (``stored``: its rows, and how to name
+    one in a message) or else from the report and its journal. The resumed report replaces
+    the earlier one, so it must hold every key the earlier one held: inputs that leave some
+    out are refused rather than losing their record.
     """
-    if not (paths.report.exists() or paths.journal.exists()):
+    place: Callable[[Any], str] = record_place
+    if stored is not None:
+        previous, place = stored
+    elif not (paths.report.exists() or paths.journal.exists()):
         # Allowed, so a scheduler can always pass --resume; but say so, in case of a typo.
         log.warning("resume.nothing_to_resume", report=str(paths.report))
-        return 0
-    previous = read_previous(paths)
+        return np.empty(0, np.int64)
+    else:
+        previous = read_previous(paths)
     rows = plan.rows[["event_id", "order_ticket_key"]].astype(str)
     rows["position"] = np.arange(len(rows))
     rows = rows[(plan.rows["problem"] == "").to_numpy()]
@@ -39,7 +52,7 @@ def resume_previous(
     if len(missing):
         first = missing.iloc[0]
         raise ReportError(
-            f"{record_place(first)}: key {clip(str(first['order_ticket_key']), 80)!r} of event "
+            f"{place(first)}: key {clip(str(first['order_ticket_key']), 80)!r} of event "
             f"{clip(str(first['event_id']), 80)!r} is not in these inputs ({len(missing)} keys of "
             "the earlier run are not); resume with the inputs of the run that wrote it, or "
             "choose another --report path"
@@ -64,13 +77,15 @@ def resume_previous(
     ledger.finished_at[positions] = finished
     if "attempts" in merged:
         ledger.attempts[positions] = (
-            merged["attempts"].str.strip().replace("", "0").astype(np.int64).to_numpy()
+            merged["attempts"].astype(str).str.strip().replace("", "0").astype(np.int64).to_numpy()
         )
     log.info("resume.loaded", already_undone=len(positions))
-    return len(positions)
+    return positions
 
 
 def _parse_times(values: Any) -> Any:
+    if pd.api.types.is_numeric_dtype(values):  # from the store: epoch seconds already
+        return np.asarray(values, dtype=np.float64)
     parsed = pd.to_datetime(values, utc=True, errors="coerce", format="%Y-%m-%dT%H:%M:%SZ")
     # Unit-free: pandas 3 parses to microseconds, pandas 2 to nanoseconds.
     seconds = (parsed - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)

@@ -21,7 +21,7 @@ from batchjob._errors import ExitCode
 from batchjob._logging import MAX_REPORT_TEXT
 from batchjob._model import Outcome
 from batchjob.plan import Plan, Positions
-from batchjob.record import Journal, Ledger, set_outcome
+from batchjob.record import Ledger, Recorder, set_outcome
 from batchjob.run._isolate import Group, KeyIsolator
 from batchjob.run._stop import StopRequest
 from batchjob.send import (
@@ -106,7 +106,7 @@ class Dispatcher:
         config: JobConfig,
         plan: Plan,
         ledger: Ledger,
-        journal: Journal | None,
+        journal: Recorder | None,
         client: ApiClient,
         pacer: AdaptivePacer,
         gate: RequestGate,
@@ -225,7 +225,7 @@ class Dispatcher:
                     self.check_crash(task)
                 if self.journal is not None and self.journal.failed is not None:
                     self.halt(
-                        f"internal error: cannot write the journal: {self.journal.failed}",
+                        f"internal error: cannot record outcomes: {self.journal.failed}",
                         ExitCode.STOPPED,
                     )
                 if self.stopped and not drained and tasks:

@@ -9,24 +9,30 @@ before the report is written, any row still without an outcome (a bug) is report
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
+import socket
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from batchjob._config import JobConfig
-from batchjob._errors import ExitCode, InputError, ReportError, TokenError
+from batchjob._config import JobConfig, identity_extra
+from batchjob._errors import ExitCode, InputError, ReportError, StoreError, TokenError, UsageError
 from batchjob._logging import Redactor, null_logger
 from batchjob._model import Outcome
 from batchjob._tokens import TokenSource, lock_path_for
 from batchjob.plan import Plan, Positions, build_plan
-from batchjob.read import read_inputs
+from batchjob.read import Inputs, read_inputs
 from batchjob.record import (
     Journal,
     Ledger,
+    Recorder,
     ReportLock,
     ReportPaths,
     RowWriter,
@@ -39,6 +45,16 @@ from batchjob.record import (
     write_final,
 )
 from batchjob.run._dispatch import Dispatcher, EventWork, NoProgress, Progress
+from batchjob.run._incremental import (
+    add_identity_column,
+    api_of,
+    carried_count,
+    empty_inputs,
+    plan_identities,
+    revertible,
+    skip_done,
+    with_stored_rows,
+)
 from batchjob.run._record import (
     build_record,
     describe_inputs,
@@ -46,6 +62,7 @@ from batchjob.run._record import (
     utc_iso,
     write_summary_json,
 )
+from batchjob.run._remember import StoreJournal
 from batchjob.run._result import RunResult
 from batchjob.run._stop import StopRequest
 from batchjob.send import (
@@ -57,6 +74,7 @@ from batchjob.send import (
     Transport,
     make_session,
 )
+from batchjob.store import ROW_COLUMNS, RunEnd, RunInfo, RunStart, Store, open_store
 
 
 async def run_job(
@@ -88,21 +106,65 @@ async def run_job(
     report = config.report_path()
     paths = ReportPaths(report, config.failed_rows_path(report), config.summary_json)
     check_paths(paths, config.inputs, _files_to_keep(config))
+    if not config.inputs and not config.pending and config.revert is None:
+        raise UsageError("no input files: name at least one, or pass --pending")
+    if not config.dry_run and tokens is None:
+        raise TokenError("no access token: set CC_ACCESS_TOKEN or a token file")
 
+    store = await asyncio.to_thread(open_store, config.state)
+    try:
+        return await _run_with_store(
+            config,
+            store,
+            tokens=tokens,
+            transport=transport,
+            log=log,
+            progress=progress,
+            stop=stop,
+            redactor=redactor,
+            paths=paths,
+            run_id=run_id,
+            started=started,
+            started_at=started_at,
+        )
+    finally:
+        if store is not None:
+            store.close()
+
+
+async def _run_with_store(
+    config: JobConfig,
+    store: Store | None,
+    *,
+    tokens: TokenSource | None,
+    transport: Transport | None,
+    log: Any,
+    progress: Progress,
+    stop: StopRequest,
+    redactor: Redactor,
+    paths: ReportPaths,
+    run_id: str,
+    started: float,
+    started_at: datetime,
+) -> RunResult:
     # The heavy parts run in a thread: a host's event loop (an orchestrator's, a notebook's)
     # must not stall for the seconds a million rows take.
-    inputs = await asyncio.to_thread(
-        read_inputs,
-        config.inputs,
-        aliases=config.columns,
-        default_event_id=config.event_id,
-        key_pattern=config.key_pattern,
-        include_hidden_rows=config.include_hidden_rows,
-    )
+    extra = identity_extra(config.identity)
+    inputs = await asyncio.to_thread(_read, config, extra)
+    stored = await asyncio.to_thread(_stored_rows, config, store)
+    frame = None
+    if store is not None and (extra or len(stored)):
+        frame = await asyncio.to_thread(add_identity_column, inputs, bool(extra))
+        frame = with_stored_rows(frame, stored)
+        inputs = dataclasses.replace(inputs, frame=frame)
     plan = await asyncio.to_thread(build_plan, inputs)
+    ids = await asyncio.to_thread(plan_identities, plan, frame) if store is not None else None
     described = (
-        await asyncio.to_thread(_describe_inputs, config) if config.summary_json is not None else []
+        await asyncio.to_thread(_describe_inputs, config)
+        if config.summary_json is not None or store is not None
+        else []
     )
+    carried = carried_count(plan)
     log.info(
         "plan.ready",
         rows=len(plan.rows),
@@ -111,21 +173,21 @@ async def run_job(
         invalid=len(plan.invalid),
         skipped=len(plan.skipped),
         duplicates=plan.duplicates,
+        from_earlier_runs=carried,
     )
     if plan.seen:
         log.info("input.spreadsheet", seen=" | ".join(plan.seen.lines()))
-    if not config.dry_run and tokens is None:
-        raise TokenError("no access token: set CC_ACCESS_TOKEN or a token file")
 
     lock = ReportLock(paths.lock)
     lock.acquire()
     try:
-        if not config.resume and (paths.report.exists() or paths.journal.exists()):
-            found = paths.report if paths.report.exists() else paths.journal
-            raise ReportError(
-                f"{found} already exists (an earlier run's report); pass --resume to continue "
-                "that run, or choose another --report path"
-            )
+        earlier = (
+            await asyncio.to_thread(store.last_run_for_report, _report_key(paths.report))
+            if store is not None
+            else None
+        )
+        if not config.resume:
+            _refuse_existing(paths, earlier)
         check_writable(paths)
         for stale in remove_stale_temp_files(paths):
             log.info("report.stale_temp_removed", path=str(stale))
@@ -133,11 +195,17 @@ async def run_job(
         writer = RowWriter(plan.rows, plan.keys, ledger)
         ledger.set(plan.invalid, Outcome.INVALID, error_key="invalid_input")
         mark_invalid(plan, ledger)
-        skip = (
-            await asyncio.to_thread(resume_previous, config, paths, plan, ledger, log)
-            if config.resume
-            else 0
-        )
+        resumed: Positions = np.empty(0, np.int64)
+        if config.resume:
+            from_store = _resume_source(config, store, earlier) if earlier is not None else None
+            resumed = await asyncio.to_thread(
+                resume_previous, config, paths, plan, ledger, log, from_store
+            )
+        already_done = 0
+        if store is not None and ids is not None and not config.again:
+            already_done = await asyncio.to_thread(skip_done, store, config, plan, ids, ledger)
+            if already_done:
+                log.info("incremental.skipped", rows=already_done)
 
         pending_events = {
             event_id: positions[ledger.outcome[positions] == 0]
@@ -154,14 +222,37 @@ async def run_job(
             ),
         )
         run: Dispatcher | None = None
+        recorded = False
         if config.dry_run:
             for positions in pending_events.values():
                 ledger.set(positions, Outcome.PLANNED)
         else:
             assert tokens is not None
-            journal = Journal(paths.journal, writer)
+            journal: Recorder
+            if store is not None and ids is not None:
+                await asyncio.to_thread(
+                    store.begin_run,
+                    RunStart(
+                        run_id=run_id,
+                        base_url=api_of(config),
+                        action=config.action.value,
+                        started_at=utc_iso(started_at),
+                        report=_report_key(paths.report),
+                        files=StoreJournal.files(plan),
+                        host=socket.gethostname(),
+                        pid=os.getpid(),
+                    ),
+                )
+                recorded = True
+                journal = StoreJournal(
+                    store, run_id, plan, ledger, ids, config.action.value, resumed
+                )
+                decided = np.flatnonzero(ledger.outcome != 0).astype(np.int64)
+            else:
+                journal = Journal(paths.journal, writer)
+                decided = np.sort(np.concatenate([plan.invalid, plan.skipped]))
             try:
-                journal.append(np.sort(np.concatenate([plan.invalid, plan.skipped])))
+                journal.append(decided)
                 run = await send_all(
                     config,
                     plan,
@@ -178,6 +269,11 @@ async def run_job(
                     total,
                     redactor,
                 )
+            except BaseException as exc:
+                if recorded and store is not None:
+                    # Cancelled by a host, or a bug: the record says the run ended, and how.
+                    _end_abruptly(store, run_id, exc)
+                raise
             finally:
                 journal.close()
                 if journal.failed is not None:
@@ -190,7 +286,7 @@ async def run_job(
                 ledger, unset, Outcome.NOT_ATTEMPTED, error_message="internal error: no outcome"
             )
         failed_count = await asyncio.to_thread(write_final, paths, writer, ledger)
-        if not config.dry_run:
+        if not config.dry_run and not recorded:
             Journal.remove(paths.journal)
     finally:
         lock.release()
@@ -235,11 +331,17 @@ async def run_job(
         started_at=utc_iso(started_at),
         ended_at=utc_iso(datetime.now(UTC)),
         seen=plan.seen,
+        already_done=already_done,
+        from_earlier_runs=carried,
+        state=store.location if store is not None else "",
+        recorded=recorded,
     )
+    record = build_record(config, result, described, redactor)
     if config.summary_json is not None:
-        result = _write_summary(
-            config.summary_json, build_record(config, result, described, redactor), result, log
-        )
+        result = _write_summary(config.summary_json, record, result, log)
+        record = build_record(config, result, described, redactor)
+    if recorded and store is not None:
+        result = await _end_run(store, run_id, result, record, log)
     log.info(
         "run.finished",
         exit_code=int(result.exit_code),
@@ -247,7 +349,9 @@ async def run_job(
         retries=result.retries,
         throttled=result.throttled,
         elapsed=round(result.elapsed, 3),
-        resumed_undone=skip,
+        resumed_undone=len(resumed),
+        already_done=already_done,
+        from_earlier_runs=carried,
         action=config.action.value,
         run_id=run_id,
         **counts,
@@ -255,11 +359,116 @@ async def run_job(
     return result
 
 
+def _read(config: JobConfig, extra: tuple[str, ...]) -> Inputs:
+    if not config.inputs:
+        return empty_inputs()
+    return read_inputs(
+        config.inputs,
+        aliases=config.columns,
+        default_event_id=config.event_id,
+        key_pattern=config.key_pattern,
+        include_hidden_rows=config.include_hidden_rows,
+        identity_columns=extra,
+    )
+
+
+def _stored_rows(config: JobConfig, store: Store | None) -> pd.DataFrame:
+    """Rows this run takes from the store: a reverted run's keys, or pending keys."""
+    empty = pd.DataFrame(columns=[*ROW_COLUMNS, "identity"])
+    if store is None:
+        return empty
+    if config.revert is not None:
+        return revertible(store, config.revert, config)
+    if config.pending:
+        return store.pending(api_of(config), config.action.value)
+    return empty
+
+
+def _report_key(report: Path) -> str:
+    """How the store names a report: its absolute path (links are refused anyway)."""
+    return os.path.abspath(report)
+
+
+def _refuse_existing(paths: ReportPaths, earlier: RunInfo | None) -> None:
+    if paths.report.exists() or paths.journal.exists():
+        found = paths.report if paths.report.exists() else paths.journal
+        raise ReportError(
+            f"{found} already exists (an earlier run's report); pass --resume to continue "
+            "that run, or choose another --report path"
+        )
+    if earlier is not None and earlier.state != "finished":
+        raise ReportError(
+            f"run {earlier.run_id} wrote to {paths.report} and did not finish (it is "
+            f"{earlier.state}); pass --resume to continue that run, or choose another --report "
+            "path"
+        )
+
+
+def _resume_source(
+    config: JobConfig, store: Store | None, earlier: RunInfo
+) -> tuple[pd.DataFrame, Callable[[Any], str]]:
+    """The run to continue, from the store; refused if it was against another API."""
+    assert store is not None
+    if earlier.base_url != api_of(config):
+        raise ReportError(
+            f"run {earlier.run_id} (report {earlier.report}) was against {earlier.base_url}, "
+            f"not {api_of(config)}: resume it against the API it started with"
+        )
+    if earlier.state == "running" and earlier.host != socket.gethostname():
+        # On this machine the report's lock, held now, proves the run is over.
+        raise ReportError(
+            f"run {earlier.run_id} (report {earlier.report}) is still running on "
+            f"{earlier.host or 'another machine'} (pid {earlier.pid})"
+        )
+    rows = store.rows(earlier.run_id)
+    rows = rows[~rows["outcome"].isin([Outcome.INVALID.value, Outcome.SKIPPED.value])]
+    rows = rows.drop(columns=["position"])
+
+    def place(row: Any) -> str:
+        where = f"row {row['source_row']} of {row['source_file']}"
+        return f"run {earlier.run_id} in the run store, {where}"
+
+    return rows, place
+
+
+def _end_abruptly(store: Store, run_id: str, exc: BaseException) -> None:
+    end = RunEnd(
+        ended_at=utc_iso(datetime.now(UTC)),
+        exit_code=int(ExitCode.STOPPED),
+        stop_reason=f"ended by {type(exc).__name__} before its report was written",
+        requests=0,
+        record={},
+    )
+    with contextlib.suppress(StoreError):
+        store.end_run(run_id, end)
+
+
+async def _end_run(
+    store: Store, run_id: str, result: RunResult, record: dict[str, Any], log: Any
+) -> RunResult:
+    """Close the run's record; if the store fails now, the run says so (exit 3)."""
+    end = RunEnd(
+        ended_at=result.ended_at,
+        exit_code=int(result.exit_code),
+        stop_reason=result.stopped,
+        requests=result.requests,
+        record=record,
+    )
+    try:
+        await asyncio.to_thread(store.end_run, run_id, end)
+    except StoreError as exc:
+        log.error("store.write_failed", error=str(exc))
+        stopped = f"{result.stopped}; {exc}" if result.stopped else str(exc)
+        code = result.exit_code if result.exit_code > ExitCode.INCOMPLETE else ExitCode.STOPPED
+        return dataclasses.replace(result, stopped=stopped, exit_code=int(code))
+    return result
+
+
 async def send_all(
     config: JobConfig,
     plan: Plan,
     ledger: Ledger,
-    journal: Journal,
+    journal: Recorder,
     pending: dict[str, Positions],
     tokens: TokenSource,
     transport: Transport | None,

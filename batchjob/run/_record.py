@@ -41,6 +41,10 @@ _SETTINGS = (
     "grace_period",
     "dry_run",
     "resume",
+    "again",
+    "pending",
+    "revert",
+    "state",
     "event_id",
     "token_url",
     "token_file",
@@ -83,6 +87,7 @@ def _settings(config: JobConfig) -> dict[str, Any]:
         settings[name] = str(value) if isinstance(value, Path) else value
     if isinstance(settings["token_url"], str):
         settings["token_url"] = display_url(settings["token_url"])
+    settings["identity"] = list(config.identity)
     settings["columns"] = {
         "event_id": list(config.columns.event_id),
         "order_ticket_key": list(config.columns.order_ticket_key),
@@ -114,6 +119,9 @@ def build_record(
         "retries": result.retries,
         "throttled": result.throttled,
         "final_rate": round(result.rate, 3),
+        "already_done": result.already_done,
+        "from_earlier_runs": result.from_earlier_runs,
+        "state": result.state or None,
         "duplicates": result.duplicates,
         "blank_rows": result.blank_rows,
         "inputs": inputs,

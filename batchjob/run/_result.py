@@ -30,6 +30,10 @@ class RunResult:
     started_at: str = ""  # UTC, ISO 8601
     ended_at: str = ""
     seen: ReadSummary = field(default_factory=ReadSummary)  # what the reader saw in sheets
+    already_done: int = 0  # rows skipped: an earlier run already did them (see --again)
+    from_earlier_runs: int = 0  # rows the store added: pending keys, or a reverted run's
+    state: str = ""  # the run store's location; "" for none
+    recorded: bool = False  # whether the run is in the store (dry runs never are)
 
     def summary(self) -> str:
         lines = [f"report:      {self.report}"]
@@ -48,6 +52,14 @@ class RunResult:
                 f"{self.blank_rows} blank rows skipped"
             )
         lines.append(f"action:      {self.action} (run {self.run_id})")
+        if self.state:
+            stored = "recorded in" if self.recorded else "read from (a dry run is not recorded)"
+            lines.append(f"store:       {stored} {printable(self.state)}")
+        if self.already_done or self.from_earlier_runs:
+            lines.append(
+                f"incremental: {self.already_done} rows skipped (done by earlier runs), "
+                f"{self.from_earlier_runs} rows from earlier runs"
+            )
         if self.seen:
             lines.append("spreadsheet:")
             lines.extend(f"  {printable(line)}" for line in self.seen.lines())

@@ -52,7 +52,7 @@ class RowBlock:
     error: list[int]  # code in the run's errors
     attempts: list[int]
     file: list[int]  # index in RunStart.files
-    source_row: list[str]
+    source_row: list[int]
     finished_at: list[float | None]
     errors: list[tuple[int, str, str]] = field(default_factory=list)  # new (code, key, message)
 
@@ -139,3 +139,4 @@ class Store(Protocol):
     def run(self, run_id: str) -> RunInfo | None: ...
     def rows(self, run_id: str) -> pd.DataFrame: ...
     def sent_after(self, run_id: str, base_url: str) -> set[tuple[str, str]]: ...
+    def revertible(self, run_id: str) -> pd.DataFrame: ...

@@ -48,7 +48,7 @@ _V1: Final = (
         error INTEGER NOT NULL,
         attempts INTEGER NOT NULL,
         file INTEGER NOT NULL,
-        source_row TEXT NOT NULL,
+        source_row INTEGER NOT NULL,
         finished_at REAL,
         PRIMARY KEY (run, position)
     )""",

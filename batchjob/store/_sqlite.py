@@ -350,6 +350,22 @@ class SqliteStore:
 
         return self._read(work)
 
+    def revertible(self, run_id: str) -> pd.DataFrame:
+        """Rows ``run_id`` undid whose identity's latest word is still that run's."""
+
+        def work(db: sqlite3.Connection) -> pd.DataFrame:
+            seq = self._seq(db, run_id)
+            found = db.execute(
+                f"SELECT {_ROW_SELECT}, latest.identity FROM run_rows "
+                "JOIN latest ON latest.run = run_rows.run AND latest.position = run_rows.position "
+                f"{_ROW_JOINS} WHERE run_rows.run = ? AND run_rows.outcome = 'undone' "
+                "AND latest.outcome = 'undone' ORDER BY run_rows.position",
+                (seq,),
+            ).fetchall()
+            return _frame(found, [*ROW_COLUMNS, "identity"])
+
+        return self._read(work)
+
 
 _ROW_SELECT = (
     "run_rows.position, run_rows.event_id, run_rows.order_ticket_key, run_rows.outcome, "
