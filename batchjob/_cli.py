@@ -49,11 +49,12 @@ INPUT_TYPES = ".csv .tsv .txt (comma, semicolon or tab) and .xlsx .xlsm .xlsb .x
 
 _RUN_EPILOG = """\
 exit codes:
-  0    every key undone (for --dry-run: every row valid)
+  0    every key undone (for --dry-run: every row valid); skipped rows do not count
   1    finished, but some key not undone: read the failed-rows file
   2    usage, configuration or input error; nothing was sent
-  3    stopped early: daily quota, token rejected, forbidden, --max-requests spent,
-       nothing but 429s for a long stretch, or an internal error: rerun later
+  3    stopped early: the API cannot be reached, no event found, daily quota, token
+       rejected, forbidden, --max-requests spent, nothing but 429s for a long stretch,
+       or an internal error: the keys left are pending (rerun later, or --pending)
   129/130/143  interrupted by SIGHUP / SIGINT / SIGTERM: rerun with --resume
 
 environment:
@@ -61,8 +62,8 @@ environment:
   CC_TOKEN_FILE        a token file to use and refresh; CC_CLIENT_ID its app's client id
   CC_CLIENT_SECRET     the app's client secret, if it has one
   CC_BASE_URL, CC_TOKEN_URL, BATCHJOB_RATE, BATCHJOB_BATCH_SIZE, BATCHJOB_CONCURRENCY,
-  BATCHJOB_MAX_REQUESTS, BATCHJOB_LOG_FORMAT, BATCHJOB_LOG_LEVEL: settings (see
-  `batchjob config init` for every setting and its default)
+  BATCHJOB_MAX_REQUESTS, BATCHJOB_LOG_FORMAT, BATCHJOB_LOG_LEVEL, BATCHJOB_KEY_PATTERN,
+  BATCHJOB_STATE: settings (see `batchjob config init` for every setting and its default)
 
 precedence: command line > environment > --config file > built-in defaults
 """

@@ -22,7 +22,9 @@ async def sandbox(world: World) -> AsyncIterator[Sandbox]:
 
 
 @pytest.fixture(autouse=True)
-def own_run_store(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def own_run_store(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every test gets a run store of its own at the default location (XDG_STATE_HOME), so
     runs are recorded as a user's would be, and never in the home of whoever runs the tests."""
     state_home = tmp_path_factory.mktemp("xdg-state")

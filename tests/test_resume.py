@@ -406,8 +406,9 @@ async def test_two_crashes_in_a_row_never_resend_a_key_the_journal_recorded(
 
         # Resume, and crash again: everything this run was told is done must be journaled.
         exchanges: list[Exchange] = []
-        await crash_run(run_recorded(sandbox, [inputs], report, resume=True, batch_size=10, state="none",
-                                     progress=CrashAfter(60), exchanges=exchanges))  # fmt: skip
+        await crash_run(run_recorded(sandbox, [inputs], report, resume=True, batch_size=10,
+                                     state="none", progress=CrashAfter(60),
+                                     exchanges=exchanges))  # fmt: skip
         acked = set(ack_times(exchanges))
         assert acked, "the resumed run should have undone some keys before the crash"
         carried = {k for _, k in undone_in_journal(journal_path(report))} | acked

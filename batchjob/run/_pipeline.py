@@ -396,11 +396,11 @@ def _refuse_existing(paths: ReportPaths, earlier: RunInfo | None) -> None:
             f"{found} already exists (an earlier run's report); pass --resume to continue "
             "that run, or choose another --report path"
         )
-    if earlier is not None and earlier.state != "finished":
+    if earlier is not None and (earlier.state != "finished" or not earlier.record):
+        how = "ended early" if earlier.state == "finished" else f"is {earlier.state}"
         raise ReportError(
-            f"run {earlier.run_id} wrote to {paths.report} and did not finish (it is "
-            f"{earlier.state}); pass --resume to continue that run, or choose another --report "
-            "path"
+            f"run {earlier.run_id} wrote to {paths.report} and did not finish (it {how}); "
+            "pass --resume to continue that run, or choose another --report path"
         )
 
 

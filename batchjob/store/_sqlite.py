@@ -434,6 +434,8 @@ def _lookup_each(
     db: sqlite3.Connection, api: int, outcome: str, identities: Sequence[str]
 ) -> list[tuple[str, int, float | None]]:
     found: list[tuple[str, int, float | None]] = []
+    if isinstance(identities, pa.Array):
+        identities = identities.to_pylist()
     step = 500
     for start in range(0, len(identities), step):
         chunk = list(identities[start : start + step])
