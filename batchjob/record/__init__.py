@@ -18,7 +18,7 @@ from batchjob.record._files import (
     remove_stale_temp_files,
 )
 from batchjob.record._final import write_bytes_atomically, write_final
-from batchjob.record._journal import Journal, Recorder
+from batchjob.record._journal import BlockRecorder, Journal, Recorder
 from batchjob.record._ledger import OUTCOME_CODES, Ledger
 from batchjob.record._lock import ReportLock
 from batchjob.record._outcomes import mark_invalid, set_outcome
@@ -27,6 +27,7 @@ from batchjob.record._rows import RowWriter
 
 __all__ = [
     "OUTCOME_CODES",
+    "BlockRecorder",
     "Journal",
     "Ledger",
     "Recorder",

@@ -36,31 +36,18 @@ class Recorder(Protocol):
     def close(self) -> None: ...
 
 
-class Journal:
-    """Append-only CSV of outcomes as they happen; the same columns as the report.
-
-    Outcomes are written at most every ``interval`` seconds (20 ms), as one block with one
-    write and one flush: at the API's 4 requests a second every answer is written on its own
-    at once, while at thousands a second (a local sandbox, a raised limit) a block holds many
-    answers and costs a fraction of a write per request. A kill -9 loses at most the requests
-    in flight and the answers of the last ``interval``; ``--resume`` sends those keys again,
-    which is harmless (undo is idempotent).
+class BlockRecorder:
+    """Outcomes recorded in blocks as they come: at most every ``interval`` seconds (20 ms),
+    one block with one write. At the API's 4 requests a second every answer is written on its
+    own at once, while at thousands a second (a local sandbox, a raised limit) a block holds
+    many answers and costs a fraction of a write per request. A kill -9 loses at most the
+    requests in flight and the answers of the last ``interval``; ``--resume`` sends those keys
+    again, which is harmless (undo is idempotent). Subclasses say where a block goes.
     """
 
     interval = 0.02
 
-    def __init__(self, path: Path, writer: RowWriter) -> None:
-        self.path = path
-        self._writer = writer
-        fd = _open_in_place(path, os.O_RDWR | os.O_APPEND, "the journal")
-        try:
-            new = _cut_partial_line(fd) == 0
-            self._fh: IO[str] = open(  # noqa: SIM115 (closed in close())
-                fd, "a", newline="", encoding="utf-8", errors="backslashreplace"
-            )
-        except BaseException:
-            os.close(fd)
-            raise
+    def __init__(self) -> None:
         self._pending: list[Positions] = []
         self._pending_keys: list[str] | None = []
         self._scheduled = False
@@ -69,9 +56,6 @@ class Journal:
         # Kept here instead: the run stops on it (exit 3), and the ledger, which holds every
         # outcome, goes on to the final report if the disk lets it.
         self.failed: Exception | None = None
-        if new:
-            self._fh.write(_HEADER.decode() + "\n")
-            self._fh.flush()
 
     def append(self, positions: Positions, keys: list[str] | None = None) -> None:
         if self.failed is not None or len(positions) == 0:
@@ -109,25 +93,59 @@ class Journal:
         pending, keys = self._pending, self._pending_keys
         self._pending, self._pending_keys = [], []
         positions = pending[0] if len(pending) == 1 else np.concatenate(pending)
-        buffer = io.StringIO()
-        self._writer.write(buffer, positions, keys)
-        self._fh.write(buffer.getvalue())
-        # Flushed to the OS: survives kill -9. fsync (power loss) is for the final report.
-        self._fh.flush()
+        self._write(positions, keys)
         with contextlib.suppress(RuntimeError):
             self._flushed_at = asyncio.get_running_loop().time()
 
+    def _write(self, positions: Positions, keys: list[str] | None) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
-        """Write what is pending and close. A failure is kept in ``failed``, not raised: the
-        ledger still holds every outcome, and the final report is worth trying to write."""
+        """Write what is pending. A failure is kept in ``failed``, not raised: the ledger
+        still holds every outcome, and the final report is worth trying to write."""
         try:
             if self.failed is None:
                 self.flush()
         except Exception as exc:  # kept for the runner: the final report comes next
             self.failed = exc
         finally:
-            with contextlib.suppress(OSError):
-                self._fh.close()
+            self._closed()
+
+    def _closed(self) -> None:
+        """Release what the recorder holds (after its last write)."""
+
+
+class Journal(BlockRecorder):
+    """``<report>.journal``: append-only CSV of outcomes, the same columns as the report; the
+    record of a run without a store (see :class:`BlockRecorder`)."""
+
+    def __init__(self, path: Path, writer: RowWriter) -> None:
+        super().__init__()
+        self.path = path
+        self._writer = writer
+        fd = _open_in_place(path, os.O_RDWR | os.O_APPEND, "the journal")
+        try:
+            new = _cut_partial_line(fd) == 0
+            self._fh: IO[str] = open(  # noqa: SIM115 (closed in _closed())
+                fd, "a", newline="", encoding="utf-8", errors="backslashreplace"
+            )
+        except BaseException:
+            os.close(fd)
+            raise
+        if new:
+            self._fh.write(_HEADER.decode() + "\n")
+            self._fh.flush()
+
+    def _write(self, positions: Positions, keys: list[str] | None) -> None:
+        buffer = io.StringIO()
+        self._writer.write(buffer, positions, keys)
+        self._fh.write(buffer.getvalue())
+        # Flushed to the OS: survives kill -9. fsync (power loss) is for the final report.
+        self._fh.flush()
+
+    def _closed(self) -> None:
+        with contextlib.suppress(OSError):
+            self._fh.close()
 
     @staticmethod
     def remove(path: Path) -> None:

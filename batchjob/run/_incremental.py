@@ -193,9 +193,8 @@ def carried_count(plan: Plan) -> int:
     return int(plan.rows[CARRIED].to_numpy().sum())
 
 
-def retry_worthy(outcome: npt.NDArray[np.int8], status: npt.NDArray[np.int16]) -> Any:
+def retry_worthy(status: npt.NDArray[np.int16]) -> Any:
     """Failed keys a later run should try again: no answer, a server error, a throttle."""
-    del outcome
     return (status == 0) | (status >= 500) | (status == 429) | (status == 408)
 
 

@@ -8,15 +8,13 @@ of the last 20 ms, which ``--resume`` sends again harmlessly.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import math
 
 import numpy as np
 
 from batchjob._model import Outcome
 from batchjob.plan import Plan, Positions
-from batchjob.record import OUTCOME_CODES, Ledger
+from batchjob.record import OUTCOME_CODES, BlockRecorder, Ledger
 from batchjob.run._incremental import Identities, retry_worthy
 from batchjob.store import LatestBlock, RowBlock, Store
 
@@ -29,10 +27,8 @@ for _outcome in (Outcome.UNDONE, Outcome.CHECKED_IN, Outcome.FAILED, Outcome.NOT
     _DECIDES[_CODE[_outcome]] = True
 
 
-class StoreJournal:
+class StoreJournal(BlockRecorder):
     """Appends a run's report rows to the store as outcomes come (see the module's note)."""
-
-    interval = 0.02
 
     def __init__(
         self,
@@ -44,6 +40,7 @@ class StoreJournal:
         action: str,
         carried_over: Positions,
     ) -> None:
+        super().__init__()
         self._store = store
         self._run_id = run_id
         self._plan = plan
@@ -59,59 +56,16 @@ class StoreJournal:
         self._carried = np.zeros(len(rows), dtype=np.bool_)
         self._carried[carried_over] = True
         self._errors_sent = 0
-        self._pending: list[Positions] = []
-        self._scheduled = False
-        self._flushed_at = -math.inf
-        self.failed: Exception | None = None
         self.path = store.location
 
     @staticmethod
     def files(plan: Plan) -> list[str]:
         return [str(c) for c in plan.rows["source_file"].cat.categories]
 
-    def append(self, positions: Positions, keys: list[str] | None = None) -> None:
+    def _write(self, positions: Positions, keys: list[str] | None) -> None:
         del keys  # taken from the plan: a block is written in one go either way
-        if self.failed is not None or len(positions) == 0:
-            return
-        self._pending.append(positions)
-        if self._scheduled:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            self._flush_soon()
-            return
-        self._scheduled = True
-        wait = self._flushed_at + self.interval - loop.time()
-        if wait > 0:
-            loop.call_later(wait, self._flush_soon)
-        else:
-            loop.call_soon(self._flush_soon)
-
-    def _flush_soon(self) -> None:
-        try:
-            self.flush()
-        except Exception as exc:  # asyncio would only log it: kept, so that the run stops
-            self.failed = exc
-
-    def flush(self) -> None:
-        self._scheduled = False
-        if not self._pending or self.failed is not None:
-            return
-        pending = self._pending
-        self._pending = []
-        positions = pending[0] if len(pending) == 1 else np.concatenate(pending)
         rows, latest = self._blocks(positions)
         self._store.record(self._run_id, rows, latest)
-        with contextlib.suppress(RuntimeError):
-            self._flushed_at = asyncio.get_running_loop().time()
-
-    def close(self) -> None:
-        try:
-            if self.failed is None:
-                self.flush()
-        except Exception as exc:  # kept for the runner: the final report comes next
-            self.failed = exc
 
     def _blocks(self, positions: Positions) -> tuple[RowBlock, LatestBlock]:
         ledger = self._ledger
@@ -142,7 +96,7 @@ class StoreJournal:
         owner_outcome = ledger.outcome[owners]
         status = ledger.http_status[owners]
         unfinished = (owner_outcome == _CODE[Outcome.NOT_ATTEMPTED]) | (
-            (owner_outcome == _CODE[Outcome.FAILED]) & retry_worthy(owner_outcome, status)
+            (owner_outcome == _CODE[Outcome.FAILED]) & retry_worthy(status)
         )
         owner_times = ledger.finished_at[owners]
         latest = LatestBlock(

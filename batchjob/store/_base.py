@@ -15,6 +15,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from batchjob._model import REPORT_COLUMNS
+
 #: Outcomes after which an identity is done: never sent again unless --again.
 SUCCESS_OUTCOMES: frozenset[str] = frozenset({"undone", "checked_in"})
 
@@ -102,19 +104,7 @@ class RunInfo:
 
 
 #: Columns of the frames ``rows`` and ``pending`` return: a run's report rows as stored.
-ROW_COLUMNS: tuple[str, ...] = (
-    "position",
-    "event_id",
-    "order_ticket_key",
-    "outcome",
-    "http_status",
-    "error_key",
-    "error_message",
-    "attempts",
-    "source_file",
-    "source_row",
-    "finished_at",  # epoch seconds, NaN for none
-)
+ROW_COLUMNS: tuple[str, ...] = ("position", *REPORT_COLUMNS)  # finished_at: epoch seconds
 
 
 class Store(Protocol):
