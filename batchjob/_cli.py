@@ -142,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_run_arguments(revert)
     add_store_arguments(revert)
 
+    add_runs_parser(commands)
+
     # Listed for --help; main() hands everything after "sandbox" to the sandbox's own parser.
     commands.add_parser(
         "sandbox", help="serve the local sandbox API (batchjob sandbox --help)", add_help=False
@@ -214,6 +216,42 @@ def add_store_arguments(parser: argparse.ArgumentParser) -> None:
         "--state",
         metavar="PATH|none",
         help="the run store (env BATCHJOB_STATE; default: one file per user, see docs/store.md)",
+    )
+
+
+def add_runs_parser(commands: Any) -> None:
+    """``batchjob runs``, ``runs show RUN``, ``runs report RUN --out PATH`` (batchjob._history)."""
+    runs = commands.add_parser(
+        "runs",
+        help="list the runs the run store recorded; show one; write its report again",
+        description="List recent runs, newest first. `runs show RUN` shows one run, `runs report "
+        "RUN --out PATH` writes its report again (docs/store.md, History commands).",
+    )
+    runs.add_argument("--limit", type=int, default=20, help="list at most N runs (default 20)")
+    _add_history_options(runs, None, False)
+    sub = runs.add_subparsers(dest="runs_command", metavar="SUBCOMMAND")
+    show = sub.add_parser("show", help="one run: every field, counts by event")
+    report = sub.add_parser("report", help="write a run's report CSV again, from the store")
+    for parser in (show, report):
+        parser.add_argument("run_id", metavar="RUN", help="a run id, or the start of one")
+    report.add_argument("--out", type=Path, required=True, help="the CSV file to write")
+    report.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_history_options(show, argparse.SUPPRESS, argparse.SUPPRESS)
+    _add_history_options(report, argparse.SUPPRESS, None)
+
+
+def _add_history_options(parser: argparse.ArgumentParser, default: Any, json: Any) -> None:
+    # A subcommand's defaults are SUPPRESS: `runs --state X show RUN` keeps X.
+    if json is not None:
+        parser.add_argument("--json", action="store_true", default=json, help="print JSON")
+    parser.add_argument(
+        "--state",
+        metavar="PATH|none",
+        default=default,
+        help="the run store (env BATCHJOB_STATE; default: one file per user, see docs/store.md)",
+    )
+    parser.add_argument(
+        "--config", type=Path, default=default, help="TOML settings file (its state setting)"
     )
 
 
@@ -468,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_demo(args)
         if args.command == "config":
             return _cmd_config_init(args)
+        if args.command == "runs":
+            from batchjob._history import run_history_command
+
+            return run_history_command(args, stdout=_tolerant(sys.stdout))
         from batchjob._auth import run_auth_command
 
         return run_auth_command(args)

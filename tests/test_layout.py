@@ -30,6 +30,7 @@ RANK = {
     "run": 7,
     "_progress": 7,
     "_auth": 8,
+    "_history": 8,
     "sandbox": 8,
     "_cli": 9,
     "__init__": 10,

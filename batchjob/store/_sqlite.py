@@ -366,6 +366,20 @@ class SqliteStore:
 
         return self._read(work)
 
+    def outcome_counts(self, run_id: str) -> list[tuple[str, str, int]]:
+        """(event id, outcome, rows) of the report rows the store holds for ``run_id``: what
+        ``batchjob runs`` shows for a run that left no record (running, died)."""
+
+        def work(db: sqlite3.Connection) -> list[tuple[str, str, int]]:
+            found = db.execute(
+                "SELECT event_id, outcome, count(*) FROM run_rows WHERE run = ? "
+                "GROUP BY event_id, outcome ORDER BY min(position), outcome",
+                (self._seq(db, run_id),),
+            ).fetchall()
+            return [(str(event), str(outcome), int(rows)) for event, outcome, rows in found]
+
+        return self._read(work)
+
 
 _ROW_SELECT = (
     "run_rows.position, run_rows.event_id, run_rows.order_ticket_key, run_rows.outcome, "
