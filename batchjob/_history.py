@@ -480,6 +480,7 @@ def write_run_report(store: Store, run_ref: str, out: Path, *, force: bool = Fal
         raise StoreError(f"run {run} ended before it wrote a report{why}")
     _check_target(out, force, store.location)
     rows = store.rows(info.run_id)
+    rows = rows[rows["outcome"] != ""]  # rows the run never decided: not in a report
     expected = sum(counts.values())
     if not len(rows):
         raise StoreError(

@@ -16,12 +16,10 @@ See :func:`check_run` for the rule itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import csv
 import io
 import json
 import os
-import sqlite3
 import sys
 from collections.abc import Callable, Collection, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +30,12 @@ import pandas as pd
 
 from batchjob import JobConfig, RunResult, StopRequest, TokenSource, run_job
 from batchjob._cells import unescape_cell
+from batchjob._errors import StoreError
 from batchjob._logging import Redactor, make_logger
 from batchjob.sandbox import RequestRecord, Sandbox, World
 from batchjob.send import AiohttpTransport, RawResponse, Transport, TransportError, make_session
 from batchjob.store import default_path
+from batchjob.store._sqlite import open_sqlite
 from tests.support import read_report, token_for
 
 Pair = tuple[str, str]
@@ -321,19 +321,23 @@ def undone_in_journal(path: Path) -> set[Pair]:
 
 
 def recorded_in_store(report: Path, outcome: str, store: Path | None = None) -> set[Pair]:
-    """(event, key) pairs the run store records with ``outcome`` for ``report``'s runs."""
+    """(event, key) pairs the run store records with ``outcome`` for ``report``'s last run."""
     store = store or default_path()
     if not store.exists():
         return set()
-    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
-        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'run_rows'").fetchone():
-            return set()  # created, not yet migrated
-        found = db.execute(
-            "SELECT run_rows.event_id, run_rows.order_ticket_key FROM run_rows "
-            "JOIN runs ON runs.seq = run_rows.run WHERE runs.report = ? AND run_rows.outcome = ?",
-            (os.path.abspath(report), outcome),
-        ).fetchall()
-    return {(str(e), str(k)) for e, k in found}
+    try:
+        opened = open_sqlite(store)
+    except StoreError:
+        return set()  # being created by the run right now
+    try:
+        run = opened.last_run_for_report(os.path.abspath(report))
+        if run is None:
+            return set()
+        rows = opened.rows(run.run_id)
+    finally:
+        opened.close()
+    rows = rows[rows["outcome"] == outcome]
+    return set(zip(rows["event_id"], rows["order_ticket_key"], strict=True))
 
 
 def cells(path: Path) -> list[list[str]]:

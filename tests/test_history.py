@@ -16,13 +16,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from aiohttp import web
 
 from batchjob import JobConfig, RunResult, Secret, StaticToken, run_job
 from batchjob._cli import main
 from batchjob.sandbox import Sandbox, World
-from batchjob.store import LatestBlock, RowBlock, RunStart, default_path, open_store
+from batchjob.store import (
+    IDS_SCHEMA,
+    PLAN_SCHEMA,
+    ROWS_SCHEMA,
+    RunStart,
+    default_path,
+    open_store,
+)
 from tests.support import FAST, run, ticket_rows, write_csv
 
 HEADER = ("event_id", "order_ticket_key")
@@ -350,23 +358,36 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def _rows(positions: list[int], event: str, outcome: str) -> RowBlock:
+def _plan(positions: list[int], event: str) -> pa.Table:
     n = len(positions)
-    return RowBlock(
-        position=positions,
-        event_id=[event] * n,
-        order_ticket_key=[f"k{p}" for p in positions],
-        outcome=[outcome] * n,
-        http_status=[204 if outcome == "undone" else 0] * n,
-        error=[0] * n,
-        attempts=[1 if outcome == "undone" else 0] * n,
-        file=[0] * n,
-        source_row=[p + 2 for p in positions],
-        finished_at=[1_800_000_000.5 if outcome == "undone" else None] * n,
+    return pa.table(
+        {
+            "position": positions,
+            "event_id": [event] * n,
+            "order_ticket_key": [f"k{p}" for p in positions],
+            "file": [0] * n,
+            "source_row": [p + 2 for p in positions],
+        },
+        schema=PLAN_SCHEMA,
     )
 
 
-_NO_LATEST = LatestBlock([], [], [], [], [], [])
+def _rows(positions: list[int], outcome: str) -> pa.Table:
+    n = len(positions)
+    return pa.table(
+        {
+            "position": positions,
+            "outcome": [outcome] * n,
+            "http_status": [204 if outcome == "undone" else 0] * n,
+            "error": [0] * n,
+            "attempts": [1 if outcome == "undone" else 0] * n,
+            "finished_at": [1_800_000_000.5 if outcome == "undone" else None] * n,
+        },
+        schema=ROWS_SCHEMA,
+    )
+
+
+_NO_IDS = IDS_SCHEMA.empty_table()
 
 
 @pytest.mark.skipif(os.name != "posix", reason="a dead process is told apart on POSIX only")
@@ -388,8 +409,9 @@ def test_a_run_that_died_shows_what_it_recorded_and_has_no_report(
             pid=_dead_pid(),
         )
     )
-    store.record(run_id, _rows([0, 1, 2], MISSING_EVENT, "undone"), _NO_LATEST)
-    store.record(run_id, _rows([5], MISSING_EVENT, "invalid"), _NO_LATEST)
+    store.add_plan(run_id, _plan([0, 1, 2, 5], MISSING_EVENT), None)
+    store.record(run_id, _rows([0, 1, 2], "undone"), _NO_IDS, [])
+    store.record(run_id, _rows([5], "invalid"), _NO_IDS, [])
     store.close()
 
     code, out, err = cli(capsys, "runs")
@@ -416,12 +438,16 @@ async def test_a_report_whose_rows_were_pruned_is_refused(
     result = await plain_run(sandbox, world, tmp_path, "first")
     out = tmp_path / "again.csv"
     db = sqlite3.connect(default_path())
-    with db:
-        db.execute("DELETE FROM run_rows WHERE position >= 40")
+    with db:  # the plan's rows stay; the outcomes of the last 10 are gone
+        db.execute("DELETE FROM chunks WHERE kind = 'rows'")
+    store = open_store("default")
+    assert store is not None
+    store.record(result.run_id, _rows(list(range(40)), "undone"), _NO_IDS, [])
+    store.close()
     code, _, err = cli(capsys, "runs", "report", result.run_id, "--out", str(out))
     assert code == 2 and "holds 40 of the 50 report rows" in err
     with db:
-        db.execute("DELETE FROM run_rows")
+        db.execute("DELETE FROM chunks")
     db.close()
     code, _, err = cli(capsys, "runs", "report", result.run_id, "--out", str(out))
     assert code == 2 and "no report rows" in err

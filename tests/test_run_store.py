@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pyarrow as pa
 import pytest
 
 from batchjob import JobConfig, ReportError, run_job
@@ -16,8 +17,9 @@ from batchjob._errors import StoreError
 from batchjob.sandbox import Sandbox, World
 from batchjob.send import AiohttpTransport, RawResponse, Transport, TransportError
 from batchjob.store import SCHEMA_VERSION, default_path
+from batchjob.store._columns import IDS, IDS_SCHEMA, PLAN, PLAN_SCHEMA, ROWS, ROWS_SCHEMA, encode
 from batchjob.store._schema import MIGRATIONS
-from batchjob.store._sqlite import SqliteStore
+from batchjob.store._sqlite import open_sqlite
 from tests.chaos_support import cli_env, finish, start_cli
 from tests.support import FAST, read_report, run, ticket_rows, token_for, write_csv
 
@@ -249,7 +251,7 @@ async def test_two_runs_at_once_on_one_store_both_finish_and_both_are_recorded(
     for result in done:
         assert result.code == 0, result.err
         assert "database is locked" not in result.err
-    store = SqliteStore(state)
+    store = open_sqlite(state)
     try:
         runs = store.runs(10)
         assert len(runs) == 2 and {r.state for r in runs} == {"finished"}
@@ -325,6 +327,21 @@ def test_a_store_made_by_the_previous_schema_opens_and_keeps_its_history(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "old.sqlite3"
+    plan = pa.table(
+        {"position": [0], "event_id": ["e"], "order_ticket_key": ["k"], "file": [0],
+         "source_row": [2]},
+        schema=PLAN_SCHEMA,
+    )  # fmt: skip
+    rows = pa.table(
+        {"position": [0], "outcome": ["undone"], "http_status": [204], "error": [0],
+         "attempts": [1], "finished_at": [1.5e9]},
+        schema=ROWS_SCHEMA,
+    )  # fmt: skip
+    ids = pa.table(
+        {"identity": ["e\x1fk"], "position": [0], "outcome": ["undone"], "pending": [""],
+         "sent": [True], "finished_at": [1.5e9]},
+        schema=IDS_SCHEMA,
+    )  # fmt: skip
     with sqlite3.connect(path) as db:  # what batchjob with schema 1 wrote
         for statement in MIGRATIONS[0]:
             db.execute(statement)
@@ -336,10 +353,13 @@ def test_a_store_made_by_the_previous_schema_opens_and_keeps_its_history(
             "'2026-11-01T02:00:00Z', '2026-11-01T02:01:00Z', 0, '/r.csv', 1)"
         )
         db.execute("INSERT INTO run_files VALUES (1, 0, 'in.csv')")
-        db.execute("INSERT INTO run_rows VALUES (1, 0, 'e', 'k', 'undone', 204, 0, 1, 0, 2, 1.5e9)")
-        db.execute("INSERT INTO latest VALUES (1, 'e\x1fk', 'undone', '', 1, 0, 1.5e9)")
+        for number, (kind, table) in enumerate([(PLAN, plan), (ROWS, rows), (IDS, ids)]):
+            db.execute(
+                "INSERT INTO chunks (run, number, kind, data) VALUES (1, ?, ?, ?)",
+                (number, kind, encode(table)),
+            )
 
-    store = SqliteStore(path)
+    store = open_sqlite(path)
     try:
         (old,) = store.runs(5)
         assert old.run_id == "20261101-020000-abcd" and old.state == "finished"
@@ -356,12 +376,12 @@ def test_a_store_made_by_the_previous_schema_opens_and_keeps_its_history(
 
 def test_a_store_from_a_newer_batchjob_is_refused_untouched(tmp_path: Path) -> None:
     path = tmp_path / "new.sqlite3"
-    SqliteStore(path).close()
+    open_sqlite(path).close()
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '99' WHERE name = 'schema_version'")
     before = path.read_bytes()
     with pytest.raises(StoreError, match="schema version 99, newer than this batchjob"):
-        SqliteStore(path)
+        open_sqlite(path)
     assert path.read_bytes() == before
 
 
@@ -380,7 +400,7 @@ def test_a_store_path_that_is_not_a_store_of_ours_is_refused(tmp_path: Path, wha
         with sqlite3.connect(path) as db:
             db.execute("CREATE TABLE mine (x)")
     with pytest.raises(StoreError):
-        SqliteStore(path)
+        open_sqlite(path)
     assert target.read_bytes() == b""
 
 
@@ -403,7 +423,7 @@ async def test_a_dry_run_reads_the_store_and_records_nothing(
     first = await run(sandbox, [inputs], tmp_path, report="r1.csv")
     dry = await run(sandbox, [inputs], tmp_path, report="r2.csv", dry_run=True)
     assert set(read_report(dry.report).outcome) == {"skipped"}  # what a real run would do
-    store = SqliteStore(default_path())
+    store = open_sqlite(default_path())
     try:
         assert [r.run_id for r in store.runs(10)] == [first.run_id]
     finally:

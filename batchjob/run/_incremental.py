@@ -47,6 +47,7 @@ class Identities:
     texts: Any  # pyarrow StringArray, ordered by plan position
     positions: Positions  # the plan row of each text
     offsets: npt.NDArray[np.int64]
+    default: bool = True  # each row's one identity is its event and key
 
     def of(self, positions: Positions) -> tuple[Any, Positions]:
         """The texts of ``positions``' identities, and the plan row of each."""
@@ -99,12 +100,13 @@ def plan_identities(plan: Plan, frame: pd.DataFrame | None) -> Identities:
     merged = pairs.merge(placed, on=["event_id", "order_ticket_key"], how="inner")
     merged = merged.drop_duplicates(FULL_IDENTITY).sort_values("position", kind="stable")
     texts = pa.array(merged[FULL_IDENTITY].tolist(), pa.string())
-    return _csr(texts, merged["position"].to_numpy().astype(np.int64), len(plan.rows))
+    positions = merged["position"].to_numpy().astype(np.int64)
+    return _csr(texts, positions, len(plan.rows), default=False)
 
 
-def _csr(texts: Any, positions: Positions, size: int) -> Identities:
+def _csr(texts: Any, positions: Positions, size: int, *, default: bool = True) -> Identities:
     offsets = np.searchsorted(positions, np.arange(size + 1), side="left").astype(np.int64)
-    return Identities(texts, positions, offsets)
+    return Identities(texts, positions, offsets, default)
 
 
 def add_identity_column(inputs: Inputs, extra_columns: bool) -> pd.DataFrame:

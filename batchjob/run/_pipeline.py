@@ -245,7 +245,7 @@ async def _run_with_store(
                 )
                 recorded = True
                 journal = StoreJournal(
-                    store, run_id, plan, ledger, ids, config.action.value, resumed
+                    store, run_id, plan, ledger, ids, config.action.value, resumed, log=log
                 )
                 decided = np.flatnonzero(ledger.outcome != 0).astype(np.int64)
             else:

@@ -1,19 +1,22 @@
-"""What every store backend offers: the small interface the run stage and the CLI use.
+"""The store's two interfaces: :class:`Store`, what the run stage and the CLI use, and
+:class:`Backend`, the few primitives a database offers it (docs/store.md says why).
 
-A backend keeps runs (one row each), every run's report rows, and each identity's latest
-outcome per API. The run stage hands it plain columns (lists), never plan or ledger objects:
-a second backend needs to know SQL, not the pipeline.
+A run's plan, report rows and identities are kept as column chunks (Arrow IPC streams), added
+as the run goes; a backend stores runs, chunks and a per-API folded view of the latest
+outcomes, and knows SQL, not the pipeline. :class:`batchjob.store._chunks.ChunkStore` is the
+one implementation of :class:`Store`, over any backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
 
 from batchjob._model import REPORT_COLUMNS
 
@@ -40,40 +43,6 @@ class RunEnd:
     stop_reason: str
     requests: int
     record: dict[str, Any]  # the --summary-json record
-
-
-@dataclass
-class RowBlock:
-    """Report rows of one run, as columns of equal length."""
-
-    position: list[int]
-    event_id: list[str]
-    order_ticket_key: list[str]
-    outcome: list[str]
-    http_status: list[int]
-    error: list[int]  # code in the run's errors
-    attempts: list[int]
-    file: list[int]  # index in RunStart.files
-    source_row: list[int]
-    finished_at: list[float | None]
-    errors: list[tuple[int, str, str]] = field(default_factory=list)  # new (code, key, message)
-
-
-@dataclass
-class LatestBlock:
-    """Identities whose latest outcome this run decides, as columns of equal length.
-
-    ``pending`` is the action a later ``--pending`` run of which should send it, or "".
-    ``sent`` is False for an identity the run never sent: it does not replace an earlier
-    success (a stopped ``--again`` run must not make done work look pending).
-    """
-
-    identity: list[str]
-    outcome: list[str]
-    pending: list[str]
-    position: list[int]
-    finished_at: list[float | None]
-    sent: list[bool]
 
 
 @dataclass(frozen=True)
@@ -114,9 +83,13 @@ class Store(Protocol):
 
     def close(self) -> None: ...
 
-    # A run, as it goes.
+    # A run, as it goes: its plan first (so it can resume anywhere), then blocks of outcomes
+    # (report rows, and the identities they decide), then its end and its record.
     def begin_run(self, start: RunStart) -> None: ...
-    def record(self, run_id: str, rows: RowBlock, latest: LatestBlock) -> None: ...
+    def add_plan(self, run_id: str, plan: pa.Table, identities: pa.Table | None) -> None: ...
+    def record(
+        self, run_id: str, rows: pa.Table, ids: pa.Table, errors: Sequence[tuple[int, str, str]]
+    ) -> None: ...
     def end_run(self, run_id: str, end: RunEnd) -> None: ...
 
     # What a run needs before it sends.
@@ -131,3 +104,68 @@ class Store(Protocol):
     def sent_after(self, run_id: str, base_url: str) -> set[tuple[str, str]]: ...
     def revertible(self, run_id: str) -> pd.DataFrame: ...
     def outcome_counts(self, run_id: str) -> list[tuple[str, str, int]]: ...
+
+
+@dataclass(frozen=True)
+class RawRun:
+    """A run as a backend keeps it (the ``runs`` table's row, the API's URL joined)."""
+
+    seq: int
+    run_id: str
+    base_url: str
+    action: str
+    started_at: str
+    ended_at: str | None
+    exit_code: int | None
+    stop_reason: str | None
+    report: str
+    requests: int
+    record: str | None  # JSON text
+    host: str
+    pid: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: int  # the run's
+    number: int  # the chunk's, in the order the run added it
+    kind: str
+    data: bytes
+
+
+class Backend(Protocol):
+    """What a database offers :class:`ChunkStore`: short transactions over a few tables.
+
+    Every method raises :class:`~batchjob.StoreError` when the database fails; a failed
+    write leaves nothing half done (one transaction per call).
+    """
+
+    location: str
+
+    def close(self) -> None: ...
+    def begin_run(self, start: RunStart) -> int: ...  # the run's seq: increasing with starts
+    def end_run(self, seq: int, end: RunEnd) -> None: ...
+    def add_chunks(
+        self,
+        seq: int,
+        chunks: Sequence[tuple[str, bytes]],
+        errors: Sequence[tuple[int, str, str]] = (),
+    ) -> None: ...  # (kind, data) each, numbered on from the run's last: one transaction
+    def find_runs(
+        self,
+        *,
+        seq: int | None = None,
+        run_id: str | None = None,
+        prefix: str | None = None,
+        report: str | None = None,
+        limit: int = 1,
+    ) -> list[RawRun]: ...  # newest first
+    def later_runs(self, seq: int) -> list[int]: ...  # same API, started after
+    def run_chunks(self, seq: int, kinds: Sequence[str]) -> list[Chunk]: ...
+    def run_files(self, seq: int) -> list[str]: ...
+    def run_errors(self, seq: int) -> list[tuple[int, str, str]]: ...
+    # The latest outcome of every identity of an API: a folded base and the chunks since.
+    def folded(self, base_url: str) -> tuple[int, bytes | None, list[Chunk]]: ...
+    def fold(
+        self, base_url: str, generation: int, data: bytes, chunks: Sequence[Chunk]
+    ) -> bool: ...  # False: another process folded first (nothing written)

@@ -46,6 +46,6 @@ def open_store(state: str) -> Store | None:
     path = store_path(state)
     if path is None:
         return None
-    from batchjob.store._sqlite import SqliteStore
+    from batchjob.store._sqlite import open_sqlite
 
-    return SqliteStore(path)
+    return open_sqlite(path)

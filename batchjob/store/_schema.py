@@ -1,17 +1,17 @@
 """The store's tables, and the migrations that bring an older store up to date.
 
-One list of steps, plain SQL that SQLite and PostgreSQL both read: step ``n`` takes a store
-from schema version ``n`` to ``n + 1``. A store records its version in ``meta``; a store newer
-than this batchjob is refused (its tables may mean something this version does not know).
-docs/store.md describes every table.
+One list of steps, plain SQL that SQLite and PostgreSQL both read (a backend adapts the few
+types that differ): step ``n`` takes a store from schema version ``n`` to ``n + 1``. A store
+records its version in ``meta``; a store newer than this batchjob is refused (its tables may
+mean something this version does not know). docs/store.md describes every table.
 """
 
 from __future__ import annotations
 
 from typing import Final
 
-#: Outcomes and times are text and epoch seconds, so that a person can query the store with
-#: the sqlite3 shell (or psql) and read what they get.
+#: Runs are rows; what a run read and decided are column chunks (Arrow IPC streams, see
+#: _columns.py): appending a block of a million outcomes is one insert, not a million.
 _V1: Final = (
     "CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE apis (api INTEGER PRIMARY KEY, base_url TEXT NOT NULL UNIQUE)",
@@ -38,38 +38,27 @@ _V1: Final = (
         error_key TEXT NOT NULL, error_message TEXT NOT NULL,
         PRIMARY KEY (run, code)
     )""",
-    """CREATE TABLE run_rows (
+    """CREATE TABLE chunks (
         run INTEGER NOT NULL,
-        position INTEGER NOT NULL,
-        event_id TEXT NOT NULL,
-        order_ticket_key TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        http_status INTEGER NOT NULL,
-        error INTEGER NOT NULL,
-        attempts INTEGER NOT NULL,
-        file INTEGER NOT NULL,
-        source_row INTEGER NOT NULL,
-        finished_at REAL,
-        PRIMARY KEY (run, position)
+        number INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        folded INTEGER NOT NULL DEFAULT 0,
+        data BLOB NOT NULL,
+        PRIMARY KEY (run, number)
     )""",
-    """CREATE TABLE latest (
-        api INTEGER NOT NULL,
-        identity TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        pending TEXT NOT NULL,
-        run INTEGER NOT NULL,
-        position INTEGER NOT NULL,
-        finished_at REAL,
-        PRIMARY KEY (api, identity)
+    """CREATE TABLE folds (
+        api INTEGER PRIMARY KEY,
+        generation INTEGER NOT NULL,
+        data BLOB NOT NULL
     )""",
 )
 
 #: v2: who runs a run (a run whose process is gone is shown as "died", not "running"), and
-#: pending keys found without reading every key the API ever saw.
+#: the identity chunks not yet folded found without reading every chunk.
 _V2: Final = (
     "ALTER TABLE runs ADD COLUMN host TEXT NOT NULL DEFAULT ''",
     "ALTER TABLE runs ADD COLUMN pid INTEGER NOT NULL DEFAULT 0",
-    "CREATE INDEX latest_pending ON latest (api, pending) WHERE pending <> ''",
+    "CREATE INDEX chunks_to_fold ON chunks (kind, folded)",
 )
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)

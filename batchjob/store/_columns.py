@@ -1,0 +1,118 @@
+"""Column chunks: how a run's plan, rows and identities are kept (Arrow IPC streams), and how
+the latest outcome of each identity is worked out from them.
+
+A chunk is written once and never changed, so appending a block of outcomes costs one insert
+however many rows it holds, and a B-tree is never updated at a million random places (which
+cost SQLite 6 to 50 s per million identities; docs/store.md has the measurements).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from batchjob.store._base import SUCCESS_OUTCOMES, Chunk
+
+PLAN = "plan"  # position, event_id, order_ticket_key, file, source_row
+PLAN_IDS = "plan_ids"  # identity, position: only when identities are not just event and key
+ROWS = "rows"  # position, outcome, http_status, error, attempts, finished_at
+IDS = "ids"  # identity, position, outcome, pending, sent, finished_at
+
+PLAN_SCHEMA = pa.schema(
+    [
+        ("position", pa.int64()),
+        ("event_id", pa.string()),
+        ("order_ticket_key", pa.string()),
+        ("file", pa.int32()),
+        ("source_row", pa.int64()),
+    ]
+)
+PLAN_IDS_SCHEMA = pa.schema([("identity", pa.string()), ("position", pa.int64())])
+ROWS_SCHEMA = pa.schema(
+    [
+        ("position", pa.int64()),
+        ("outcome", pa.string()),
+        ("http_status", pa.int32()),
+        ("error", pa.int32()),
+        ("attempts", pa.int32()),
+        ("finished_at", pa.float64()),
+    ]
+)
+IDS_SCHEMA = pa.schema(
+    [
+        ("identity", pa.string()),
+        ("position", pa.int64()),
+        ("outcome", pa.string()),
+        ("pending", pa.string()),
+        ("sent", pa.bool_()),
+        ("finished_at", pa.float64()),
+    ]
+)
+#: A folded view: the latest entry of each identity, with the run (seq) that decided it.
+FOLD_SCHEMA = IDS_SCHEMA.append(pa.field("run", pa.int64()))
+
+#: Chunks hold keys (random text): lz4 is fast and still saves the repeated outcomes.
+_OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
+
+
+def encode(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=_OPTIONS) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def decode(data: bytes, schema: pa.Schema) -> pa.Table:
+    """A chunk as a table of ``schema``; a chunk that is not one is a ValueError."""
+    try:
+        table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ValueError(f"a stored chunk cannot be read: {exc}") from None
+    if not table.schema.equals(schema):
+        raise ValueError("a stored chunk has other columns than this batchjob writes")
+    return table
+
+
+def concat(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables).combine_chunks()
+
+
+def latest(base: pa.Table | None, chunks: Sequence[Chunk]) -> pa.Table:
+    """Each identity's latest entry (FOLD_SCHEMA): later runs win, then later chunks; an
+    entry that was never sent does not replace a success (a stopped ``--again`` run must not
+    make done work look pending)."""
+    parts = [base] if base is not None and base.num_rows else []
+    for chunk in chunks:
+        table = decode(chunk.data, IDS_SCHEMA)
+        parts.append(table.append_column("run", pa.array(np.full(table.num_rows, chunk.seq))))
+    if not parts:
+        return FOLD_SCHEMA.empty_table()
+    if len(parts) == 1 and not chunks:
+        return parts[0]
+    entries = concat(parts, FOLD_SCHEMA)
+    # Later runs win; chunks arrive per run in order, and a folded base holds older runs.
+    order = pc.sort_indices(entries, [("run", "ascending")])  # stable
+    entries = entries.take(order)
+    frame = entries.to_pandas(types_mapper=None)
+    unsent = ~frame["sent"].to_numpy()
+    if unsent.any():
+        frame = _drop_unsent_after_success(frame)
+    frame = frame.drop_duplicates("identity", keep="last")
+    return pa.Table.from_pandas(frame, schema=FOLD_SCHEMA, preserve_index=False)
+
+
+def _drop_unsent_after_success(frame: pd.DataFrame) -> pd.DataFrame:
+    """Drop an unsent entry when the last sent entry before it (same identity) is a success."""
+    success = frame["outcome"].isin(list(SUCCESS_OUTCOMES)).to_numpy()
+    sent = frame["sent"].to_numpy()
+    last_sent_success = pd.Series(np.where(sent, success, np.nan), index=frame.index)
+    before = last_sent_success.groupby(frame["identity"]).ffill()
+    keep = sent | ~(before.fillna(0).to_numpy() == 1)
+    kept: pd.DataFrame = frame[keep]
+    return kept
