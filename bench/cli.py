@@ -12,9 +12,13 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-from bench.rows import ROWS, Context, Row, say
+from batchjob.store import default_path
+from bench.rows import ROWS as BASE_ROWS
+from bench.rows import Context, Row, default_store_stamp, isolate_state, say
+from bench.store_rows import ROWS as STORE_ROWS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
+ROWS = {**BASE_ROWS, **STORE_ROWS}
 
 
 def cpu_model() -> str:
@@ -73,6 +77,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     ctx = Context(smoke=args.smoke, out=args.out / ("smoke" if args.smoke else "full"))
     ctx.out.mkdir(parents=True, exist_ok=True)
+    users_store = default_path()  # before isolate_state: the user's own default
+    home_store = default_store_stamp(users_store)
+    state_home = isolate_state(ctx.out)
+    say(f"run stores: each row names its own; XDG_STATE_HOME={state_home} for the rest")
 
     started = time.monotonic()
     rows: list[Row] = []
@@ -97,6 +105,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
     elapsed = time.monotonic() - started
     say(f"done in {elapsed:.0f}s")
+    if default_store_stamp(users_store) != home_store:
+        broke = True
+        say(f"ERROR: the user's default run store {users_store} changed during the bench")
     mode = "smoke (shrunken sizes)" if args.smoke else "full"
     print(f"## batchjob benchmark, {mode}\n")
     print("\n".join(header))

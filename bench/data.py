@@ -51,6 +51,22 @@ def big_world(directory: Path, events: int, per_event: int, *, seed: int) -> tup
     return world_path, csv_path
 
 
+def split_export(csv_path: Path, new: int) -> tuple[Path, list[tuple[str, str]]]:
+    """Yesterday's export: ``csv_path`` without its last ``new`` rows (cached beside it), and
+    those rows (event, key), the scans since. A cumulative export only ever grows at its end."""
+    with csv_path.open(newline="", encoding="utf-8") as fh:
+        lines = fh.readlines()
+    kept = len(lines) - new  # the header and the older rows
+    earlier = csv_path.with_name(f"{csv_path.stem}-first{kept - 1}.csv")
+    if not earlier.exists():
+        tmp = earlier.with_name(earlier.name + ".tmp")
+        with tmp.open("w", newline="", encoding="utf-8") as out:
+            out.writelines(lines[:kept])
+        _replace(tmp, earlier)
+    rows = [(row[0], row[1]) for row in csv.reader(lines[kept:])]
+    return earlier, rows
+
+
 def world_with_bad_keys(
     directory: Path, keys: int, bad: int, *, seed: int
 ) -> tuple[Path, Path, int]:

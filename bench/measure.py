@@ -24,6 +24,13 @@ class ProcessCost:
         return self.peak_rss / 2**20
 
 
+def settle_disk() -> None:
+    """Write out what earlier steps left in the page cache (reports, stores: gigabytes in the
+    full run), so that a timed run does not share the disk with their writeback."""
+    if hasattr(os, "sync"):
+        os.sync()
+
+
 def run_measured(
     cmd: Sequence[str],
     *,

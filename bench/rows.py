@@ -20,7 +20,7 @@ import aiohttp
 from batchjob import JobConfig, RunResult, Secret, StaticToken, run_job
 from batchjob._logging import Redactor, make_logger
 from bench.data import big_world, world_with_bad_keys, write_csv
-from bench.measure import ProcessCost, run_measured
+from bench.measure import ProcessCost, run_measured, settle_disk
 from bench.sandbox import REPO, SandboxInfo, SandboxProcess
 
 
@@ -54,6 +54,62 @@ def say(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
+# --- the run store: never the user's ----------------------------------------------------------
+
+
+def isolate_state(out: Path) -> Path:
+    """Point this process and its children at a scratch state folder, never ~/.local/state.
+
+    Every row also names its store (``state="none"``, ``--state none`` or a scratch file);
+    this is the second lock: a run that fell back to the default store would land here.
+    ``BATCHJOB_STATE`` from the caller's environment is dropped for the same reason.
+    """
+    home = (out / "xdg-state").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["XDG_STATE_HOME"] = str(home)
+    os.environ.pop("BATCHJOB_STATE", None)
+    return home
+
+
+def default_store_stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of the user's default run store ``path`` (taken before
+    :func:`isolate_state`), or None if there is none: the bench must leave it as it was."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
+
+def job_env(info: SandboxInfo) -> dict[str, str]:
+    """A `batchjob run` child's environment: the sandbox's token, no BATCHJOB_STATE."""
+    env = dict(os.environ, CC_ACCESS_TOKEN=info.access_token)
+    env.pop("BATCHJOB_STATE", None)
+    return env
+
+
+def job_command(
+    info: SandboxInfo,
+    csv_path: Path,
+    report: Path,
+    *,
+    state: str,
+    batch: int = 1000,
+    concurrency: int = 8,
+    rate: int = 100_000,
+    log_level: str = "warning",
+    extra: Sequence[str] = (),
+    runner: Sequence[str] = ("-m", "batchjob"),
+) -> list[str]:
+    """``python -m batchjob run FILE ...`` against the sandbox; ``state`` is always given."""
+    cmd = [sys.executable, *runner, "run", str(csv_path)]
+    cmd += ["--base-url", info.base_url, "--rate", str(rate)]
+    cmd += ["--concurrency", str(concurrency), "--batch-size", str(batch)]
+    cmd += ["--report", str(report), "--no-progress", "--state", state]
+    cmd += ["--log-format", "json", "--log-level", log_level, *extra]
+    return cmd
+
+
 # --- helpers ---------------------------------------------------------------------------------
 
 
@@ -68,6 +124,9 @@ class JobRun:
 
 
 async def _run_job(info: SandboxInfo, csv_path: Path, workdir: Path, **settings: Any) -> JobRun:
+    # No run store unless a caller asks for one: the rows before the store measure the same
+    # job as always (and never touch a user's store).
+    settings.setdefault("state", "none")
     config = JobConfig(
         inputs=(csv_path,),
         report=workdir / f"report-{time.monotonic_ns()}.csv",
@@ -416,38 +475,52 @@ def row_excel(ctx: Context) -> list[Row]:
 # --- row 5: end to end -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EndToEnd:
+    cost: ProcessCost
+    complete: bool  # every key of the world undone
+    requests: int  # as the sandbox counted them
+
+
+def end_to_end_run(
+    ctx: Context, name: str, world_path: Path, csv_path: Path, state: str
+) -> EndToEnd:
+    """Row 5's measurement: ``batchjob run`` over the whole world, against a fresh sandbox.
+
+    ``state`` is the run store: ``none``, or a path (a scratch file under bench/out).
+    """
+    workdir = ctx.workdir(name)
+    args = ["--rate", "none", "--quota", "none", "--world", str(world_path)]
+    with SandboxProcess(*args, "--no-record-requests", log=workdir / "sandbox.log") as sandbox:
+        cmd = job_command(sandbox.info, csv_path, workdir / "report.csv", state=state)
+        settle_disk()
+        cost = run_measured(cmd, cwd=REPO, env=job_env(sandbox.info), stderr=workdir / "job.log")
+        requests = int(sandbox.state()["counters"]["total"])
+        complete = all_undone(sandbox)
+    return EndToEnd(cost, complete, requests)
+
+
 def row_end_to_end(ctx: Context) -> list[Row]:
     events, per_event = 20, ctx.size(50_000, 2_500)
     keys = events * per_event
-    batch, concurrency, rate = 1000, 8, 100_000
+    batch, concurrency = 1000, 8
     say(f"row 5: end to end, {keys:,} keys (preparing the world file)")
     world_path, csv_path = big_world(ctx.out / "data", events, per_event, seed=7)
-    workdir = ctx.workdir("e2e")
-    args = ["--rate", "none", "--quota", "none", "--world", str(world_path)]
-    with SandboxProcess(*args, "--no-record-requests", log=workdir / "sandbox.log") as sandbox:
-        say("row 5: running `python -m batchjob run` in a subprocess")
-        env = dict(os.environ, CC_ACCESS_TOKEN=sandbox.info.access_token)
-        cmd = [sys.executable, "-m", "batchjob", "run", str(csv_path)]
-        cmd += ["--base-url", sandbox.info.base_url, "--rate", str(rate)]
-        cmd += ["--concurrency", str(concurrency), "--batch-size", str(batch)]
-        cmd += ["--report", str(workdir / "report.csv"), "--no-progress"]
-        cmd += ["--log-format", "json", "--log-level", "warning"]
-        cost = run_measured(cmd, cwd=REPO, env=env, stderr=workdir / "job.log")
-        state = sandbox.state()
-        complete = all_undone(sandbox)
-    requests = state["counters"]["total"]
-    ok = cost.exit_code == 0 and complete
+    say("row 5: running `python -m batchjob run --state none` in a subprocess")
+    run = end_to_end_run(ctx, "e2e", world_path, csv_path, "none")
+    cost = run.cost
+    ok = cost.exit_code == 0 and run.complete
     return [
         Row(
             "5",
-            f"End to end: `batchjob run`, {keys:,} keys ({events} events), batch {batch}, "
-            f"concurrency {concurrency}, server unlimited",
+            f"End to end: `batchjob run --state none`, {keys:,} keys ({events} events), "
+            f"batch {batch}, concurrency {concurrency}, server unlimited",
             f"{cost.wall:.1f}s wall, {cost.cpu:.1f}s CPU, peak RSS {cost.peak_rss_mib:.0f} MiB",
             f"{keys / cost.wall:,.0f} keys/s; CPU {cost.cpu / cost.wall:.2f} of wall",
             "all keys undone (timing reported)",
             ok,
-            f"exit {cost.exit_code}, {requests} requests; whole process incl. interpreter "
-            "start, plan and report",
+            f"exit {cost.exit_code}, {run.requests} requests; whole process incl. interpreter "
+            "start, plan and report; no run store (row N2 has it on)",
         )
     ]
 

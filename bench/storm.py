@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.cli import DEFAULT_OUT
-from bench.rows import Context, JobRun, _run_job, csv_from_sandbox, say
+from bench.rows import Context, JobRun, _run_job, csv_from_sandbox, isolate_state, say
 from bench.sandbox import SandboxProcess
 
 
@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="scratch directory")
     args = parser.parse_args(argv)
     server_rate = args.server_rate or args.rate
+    isolate_state(args.out)  # and _run_job runs with state="none"
     workdir = Context(smoke=False, out=args.out).workdir(f"storm-{args.seed}")
     sandbox_args = ["--rate", f"{server_rate:g}", "--burst", "1", "--quota", "none"]
     sandbox_args += ["--events", "1", "--tickets-per-event", str(args.keys)]
