@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Sequence
@@ -52,9 +53,10 @@ exit codes:
   0    every key undone (for --dry-run: every row valid); skipped rows do not count
   1    finished, but some key not undone: read the failed-rows file
   2    usage, configuration or input error; nothing was sent
-  3    stopped early: the API cannot be reached, no event found, daily quota, token
-       rejected, forbidden, --max-requests spent, nothing but 429s for a long stretch,
-       or an internal error: the keys left are pending (rerun later, or --pending)
+  3    stopped early: the API cannot be reached, no event found, daily quota or
+       daily_budget, token rejected, forbidden, --max-requests spent, nothing but 429s
+       for a long stretch, the run store down, or an internal error: the keys left are
+       pending (rerun later, or --pending)
   129/130/143  interrupted by SIGHUP / SIGINT / SIGTERM: rerun with --resume
 
 environment:
@@ -63,7 +65,8 @@ environment:
   CC_CLIENT_SECRET     the app's client secret, if it has one
   CC_BASE_URL, CC_TOKEN_URL, BATCHJOB_RATE, BATCHJOB_BATCH_SIZE, BATCHJOB_CONCURRENCY,
   BATCHJOB_MAX_REQUESTS, BATCHJOB_LOG_FORMAT, BATCHJOB_LOG_LEVEL, BATCHJOB_KEY_PATTERN,
-  BATCHJOB_STATE: settings (see `batchjob config init` for every setting and its default)
+  BATCHJOB_STATE, BATCHJOB_API_KEY, BATCHJOB_DAILY_BUDGET: settings (see
+  `batchjob config init` for every setting and its default)
 
 precedence: command line > environment > --config file > built-in defaults
 """
@@ -111,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="send rows hidden or filtered out in a spreadsheet (default: skipped)",
     )
-    run.add_argument("--resume", action="store_true", default=None, help="continue --report's run")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=None,
+        metavar="RUN",
+        help="continue --report's run; or run RUN from the store, on any machine, with or "
+        "without its input files",
+    )
     add_store_arguments(run)
     run.add_argument(
         "--again",
@@ -377,8 +388,19 @@ _COMMON = (
 )
 
 
+#: What ``--resume VALUE`` takes for a run id (or the start of one): anything else is an input
+#: file that argparse happened to put after ``--resume``.
+_RUN_ID = re.compile(r"\d{8}(-[0-9]{0,6}(-[0-9a-f]{0,4})?)?")
+
+
 def _config_from(args: argparse.Namespace, **overrides: Any) -> JobConfig:
     cli = {name: getattr(args, name, None) for name in (*_COMMON, *_RUN_ONLY)}
+    if isinstance(cli["resume"], str):
+        if _RUN_ID.fullmatch(cli["resume"]):
+            cli["resume_run"], cli["resume"] = cli["resume"], None
+        else:
+            cli["inputs"] = [Path(cli["resume"]), *(cli["inputs"] or [])]
+            cli["resume"] = True
     if cli["inputs"] is not None:
         cli["inputs"] = tuple(cli["inputs"])
     return load_config(cli=cli | overrides, config_file=args.config)

@@ -77,6 +77,12 @@ class JobConfig:
     pending: bool = False  # add every key earlier runs left unfinished
     identity: tuple[str, ...] = ("event_id", "order_ticket_key")  # what tells input rows apart
     revert: str | None = None  # the run whose undone keys this run checks in again
+    resume_run: str | None = None  # --resume RUN: the stored run to continue (no inputs needed)
+    # Runs on one API key share its limits through the store (docs/store.md): None names the
+    # key by client_id, or else the API base URL (every run of this store on that API).
+    api_key: str | None = None
+    daily_budget: int = 10_000  # requests per API key per UTC day, across runs and machines
+    lease_timeout: float = 30.0  # seconds after which a run's key lease, not renewed, is free
 
     def __post_init__(self) -> None:
         for name in _CHECKED:
@@ -85,8 +91,10 @@ class JobConfig:
         object.__setattr__(self, "action", Action(self.action))
         for message, _ in relation_problems(self):
             raise ConfigError(message)
-        if self.resume and self.report is None:
-            raise ConfigError("--resume needs --report: the report of the run to continue")
+        if self.resume_run is not None:
+            object.__setattr__(self, "resume", True)
+        if self.resume and self.report is None and self.resume_run is None:
+            raise ConfigError("--resume needs --report (or a run id): the run to continue")
         if self.resume and self.dry_run:
             raise ConfigError("--dry-run cannot --resume: a dry run never replaces a report")
         object.__setattr__(self, "identity", tuple(self.identity))
@@ -94,6 +102,8 @@ class JobConfig:
         if no_store and (self.pending or self.revert):
             what = "--pending" if self.pending else "revert"
             raise ConfigError(f"{what} needs the run store: state is none")
+        if self.resume_run is not None and no_store:
+            raise ConfigError("--resume RUN needs the run store: state is none")
         if self.revert is not None:
             if self.action != Action.CHECK_IN:
                 raise ConfigError("revert checks keys in again: the action must be check-in")
@@ -163,6 +173,8 @@ RANGES: Mapping[str, _Range] = {
     "retry_base": _Range(0, _HOUR, low_included=False),
     "retry_cap": _Range(0, _HOUR, low_included=False),
     "grace_period": _Range(0, _HOUR),  # 0: cancel requests in flight at once on a signal
+    "daily_budget": _Range(1, 1_000_000_000, whole=True),
+    "lease_timeout": _Range(1, _HOUR),
 }
 LOG_LEVELS = ("debug", "info", "warning")
 LOG_FORMATS = ("console", "json")
@@ -363,7 +375,7 @@ def check_url_is_safe(name: str, url: str, origin: str = "") -> None:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(JobConfig)}
 _PATH_FIELDS = {"report", "failed_rows", "token_file", "summary_json"}
-_INT_FIELDS = {"batch_size", "concurrency", "max_requests", "retry_max_tries"}
+_INT_FIELDS = {"batch_size", "concurrency", "max_requests", "retry_max_tries", "daily_budget"}
 _FLOAT_FIELDS = {
     "rate",
     "connect_timeout",
@@ -373,6 +385,7 @@ _FLOAT_FIELDS = {
     "retry_base",
     "retry_cap",
     "grace_period",
+    "lease_timeout",
 }
 _BOOL_FIELDS = {"dry_run", "resume", "progress", "include_hidden_rows", "again", "pending"}
 _STR_FIELDS = {
@@ -384,7 +397,7 @@ _STR_FIELDS = {
     "client_id",
     "key_pattern",
 }
-_STR_FIELDS |= {"action", "state"}
+_STR_FIELDS |= {"action", "state", "api_key"}
 #: Settings a config file may hold (inputs, resume, again and revert belong to one run).
 _FILE_FIELDS = (_PATH_FIELDS | _INT_FIELDS | _FLOAT_FIELDS | _BOOL_FIELDS | _STR_FIELDS) - {
     "resume",
@@ -405,6 +418,8 @@ ENV_VARS: Mapping[str, str] = {
     "log_level": "BATCHJOB_LOG_LEVEL",
     "key_pattern": "BATCHJOB_KEY_PATTERN",
     "state": "BATCHJOB_STATE",
+    "api_key": "BATCHJOB_API_KEY",
+    "daily_budget": "BATCHJOB_DAILY_BUDGET",
 }
 
 

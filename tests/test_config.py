@@ -27,7 +27,7 @@ def test_default_toml_documents_the_real_defaults() -> None:
     # Every setting a file may hold appears in it, set or commented out.
     text = (CONFIGS / "default.toml").read_text(encoding="utf-8")
     # config_file: where these came from, not a setting a file can hold.
-    unsettable = {"inputs", "resume", "columns", "config_file", "again", "revert"}
+    unsettable = {"inputs", "resume", "columns", "config_file", "again", "revert", "resume_run"}
     settable = {f.name for f in dataclasses.fields(JobConfig)} - unsettable
     missing = {name for name in settable if f"{name} =" not in text}
     assert not missing, f"configs/default.toml does not mention {sorted(missing)}"

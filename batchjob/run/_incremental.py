@@ -22,7 +22,7 @@ from batchjob._config import JobConfig, display_url
 from batchjob._errors import StoreError, UsageError
 from batchjob._model import Action, Outcome
 from batchjob.plan import Plan, Positions
-from batchjob.read import Inputs
+from batchjob.read import HIDDEN_PROBLEM, Inputs
 from batchjob.record import Ledger
 from batchjob.store import ROW_COLUMNS, Store
 
@@ -135,7 +135,7 @@ def with_stored_rows(frame: pd.DataFrame, stored: pd.DataFrame) -> pd.DataFrame:
             "order_ticket_key": stored["order_ticket_key"].astype(str),
             "source_file": stored["source_file"].astype(str),
             "source_row": stored["source_row"].astype(np.int32),
-            "problem": "",
+            "problem": stored["problem"].astype(str) if "problem" in stored else "",
             FULL_IDENTITY: stored["identity"].astype(str),
             CARRIED: True,
         }
@@ -238,3 +238,21 @@ def revertible(store: Store, run_ref: str, config: JobConfig) -> pd.DataFrame:
         pairs = list(zip(rows["event_id"], rows["order_ticket_key"], strict=True))
         rows = rows[[pair not in later for pair in pairs]]
     return rows.reset_index(drop=True)
+
+
+def run_rows_to_resume(store: Store, run_id: str) -> pd.DataFrame:
+    """A run's plan rows as input rows (``--resume RUN`` with no input file): each with its
+    identity, and the problem that made it invalid or hidden, so it is reported so again."""
+    rows = store.rows(run_id)
+    rows = rows.drop(columns=["identity"])
+    stored_ids = store.plan_identities(run_id)
+    if len(stored_ids):
+        rows = rows.merge(stored_ids, on="position", how="left")
+    else:
+        rows["identity"] = None
+    default = rows["event_id"].astype(str) + SEP + rows["order_ticket_key"].astype(str)
+    rows["identity"] = rows["identity"].fillna(default)
+    invalid = (rows["outcome"] == Outcome.INVALID.value).to_numpy()
+    hidden = (rows["error_key"] == "row_hidden").to_numpy()
+    rows["problem"] = np.where(invalid, rows["error_message"], np.where(hidden, HIDDEN_PROBLEM, ""))
+    return rows.sort_values("position", kind="stable").reset_index(drop=True)

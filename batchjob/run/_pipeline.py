@@ -52,6 +52,7 @@ from batchjob.run._incremental import (
     empty_inputs,
     plan_identities,
     revertible,
+    run_rows_to_resume,
     skip_done,
     with_stored_rows,
 )
@@ -64,6 +65,7 @@ from batchjob.run._record import (
 )
 from batchjob.run._remember import StoreJournal
 from batchjob.run._result import RunResult
+from batchjob.run._share import DailyBudget, KeyLease, key_name
 from batchjob.run._stop import StopRequest
 from batchjob.send import (
     AdaptivePacer,
@@ -103,16 +105,24 @@ async def run_job(
     log = log or null_logger()
     progress = progress or NoProgress()
     stop = stop or StopRequest()
-    report = config.report_path()
-    paths = ReportPaths(report, config.failed_rows_path(report), config.summary_json)
-    check_paths(paths, config.inputs, _files_to_keep(config))
-    if not config.inputs and not config.pending and config.revert is None:
+    if not (config.inputs or config.pending or config.revert or config.resume_run):
         raise UsageError("no input files: name at least one, or pass --pending")
     if not config.dry_run and tokens is None:
         raise TokenError("no access token: set CC_ACCESS_TOKEN or a token file")
 
     store = await asyncio.to_thread(open_store, config.state)
     try:
+        resuming = None
+        if config.resume_run is not None:
+            assert store is not None  # JobConfig refuses --resume RUN without a store
+            resuming = await asyncio.to_thread(store.run, config.resume_run)
+            if resuming is None:
+                raise StoreError(f"no run {config.resume_run!r} in the run store {store.location}")
+            if config.report is None:  # where that run wrote it (a path on its machine)
+                config = dataclasses.replace(config, report=Path(resuming.report))
+        report = config.report_path()
+        paths = ReportPaths(report, config.failed_rows_path(report), config.summary_json)
+        check_paths(paths, config.inputs, _files_to_keep(config))
         return await _run_with_store(
             config,
             store,
@@ -126,6 +136,7 @@ async def run_job(
             run_id=run_id,
             started=started,
             started_at=started_at,
+            resuming=resuming,
         )
     finally:
         if store is not None:
@@ -146,12 +157,13 @@ async def _run_with_store(
     run_id: str,
     started: float,
     started_at: datetime,
+    resuming: RunInfo | None = None,
 ) -> RunResult:
     # The heavy parts run in a thread: a host's event loop (an orchestrator's, a notebook's)
     # must not stall for the seconds a million rows take.
     extra = identity_extra(config.identity)
     inputs = await asyncio.to_thread(_read, config, extra)
-    stored = await asyncio.to_thread(_stored_rows, config, store)
+    stored = await asyncio.to_thread(_stored_rows, config, store, resuming)
     frame = None
     if store is not None and (extra or len(stored)):
         frame = await asyncio.to_thread(add_identity_column, inputs, bool(extra))
@@ -181,7 +193,7 @@ async def _run_with_store(
     lock = ReportLock(paths.lock)
     lock.acquire()
     try:
-        earlier = (
+        earlier = resuming or (
             await asyncio.to_thread(store.last_run_for_report, _report_key(paths.report))
             if store is not None
             else None
@@ -214,7 +226,14 @@ async def _run_with_store(
         pending_events = {e: p for e, p in pending_events.items() if len(p)}
         total = sum(len(p) for p in pending_events.values())
 
-        gate = RequestGate(config.max_requests)
+        budget = lease = None
+        if store is not None and not config.dry_run:
+            name = key_name(config)
+            # Reserved a few at a time: a killed run loses at most these for the day.
+            budget = DailyBudget(store, name, config.daily_budget, chunk=int(config.rate * 2))
+        gate = RequestGate(config.max_requests, budget)
+        if store is not None and not config.dry_run:
+            lease = KeyLease(store, key_name(config), run_id, config.lease_timeout, log, gate)
         pacer = AdaptivePacer(
             config.rate,
             on_change=lambda old, new, why: log.info(
@@ -268,6 +287,7 @@ async def _run_with_store(
                     progress,
                     total,
                     redactor,
+                    lease,
                 )
             except BaseException as exc:
                 if recorded and store is not None:
@@ -278,6 +298,8 @@ async def _run_with_store(
                 journal.close()
                 if journal.failed is not None:
                     log.error("journal.write_failed", error=str(journal.failed))
+                if budget is not None:
+                    await asyncio.to_thread(budget.give_back)
 
         unset = ledger.unset()
         if len(unset):
@@ -372,11 +394,20 @@ def _read(config: JobConfig, extra: tuple[str, ...]) -> Inputs:
     )
 
 
-def _stored_rows(config: JobConfig, store: Store | None) -> pd.DataFrame:
-    """Rows this run takes from the store: a reverted run's keys, or pending keys."""
+def _stored_rows(config: JobConfig, store: Store | None, resuming: RunInfo | None) -> pd.DataFrame:
+    """Rows this run takes from the store: the plan of the run it resumes (when no input is
+    given), a reverted run's keys, or pending keys."""
     empty = pd.DataFrame(columns=[*ROW_COLUMNS, "identity"])
     if store is None:
         return empty
+    if resuming is not None and not config.inputs:
+        rows = run_rows_to_resume(store, resuming.run_id)
+        if not len(rows):
+            raise StoreError(
+                f"the run store holds no plan of run {resuming.run_id} (it stopped before "
+                "recording it): resume it with its input files"
+            )
+        return rows
     if config.revert is not None:
         return revertible(store, config.revert, config)
     if config.pending:
@@ -479,6 +510,7 @@ async def send_all(
     progress: Progress,
     total: int,
     redactor: Redactor,
+    lease: KeyLease | None = None,
 ) -> Dispatcher:
     session = None
     if transport is None:
@@ -509,10 +541,14 @@ async def send_all(
     run.events = [EventWork(event_id, positions) for event_id, positions in pending.items()]
     progress.start(total)
     try:
+        if lease is not None and total:
+            await lease.acquire(stop)  # a stop while waiting: dispatch() stops at once
         await run.dispatch()
         run.close_out()
     finally:
         progress.close()
+        if lease is not None:
+            await lease.release()
         if session is not None:
             await session.close()
     return run

@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import backoff
 
@@ -43,6 +43,12 @@ class NotSent(Exception):
         self.reply = reply  # the last answer, when the request had one
 
 
+class Allowance(Protocol):
+    """Requests granted from outside the run (a daily budget shared by runs on one API key)."""
+
+    def take(self) -> str: ...  # "" when one more request may go, else why not
+
+
 class RequestGate:
     """Counts requests sent and lets none through once the budget is spent or it is closed.
 
@@ -50,8 +56,9 @@ class RequestGate:
     a first try waiting for its slot, not a retry waiting out its backoff.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
+    def __init__(self, limit: int | None = None, allowance: Allowance | None = None) -> None:
         self.limit = limit
+        self.allowance = allowance
         self.spent = 0
         self.closed = ""
 
@@ -63,6 +70,11 @@ class RequestGate:
             raise NotSent(self.closed)
         if self.limit is not None and self.spent >= self.limit:
             raise NotSent(budget_message(self.limit))
+        if self.allowance is not None:
+            refused = self.allowance.take()
+            if refused:
+                self.close(refused)
+                raise NotSent(refused)
         self.spent += 1
 
 

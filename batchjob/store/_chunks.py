@@ -220,6 +220,20 @@ class ChunkStore:
             for (e, o), n in zip(counts.index.tolist(), counts.tolist(), strict=True)
         ]
 
+    # --- runs on one API key ------------------------------------------------------------------
+
+    def lease(self, name: str, holder: str, seconds: float, dead: str = "") -> tuple[bool, str]:
+        return self._backend.lease(name, holder, seconds, dead)
+
+    def release(self, name: str, holder: str) -> None:
+        self._backend.release(name, holder)
+
+    def spend(self, name: str, day: str, want: int, limit: int) -> int:
+        return self._backend.spend(name, day, want, limit)
+
+    def unspend(self, name: str, day: str, count: int) -> None:
+        self._backend.unspend(name, day, count)
+
     # --- helpers -----------------------------------------------------------------------------
 
     def _seq(self, run_id: str) -> int:

@@ -53,12 +53,20 @@ _V1: Final = (
     )""",
 )
 
-#: v2: who runs a run (a run whose process is gone is shown as "died", not "running"), and
-#: the identity chunks not yet folded found without reading every chunk.
+#: v2: who runs a run (a run whose process is gone is shown as "died", not "running"); the
+#: identity chunks not yet folded found without reading every chunk; and what runs on one API
+#: key share: one lease (the run that may send) and the requests spent each UTC day.
 _V2: Final = (
     "ALTER TABLE runs ADD COLUMN host TEXT NOT NULL DEFAULT ''",
     "ALTER TABLE runs ADD COLUMN pid INTEGER NOT NULL DEFAULT 0",
     "CREATE INDEX chunks_to_fold ON chunks (kind, folded)",
+    """CREATE TABLE leases (
+        name TEXT PRIMARY KEY, holder TEXT NOT NULL, until REAL NOT NULL
+    )""",
+    """CREATE TABLE budgets (
+        name TEXT NOT NULL, day TEXT NOT NULL, spent INTEGER NOT NULL,
+        PRIMARY KEY (name, day)
+    )""",
 )
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)

@@ -14,6 +14,8 @@ import json
 import os
 import sqlite3
 import stat
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +48,7 @@ class SqliteBackend:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.location = str(path)
+        self._lock = threading.RLock()
         _prepare_file(path)
         try:
             self._db = sqlite3.connect(
@@ -82,25 +85,29 @@ class SqliteBackend:
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; the busy timeout waits for other writers."""
         db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.location}: cannot write the run store: {exc}") from None
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException as exc:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
+        with self._lock:  # the run's writer thread and the loop share the connection
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
                 raise StoreError(f"{self.location}: cannot write the run store: {exc}") from None
-            raise
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise StoreError(
+                        f"{self.location}: cannot write the run store: {exc}"
+                    ) from None
+                raise
 
     def _read(self, work: Callable[[sqlite3.Connection], _T]) -> _T:
-        try:
-            return work(self._db)
-        except sqlite3.Error as exc:
-            raise StoreError(f"{self.location}: cannot read the run store: {exc}") from None
+        with self._lock:
+            try:
+                return work(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.location}: cannot read the run store: {exc}") from None
 
     def _migrate(self) -> None:
         db = self._db
@@ -316,6 +323,48 @@ class SqliteBackend:
                 [(c.seq, c.number) for c in chunks],
             )
         return True
+
+    # --- runs on one API key --------------------------------------------------------------
+
+    def lease(self, name: str, holder: str, seconds: float, dead: str = "") -> tuple[bool, str]:
+        with self._write() as db:
+            now = time.time()
+            row = db.execute("SELECT holder, until FROM leases WHERE name = ?", (name,)).fetchone()
+            taken = row is not None and row[0] not in (holder, dead) and float(row[1]) > now
+            if taken:
+                return False, str(row[0])
+            db.execute(
+                "INSERT INTO leases (name, holder, until) VALUES (?, ?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET holder = excluded.holder, until = excluded.until",
+                (name, holder, now + seconds),
+            )
+        return True, holder
+
+    def release(self, name: str, holder: str) -> None:
+        with self._write() as db:
+            db.execute("DELETE FROM leases WHERE name = ? AND holder = ?", (name, holder))
+
+    def spend(self, name: str, day: str, want: int, limit: int) -> int:
+        with self._write() as db:
+            row = db.execute(
+                "SELECT spent FROM budgets WHERE name = ? AND day = ?", (name, day)
+            ).fetchone()
+            spent = int(row[0]) if row is not None else 0
+            granted = max(0, min(want, limit - spent))
+            if granted:
+                db.execute(
+                    "INSERT INTO budgets (name, day, spent) VALUES (?, ?, ?) ON CONFLICT "
+                    "(name, day) DO UPDATE SET spent = excluded.spent",
+                    (name, day, spent + granted),
+                )
+        return granted
+
+    def unspend(self, name: str, day: str, count: int) -> None:
+        with self._write() as db:
+            db.execute(
+                "UPDATE budgets SET spent = max(0, spent - ?) WHERE name = ? AND day = ?",
+                (count, name, day),
+            )
 
 
 def _raw_run(row: tuple[Any, ...]) -> RawRun:
