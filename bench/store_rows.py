@@ -10,7 +10,6 @@ import json
 import math
 import os
 import shutil
-import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -48,16 +47,17 @@ def store_bytes(path: Path) -> int:
 
 
 def store_counts(path: Path) -> tuple[int, int, int]:
-    """(identities in ``latest``, report rows in ``run_rows``, runs): read-only."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    """(identities with a latest outcome, report rows, runs) of a closed store."""
+    from batchjob.store._sqlite import open_sqlite
+
+    store = open_sqlite(path)
     try:
-        counts = [
-            int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])  # noqa: S608
-            for table in ("latest", "run_rows", "runs")
-        ]
+        runs = store.runs(1_000_000)
+        rows = sum(len(store.rows(run.run_id)) for run in runs)
+        keys = sum(store.latest(api).num_rows for api in {run.base_url for run in runs})
     finally:
-        db.close()
-    return counts[0], counts[1], counts[2]
+        store.close()
+    return keys, rows, len(runs)
 
 
 def copy_store(source: Path, target: Path) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -102,6 +103,8 @@ async def run_job(
     started_at = datetime.now(UTC)
     run_id = new_run_id(started_at)
     redactor = redactor if redactor is not None else Redactor()
+    if "://" in config.state:  # a database URL's password: never in a log line or a file
+        redactor.add(urlsplit(config.state).password or "")
     log = log or null_logger()
     progress = progress or NoProgress()
     stop = stop or StopRequest()

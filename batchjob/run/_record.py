@@ -87,6 +87,7 @@ def _settings(config: JobConfig) -> dict[str, Any]:
         settings[name] = str(value) if isinstance(value, Path) else value
     if isinstance(settings["token_url"], str):
         settings["token_url"] = display_url(settings["token_url"])
+    settings["state"] = display_url(config.state)  # a database URL may hold a password
     settings["identity"] = list(config.identity)
     settings["columns"] = {
         "event_id": list(config.columns.event_id),

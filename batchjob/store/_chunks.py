@@ -253,6 +253,11 @@ class ChunkStore:
                 names[seq] = found[0].run_id
         return names
 
+    def latest(self, base_url: str) -> pa.Table:
+        """Every identity's latest entry for the API (FOLD_SCHEMA), as skips and carry-over
+        see them."""
+        return self._latest(base_url)
+
     def _latest(self, base_url: str) -> pa.Table:
         _, base, chunks = self._backend.folded(base_url)
         return latest(self._decode_fold(base), chunks)

@@ -96,15 +96,18 @@ def latest(base: pa.Table | None, chunks: Sequence[Chunk]) -> pa.Table:
     if len(parts) == 1 and not chunks:
         return parts[0]
     entries = concat(parts, FOLD_SCHEMA)
-    # Later runs win; chunks arrive per run in order, and a folded base holds older runs.
-    order = pc.sort_indices(entries, [("run", "ascending")])  # stable
-    entries = entries.take(order)
-    frame = entries.to_pandas(types_mapper=None)
-    unsent = ~frame["sent"].to_numpy()
-    if unsent.any():
-        frame = _drop_unsent_after_success(frame)
-    frame = frame.drop_duplicates("identity", keep="last")
-    return pa.Table.from_pandas(frame, schema=FOLD_SCHEMA, preserve_index=False)
+    # Later runs win; chunks arrive per run in order, and a fold holds older runs. Stable.
+    entries = entries.take(pc.sort_indices(entries, [("run", "ascending")]))
+    if not pc.all(entries["sent"]).as_py():
+        frame = _drop_unsent_after_success(entries.to_pandas())
+        frame = frame.drop_duplicates("identity", keep="last")
+        return pa.Table.from_pandas(frame, schema=FOLD_SCHEMA, preserve_index=False)
+    # The last entry of each identity, in Arrow: no Python object per key (a million keys
+    # in pandas cost 600 MiB more at the end of a run).
+    numbered = entries.append_column("entry", pa.array(np.arange(entries.num_rows)))
+    last = numbered.group_by("identity", use_threads=False).aggregate([("entry", "max")])
+    keep = np.sort(last["entry_max"].to_numpy())
+    return entries.take(pa.array(keep))
 
 
 def _drop_unsent_after_success(frame: pd.DataFrame) -> pd.DataFrame:
