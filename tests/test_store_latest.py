@@ -3,6 +3,8 @@ every entry in order, however the entries were split into chunks and folds."""
 
 from __future__ import annotations
 
+import itertools
+
 import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -39,7 +41,7 @@ def replay(recorded: list[tuple[int, str, str, bool]]) -> dict[str, tuple[str, i
 def chunks_of(recorded: list[tuple[int, str, str, bool]], cuts: list[int]) -> list[Chunk]:
     chunks = []
     bounds = sorted({0, len(recorded), *(c % (len(recorded) + 1) for c in cuts)})
-    for number, (start, end) in enumerate(zip(bounds, bounds[1:], strict=False)):
+    for number, (start, end) in enumerate(itertools.pairwise(bounds)):
         part = recorded[start:end]
         runs = {run for run, *_ in part}
         for run in sorted(runs):  # a chunk belongs to one run
