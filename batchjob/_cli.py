@@ -461,7 +461,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_revert(args: argparse.Namespace) -> int:
-    config = _config_from(args, revert=args.run_id, action="check-in")
+    # pending off: a nightly config's "pending = true" is about undo runs, not this one.
+    config = _config_from(args, revert=args.run_id, action="check-in", pending=False)
     _say(
         f"revert {args.run_id}: checks in again the keys that run undid and no later run "
         "touched. The API cannot tell whether a ticket was checked in before that run: a "
@@ -545,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # treat as a normal night: the journal, if any, still holds every outcome so far.
         _say(
             f"batchjob: internal error: {type(exc).__name__}: {exc}\n"
-            "what was done so far is in the report's .journal file: rerun with --resume",
+            "what was done so far is in the run store (or, with --state none, the report's "
+            ".journal file): rerun with --resume",
             sys.stderr,
         )
         return ExitCode.STOPPED

@@ -4,6 +4,7 @@ store, each against the real sandbox and a real SQLite file (issue 11's acceptan
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -428,3 +429,154 @@ async def test_a_dry_run_reads_the_store_and_records_nothing(
         assert [r.run_id for r in store.runs(10)] == [first.run_id]
     finally:
         store.close()
+
+
+# --- found by the adversarial review ------------------------------------------------------------
+
+
+async def test_a_killed_pending_run_can_be_resumed_with_or_without_inputs(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    """Its keys came from the store: --resume finds them there again (it used to refuse:
+    'keys of the earlier run are not in these inputs')."""
+    from tests.chaos_support import CrashAfter, crash_run, run_recorded
+
+    rows = ticket_rows(world)
+    second_in = write_csv(tmp_path / "in2.csv", rows[250:350], HEADER)
+    for part, inputs, name in ((rows[:250], [second_in], "with"), (rows[350:], [], "without")):
+        # A night stopped by its budget leaves keys pending...
+        first_in = write_csv(tmp_path / f"in1-{name}.csv", part, HEADER)
+        first = await run(
+            sandbox, [first_in], tmp_path, report=f"r1-{name}.csv", batch_size=10, max_requests=3
+        )
+        assert first.exit_code == 3
+        # ... the next night takes them, is killed, and is resumed.
+        report = tmp_path / f"r2-{name}.csv"
+        await crash_run(
+            run_recorded(
+                sandbox, inputs, report, batch_size=10, pending=True, progress=CrashAfter(120)
+            )
+        )
+        resumed = await run(
+            sandbox, inputs, tmp_path, report=report.name, pending=True, resume=True
+        )
+        assert resumed.exit_code == 0, resumed.summary()
+        got = read_report(resumed.report)
+        assert len(got) == len(set(zip(got.event_id, got.order_ticket_key, strict=True)))
+    assert not any(world.checked_in(e, k) for e, k in rows)
+
+
+async def test_a_resumed_run_reports_what_is_true_now_after_a_revert_of_the_killed_run(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    from tests.chaos_support import CrashAfter, crash_run, run_recorded
+
+    rows = ticket_rows(world)
+    inputs = write_csv(tmp_path / "in.csv", rows, HEADER)
+    report = tmp_path / "r.csv"
+    await crash_run(
+        run_recorded(sandbox, [inputs], report, batch_size=10, progress=CrashAfter(100))
+    )
+    store = open_sqlite(default_path())
+    try:
+        (killed,) = store.runs(5)
+    finally:
+        store.close()
+    back = await run(
+        sandbox, [], tmp_path, report="back.csv", revert=killed.run_id, action="check-in"
+    )
+    assert back.exit_code == 0 and len(read_report(back.report)) >= 100
+
+    resumed = await run(sandbox, [inputs], tmp_path, report="r.csv", resume=True)
+
+    out = read_report(resumed.report)
+    lies = [
+        (e, k)
+        for e, k, o in zip(out.event_id, out.order_ticket_key, out.outcome, strict=True)
+        if o == "undone" and world.checked_in(e, k)
+    ]
+    assert lies == []
+    assert resumed.exit_code == 0 and not any(world.checked_in(e, k) for e, k in rows)
+
+
+async def test_revert_after_a_resume_reverts_every_key_the_two_runs_undid(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    from tests.chaos_support import CrashAfter, crash_run, run_recorded
+
+    rows = ticket_rows(world)
+    inputs = write_csv(tmp_path / "in.csv", rows, HEADER)
+    report = tmp_path / "r.csv"
+    await crash_run(
+        run_recorded(sandbox, [inputs], report, batch_size=10, progress=CrashAfter(100))
+    )
+    resumed = await run(sandbox, [inputs], tmp_path, report="r.csv", resume=True)
+    assert resumed.exit_code == 0
+
+    back = await run(
+        sandbox, [], tmp_path, report="back.csv", revert=resumed.run_id, action="check-in"
+    )
+
+    assert back.exit_code == 0
+    assert all(world.checked_in(e, k) for e, k in rows)  # the carried keys too
+
+
+async def test_a_stopped_check_in_run_leaves_its_keys_pending_for_check_in(
+    sandbox: Sandbox, world: World, tmp_path: Path
+) -> None:
+    rows = ticket_rows(world)
+    inputs = write_csv(tmp_path / "in.csv", rows, HEADER)
+    assert (await run(sandbox, [inputs], tmp_path, report="u.csv")).exit_code == 0
+    stopped = await run(
+        sandbox, [inputs], tmp_path, report="c.csv", action="check-in", batch_size=10,
+        max_requests=5,
+    )  # fmt: skip
+    assert stopped.exit_code == 3
+    report = read_report(stopped.report)
+    left = set(report.order_ticket_key[report.outcome == "not_attempted"])
+    more = await run(sandbox, [], tmp_path, report="c2.csv", action="check-in", pending=True)
+    assert set(read_report(more.report).order_ticket_key) == left
+
+
+def test_an_sqlite_file_of_another_app_is_refused_and_never_written(tmp_path: Path) -> None:
+    path = tmp_path / "app.db"
+    db = sqlite3.connect(path)
+    with db:
+        db.execute("CREATE TABLE mine (x)")
+        db.execute("INSERT INTO mine VALUES (1)")
+    db.close()
+    before = path.read_bytes()
+    with pytest.raises(StoreError) as caught:
+        open_sqlite(path)
+    assert str(path) in str(caught.value)
+    assert path.read_bytes() == before  # not even switched to WAL mode
+
+
+@pytest.mark.parametrize(
+    "planted",
+    [
+        "CREATE TRIGGER t AFTER INSERT ON runs BEGIN DELETE FROM chunks; END",
+        "CREATE VIEW v AS SELECT * FROM runs",
+        "CREATE TABLE extra (x)",
+    ],
+)
+def test_a_store_holding_objects_batchjob_did_not_make_is_refused(
+    tmp_path: Path, planted: str
+) -> None:
+    path = tmp_path / "s.sqlite3"
+    open_sqlite(path).close()
+    db = sqlite3.connect(path)
+    with db:
+        db.execute(planted)
+    db.close()
+    with pytest.raises(StoreError, match="objects batchjob did not make"):
+        open_sqlite(path)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="mode bits")
+def test_a_store_others_may_write_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite3"
+    open_sqlite(path).close()
+    path.chmod(0o666)
+    with pytest.raises(StoreError, match="can be written by other users"):
+        open_sqlite(path)

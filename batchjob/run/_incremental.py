@@ -8,6 +8,7 @@ unfinished; ``revert`` takes the keys a run undid. docs/store.md says why each r
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -223,7 +224,7 @@ def revertible(store: Store, run_ref: str, config: JobConfig) -> pd.DataFrame:
         raise StoreError(f"no run {run_ref!r} in the run store {store.location}")
     if info.action != Action.UNDO.value:
         raise UsageError(f"run {info.run_id} checked keys in; only an undo run can be reverted")
-    if info.state == "running":
+    if info.state == "running" and info.host == socket.gethostname():
         raise UsageError(f"run {info.run_id} is still running: revert it once it has ended")
     if info.base_url != api_of(config):
         raise UsageError(

@@ -47,6 +47,8 @@ from batchjob.record import (
 )
 from batchjob.run._dispatch import Dispatcher, EventWork, NoProgress, Progress
 from batchjob.run._incremental import (
+    SEP,
+    Identities,
     add_identity_column,
     api_of,
     carried_count,
@@ -166,7 +168,12 @@ async def _run_with_store(
     # must not stall for the seconds a million rows take.
     extra = identity_extra(config.identity)
     inputs = await asyncio.to_thread(_read, config, extra)
-    stored = await asyncio.to_thread(_stored_rows, config, store, resuming)
+    earlier = resuming
+    if earlier is None and store is not None and config.resume:
+        earlier = await asyncio.to_thread(store.last_run_for_report, _report_key(paths.report))
+    if earlier is not None:
+        _check_resumable(config, earlier, log)
+    stored = await asyncio.to_thread(_stored_rows, config, store, earlier, inputs)
     frame = None
     if store is not None and (extra or len(stored)):
         frame = await asyncio.to_thread(add_identity_column, inputs, bool(extra))
@@ -196,11 +203,8 @@ async def _run_with_store(
     lock = ReportLock(paths.lock)
     lock.acquire()
     try:
-        earlier = resuming or (
-            await asyncio.to_thread(store.last_run_for_report, _report_key(paths.report))
-            if store is not None
-            else None
-        )
+        if earlier is None and store is not None and not config.resume:
+            earlier = await asyncio.to_thread(store.last_run_for_report, _report_key(paths.report))
         if not config.resume:
             _refuse_existing(paths, earlier)
         check_writable(paths)
@@ -212,7 +216,9 @@ async def _run_with_store(
         mark_invalid(plan, ledger)
         resumed: Positions = np.empty(0, np.int64)
         if config.resume:
-            from_store = _resume_source(config, store, earlier) if earlier is not None else None
+            from_store = (
+                _resume_source(config, store, earlier, ids) if earlier is not None else None
+            )
             resumed = await asyncio.to_thread(
                 resume_previous, config, paths, plan, ledger, log, from_store
             )
@@ -397,25 +403,42 @@ def _read(config: JobConfig, extra: tuple[str, ...]) -> Inputs:
     )
 
 
-def _stored_rows(config: JobConfig, store: Store | None, resuming: RunInfo | None) -> pd.DataFrame:
-    """Rows this run takes from the store: the plan of the run it resumes (when no input is
-    given), a reverted run's keys, or pending keys."""
-    empty = pd.DataFrame(columns=[*ROW_COLUMNS, "identity"])
+def _stored_rows(
+    config: JobConfig, store: Store | None, earlier: RunInfo | None, inputs: Inputs
+) -> pd.DataFrame:
+    """Rows this run takes from the store, besides its inputs: the rows of the run it resumes
+    (all of them without inputs; those the inputs lack with them, such as keys that run took
+    from the store), a reverted run's keys, and pending keys."""
+    columns = [*ROW_COLUMNS, "identity"]
     if store is None:
-        return empty
-    if resuming is not None and not config.inputs:
-        rows = run_rows_to_resume(store, resuming.run_id)
-        if not len(rows):
+        return pd.DataFrame(columns=columns)
+    parts = []
+    if earlier is not None and config.resume:
+        rows = run_rows_to_resume(store, earlier.run_id)
+        if not len(rows) and not config.inputs:
             raise StoreError(
-                f"the run store holds no plan of run {resuming.run_id} (it stopped before "
+                f"the run store holds no plan of run {earlier.run_id} (it stopped before "
                 "recording it): resume it with its input files"
             )
-        return rows
+        if config.inputs:
+            rows = rows[rows["problem"] == ""]  # the inputs say again which rows are unusable
+        parts.append(rows)
     if config.revert is not None:
-        return revertible(store, config.revert, config)
+        parts.append(revertible(store, config.revert, config))
     if config.pending:
-        return store.pending(api_of(config), config.action.value)
-    return empty
+        parts.append(store.pending(api_of(config), config.action.value))
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    stored = pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+    pairs = stored["event_id"].astype(str) + SEP + stored["order_ticket_key"].astype(str)
+    # A key the inputs hold is reported where they have it; a key two sources hold, once.
+    keep = ~pairs.duplicated().to_numpy()
+    if config.inputs and len(inputs.frame):
+        frame = inputs.frame
+        given = frame["event_id"].astype(str) + SEP + frame["order_ticket_key"].astype(str)
+        keep &= ~pairs.isin(set(given)).to_numpy()
+    return stored[keep].reset_index(drop=True)
 
 
 def _report_key(report: Path) -> str:
@@ -438,25 +461,42 @@ def _refuse_existing(paths: ReportPaths, earlier: RunInfo | None) -> None:
         )
 
 
-def _resume_source(
-    config: JobConfig, store: Store | None, earlier: RunInfo
-) -> tuple[pd.DataFrame, Callable[[Any], str]]:
-    """The run to continue, from the store; refused if it was against another API."""
-    assert store is not None
+def _check_resumable(config: JobConfig, earlier: RunInfo, log: Any) -> None:
     if earlier.base_url != api_of(config):
         raise ReportError(
             f"run {earlier.run_id} (report {earlier.report}) was against {earlier.base_url}, "
             f"not {api_of(config)}: resume it against the API it started with"
         )
-    if earlier.state == "running" and earlier.host != socket.gethostname():
-        # On this machine the report's lock, held now, proves the run is over.
+    if earlier.action != config.action.value:
         raise ReportError(
-            f"run {earlier.run_id} (report {earlier.report}) is still running on "
-            f"{earlier.host or 'another machine'} (pid {earlier.pid})"
+            f"run {earlier.run_id} was an --action {earlier.action} run: resume it with "
+            f"--action {earlier.action}"
         )
-    rows = store.rows(earlier.run_id)
-    rows = rows[~rows["outcome"].isin([Outcome.INVALID.value, Outcome.SKIPPED.value])]
-    rows = rows.drop(columns=["position"])
+    if earlier.state == "running" and earlier.host != socket.gethostname():
+        # Another machine (or a container's new hostname): the store cannot tell whether it
+        # is still running. Two runs of it would take turns on the key's lease, and undo is
+        # idempotent, so this is said, not refused.
+        log.warning("resume.maybe_running", run_id=earlier.run_id, host=earlier.host)
+
+
+def _resume_source(
+    config: JobConfig, store: Store | None, earlier: RunInfo, ids: Identities | None
+) -> tuple[pd.DataFrame, Callable[[Any], str]]:
+    """The rows of the run to continue that it finished, from the store. A row is carried
+    over only while the store still says it is done (a revert or a later check-in since may
+    have changed it): the report must say what is true now."""
+    assert store is not None
+    rows = run_rows_to_resume(store, earlier.run_id)
+    rows = rows[~rows["outcome"].isin([Outcome.INVALID.value, Outcome.SKIPPED.value, ""])]
+    success = rows["outcome"] == config.action.success.value
+    if success.any():
+        done = store.done(api_of(config), config.action.success.value, rows["identity"].tolist())
+        still = np.zeros(len(rows), dtype=np.bool_)
+        still[done.index] = True
+        # Every identity of a position must still be done (rows repeat per identity).
+        gone = set(rows["position"][success.to_numpy() & ~still])
+        rows = rows[~(success & rows["position"].isin(gone))]
+    rows = rows.drop_duplicates("position").drop(columns=["position", "identity", "problem"])
 
     def place(row: Any) -> str:
         where = f"row {row['source_row']} of {row['source_file']}"

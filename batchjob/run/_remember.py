@@ -73,9 +73,7 @@ class StoreJournal(BlockRecorder):
         self._action = action
         self._outage_limit = outage_limit
         self._log = log
-        # Rows a --resume carried from the run it continues: that run's word stands.
-        self._carried = np.zeros(len(plan.rows), dtype=np.bool_)
-        self._carried[carried_over] = True
+        del carried_over  # recorded like any other row (see _snapshot)
         self._errors_sent = 0
         self.path = store.location
         self._queue: collections.deque[_Block | None] = collections.deque()
@@ -125,7 +123,9 @@ class StoreJournal(BlockRecorder):
             },
             schema=ROWS_SCHEMA,
         )
-        decided = positions[_DECIDES[outcome] & ~self._carried[positions]]
+        # Rows a --resume carried over are this run's too: the run that reports a key undone
+        # is the one a revert finds it in.
+        decided = positions[_DECIDES[outcome]]
         texts, owners = self._ids.of(decided)
         owner_outcome = ledger.outcome[owners]
         unfinished = (owner_outcome == _CODE[Outcome.NOT_ATTEMPTED]) | (

@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from batchjob.store._base import SUCCESS_OUTCOMES, Chunk
+from batchjob.store._base import Chunk
 
 PLAN = "plan"  # position, event_id, order_ticket_key, file, source_row
 PLAN_IDS = "plan_ids"  # identity, position: only when identities are not just event and key
@@ -110,12 +110,18 @@ def latest(base: pa.Table | None, chunks: Sequence[Chunk]) -> pa.Table:
     return entries.take(pa.array(keep))
 
 
+#: What each action's success is called; an unsent entry is pending for its action.
+SUCCESS_OF = {"undo": "undone", "check-in": "checked_in"}
+
+
 def _drop_unsent_after_success(frame: pd.DataFrame) -> pd.DataFrame:
-    """Drop an unsent entry when the last sent entry before it (same identity) is a success."""
-    success = frame["outcome"].isin(list(SUCCESS_OUTCOMES)).to_numpy()
+    """Drop an unsent entry when the last sent entry before it (same identity) is the
+    success of the entry's own action: a stopped ``--again`` undo run does not make an undone
+    key pending, while a stopped check-in run does leave its keys pending for check-in."""
     sent = frame["sent"].to_numpy()
-    last_sent_success = pd.Series(np.where(sent, success, np.nan), index=frame.index)
-    before = last_sent_success.groupby(frame["identity"]).ffill()
-    keep = sent | ~(before.fillna(0).to_numpy() == 1)
+    last_sent = frame["outcome"].astype(object).where(frame["sent"])
+    before = last_sent.groupby(frame["identity"]).ffill()
+    wanted = frame["pending"].map(SUCCESS_OF)
+    keep = sent | (before.to_numpy() != wanted.to_numpy())
     kept: pd.DataFrame = frame[keep]
     return kept

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -62,8 +63,10 @@ class SqliteBackend:
             raise StoreError(f"{path}: cannot open the run store: {exc}") from None
         try:
             self._db.execute(f"PRAGMA busy_timeout = {int(_BUSY_SECONDS * 1000)}")
-            # A crafted store must not run code of its own on our writes.
             self._db.execute("PRAGMA trusted_schema = OFF")
+            # Before anything is written (WAL mode is written into the file): another app's
+            # database, or a store with objects of someone else's, is left as it is.
+            _version(self._db)
             mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"{path}: the run store cannot use WAL mode (got {mode})")
@@ -72,6 +75,10 @@ class SqliteBackend:
         except sqlite3.Error as exc:
             self._db.close()
             raise StoreError(f"{path}: not a usable run store: {exc}") from None
+        except StoreError as exc:
+            self._db.close()
+            text = str(exc)
+            raise StoreError(text if text.startswith(str(path)) else f"{path}: {text}") from None
         except BaseException:
             self._db.close()
             raise
@@ -386,16 +393,36 @@ def _raw_run(row: tuple[Any, ...]) -> RawRun:
 
 
 def _version(db: sqlite3.Connection) -> int:
-    has_meta = db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
-    ).fetchone()
-    if has_meta is None:
-        others = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
-        if others:
+    """The store's schema version (0: an empty file); a StoreError for a file that is not
+    a store of ours, or holds objects we did not make (a trigger would run on our writes)."""
+    objects = db.execute("SELECT type, name FROM sqlite_master").fetchall()
+    names = {str(name) for _, name in objects}
+    if "meta" not in names:
+        if objects:
             raise StoreError("the file is an SQLite database, but not a batchjob run store")
         return 0
+    ours = _SCHEMA_OBJECTS
+    foreign = sorted(
+        f"{kind} {name}"
+        for kind, name in objects
+        if name not in ours and not str(name).startswith("sqlite_autoindex_")
+    )
+    if foreign:
+        raise StoreError(
+            f"the run store holds objects batchjob did not make ({', '.join(foreign[:3])}): "
+            "it will not write to it"
+        )
     row = db.execute("SELECT value FROM meta WHERE name = 'schema_version'").fetchone()
-    return int(row[0]) if row is not None else 0
+    try:
+        return int(row[0]) if row is not None else 0
+    except ValueError:
+        raise StoreError(f"the run store's schema_version is not a number: {row[0]!r}") from None
+
+
+#: Every table and index a store of any schema version holds.
+_SCHEMA_OBJECTS = frozenset(
+    re.findall(r"CREATE (?:TABLE|INDEX) (\w+)", " ".join(" ".join(m) for m in MIGRATIONS))
+)
 
 
 def _prepare_file(path: Path) -> None:
@@ -436,6 +463,8 @@ def _file_problem(info: os.stat_result) -> str:
         return "is not a regular file"
     if info.st_nlink > 1:
         return "has other hard links"
+    if os.name == "posix" and info.st_mode & 0o022:
+        return "can be written by other users (chmod go-w it)"
     if not owned_by_me(info):
         return "belongs to another user"
     return ""
