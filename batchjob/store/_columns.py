@@ -52,8 +52,11 @@ IDS_SCHEMA = pa.schema(
         ("finished_at", pa.float64()),
     ]
 )
-#: A folded view: the latest entry of each identity, with the run (seq) that decided it.
-FOLD_SCHEMA = IDS_SCHEMA.append(pa.field("run", pa.int64()))
+#: A folded view: the latest entry of each identity, the run (seq) that decided it, and the
+#: outcome of its last entry that was sent (null: none), which the rule below needs.
+FOLD_SCHEMA = IDS_SCHEMA.append(pa.field("run", pa.int64())).append(
+    pa.field("last_sent", pa.string())
+)
 
 #: Chunks hold keys (random text): lz4 is fast and still saves the repeated outcomes.
 _OPTIONS = pa.ipc.IpcWriteOptions(compression="lz4")
@@ -85,12 +88,14 @@ def concat(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
 
 def latest(base: pa.Table | None, chunks: Sequence[Chunk]) -> pa.Table:
     """Each identity's latest entry (FOLD_SCHEMA): later runs win, then later chunks; an
-    entry that was never sent does not replace a success (a stopped ``--again`` run must not
-    make done work look pending)."""
+    entry that was never sent does not replace its own action's success (a stopped
+    ``--again`` undo run must not make done work look pending)."""
     parts = [base] if base is not None and base.num_rows else []
     for chunk in chunks:
         table = decode(chunk.data, IDS_SCHEMA)
-        parts.append(table.append_column("run", pa.array(np.full(table.num_rows, chunk.seq))))
+        table = table.append_column("run", pa.array(np.full(table.num_rows, chunk.seq)))
+        sent_outcome = pc.if_else(table["sent"], table["outcome"], pa.scalar(None, pa.string()))
+        parts.append(table.append_column("last_sent", sent_outcome))
     if not parts:
         return FOLD_SCHEMA.empty_table()
     if len(parts) == 1 and not chunks:
@@ -99,9 +104,7 @@ def latest(base: pa.Table | None, chunks: Sequence[Chunk]) -> pa.Table:
     # Later runs win; chunks arrive per run in order, and a fold holds older runs. Stable.
     entries = entries.take(pc.sort_indices(entries, [("run", "ascending")]))
     if not pc.all(entries["sent"]).as_py():
-        frame = _drop_unsent_after_success(entries.to_pandas())
-        frame = frame.drop_duplicates("identity", keep="last")
-        return pa.Table.from_pandas(frame, schema=FOLD_SCHEMA, preserve_index=False)
+        return _latest_with_unsent(entries.to_pandas())
     # The last entry of each identity, in Arrow: no Python object per key (a million keys
     # in pandas cost 600 MiB more at the end of a run).
     numbered = entries.append_column("entry", pa.array(np.arange(entries.num_rows)))
@@ -114,14 +117,18 @@ def latest(base: pa.Table | None, chunks: Sequence[Chunk]) -> pa.Table:
 SUCCESS_OF = {"undo": "undone", "check-in": "checked_in"}
 
 
-def _drop_unsent_after_success(frame: pd.DataFrame) -> pd.DataFrame:
-    """Drop an unsent entry when the last sent entry before it (same identity) is the
-    success of the entry's own action: a stopped ``--again`` undo run does not make an undone
-    key pending, while a stopped check-in run does leave its keys pending for check-in."""
-    sent = frame["sent"].to_numpy()
-    last_sent = frame["outcome"].astype(object).where(frame["sent"])
-    before = last_sent.groupby(frame["identity"]).ffill()
+def _latest_with_unsent(frame: pd.DataFrame) -> pa.Table:
+    """Drop an unsent entry when the last sent entry before it (same identity, a fold's
+    history included) is the success of the entry's own action: a stopped ``--again`` undo
+    run does not make an undone key pending, while a stopped check-in run does leave its keys
+    pending for check-in. Then the last entry of each identity, knowing its last sent one."""
+    identity = frame["identity"]
+    so_far = frame["last_sent"].astype(object).groupby(identity).ffill()
+    before = so_far.groupby(identity).shift(1)  # up to the entry before
     wanted = frame["pending"].map(SUCCESS_OF)
+    sent = frame["sent"].to_numpy()
     keep = sent | (before.to_numpy() != wanted.to_numpy())
-    kept: pd.DataFrame = frame[keep]
-    return kept
+    final_sent = so_far.groupby(identity).last()  # unsent entries change nothing
+    kept = frame[keep].drop_duplicates("identity", keep="last").copy()
+    kept["last_sent"] = kept["identity"].map(final_sent)
+    return pa.Table.from_pandas(kept, schema=FOLD_SCHEMA, preserve_index=False)
