@@ -1,4 +1,5 @@
-"""Shared fixtures: a real sandbox API on a loopback port."""
+"""Shared fixtures: a real sandbox API on a loopback port, and a PostgreSQL server of the
+session's own for the store tests that need one (tests/pg_support.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,23 @@ from collections.abc import AsyncIterator
 import pytest
 
 from batchjob.sandbox import Faults, Sandbox, SandboxSettings, World
+from tests.pg_support import (
+    pg_server,
+    postgres_url,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_sessionfinish,
+    pytest_terminal_summary,
+)
+
+__all__ = [
+    "pg_server",
+    "postgres_url",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "pytest_sessionfinish",
+    "pytest_terminal_summary",
+]
 
 
 @pytest.fixture

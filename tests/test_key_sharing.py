@@ -8,6 +8,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 from batchjob.sandbox import Sandbox, SandboxSettings, World
 from batchjob.store import open_store
 from tests.chaos_support import cli, cli_env, finish, start_cli, wait_until
@@ -16,7 +18,7 @@ from tests.support import read_report, run, ticket_rows, write_csv
 HEADER = ("Event ID", "Order Ticket Key")
 
 
-def runs_in(state: Path) -> list[str]:
+def runs_in(state: str | Path) -> list[str]:
     store = open_store(str(state))
     assert store is not None
     try:
@@ -25,15 +27,24 @@ def runs_in(state: Path) -> list[str]:
         store.close()
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def shared_state(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """What two machines share: an SQLite file, or a PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "shared-database.sqlite3")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
 async def test_a_run_killed_on_one_machine_is_finished_on_another_from_the_store_alone(
-    tmp_path: Path,
+    tmp_path: Path, shared_state: str
 ) -> None:
     world = World.generate(2, 150, seed=31)
     rows = ticket_rows(world)
     machine_a, machine_b = tmp_path / "a", tmp_path / "b"
     machine_a.mkdir()
     machine_b.mkdir()
-    state = tmp_path / "shared-database.sqlite3"  # all the two machines share
+    state = shared_state  # all the two machines share
     write_csv(machine_a / "night.csv", rows, HEADER)
     async with Sandbox(world, SandboxSettings(rate=40.0, burst=1.0, daily_quota=None)) as sandbox:
         env = cli_env(sandbox)

@@ -6,7 +6,10 @@
   the column chunks it keeps and how the latest outcome of each identity is worked out.
 - :mod:`._schema`: tables and migrations (one list, versioned).
 - :mod:`._sqlite`: the SQLite backend (the default: one file, several processes at once).
-- :mod:`._location`: ``--state``: the default file, a path, or none.
+- :mod:`._postgres`: the PostgreSQL backend (``--state postgresql://...``: runs on several
+  machines; needs ``batchjob[postgresql]``).
+- :mod:`._location`: ``--state``: the default file, a path, a URL, or none;
+  :func:`display_state` shows any of them without a password.
 
 What the run stage and the CLI may use:
 """
@@ -22,7 +25,15 @@ from batchjob.store._base import (
     Store,
 )
 from batchjob.store._columns import IDS_SCHEMA, PLAN_IDS_SCHEMA, PLAN_SCHEMA, ROWS_SCHEMA
-from batchjob.store._location import DEFAULT, NONE, default_path, open_store, store_path
+from batchjob.store._location import (
+    DEFAULT,
+    NONE,
+    default_path,
+    display_state,
+    is_postgres,
+    open_store,
+    store_path,
+)
 from batchjob.store._schema import SCHEMA_VERSION
 
 __all__ = [
@@ -42,6 +53,8 @@ __all__ = [
     "RunStart",
     "Store",
     "default_path",
+    "display_state",
+    "is_postgres",
     "open_store",
     "store_path",
 ]

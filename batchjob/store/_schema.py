@@ -8,6 +8,7 @@ mean something this version does not know). docs/store.md describes every table.
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 #: Runs are rows; what a run read and decided are column chunks (Arrow IPC streams, see
@@ -71,3 +72,19 @@ _V2: Final = (
 
 MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (_V1, _V2)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+#: SQLite's REAL is 8 bytes; PostgreSQL's is 4 (an epoch second would lose its minutes), and
+#: PostgreSQL calls a byte string BYTEA.
+_PG_TYPES: Final = (
+    (re.compile(r"\bREAL\b"), "DOUBLE PRECISION"),
+    (re.compile(r"\bBLOB\b"), "BYTEA"),
+)
+
+
+def postgres_statement(statement: str) -> str:
+    """``statement`` of :data:`MIGRATIONS` as PostgreSQL reads it: the same tables and
+    columns, with PostgreSQL's name for each type where SQLite's means something else."""
+    for pattern, replacement in _PG_TYPES:
+        statement = pattern.sub(replacement, statement)
+    return statement

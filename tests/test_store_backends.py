@@ -1,0 +1,275 @@
+"""One store test suite, run on both backends: SQLite (a real file) and PostgreSQL (a real
+server the session starts, tests/pg_support.py). Same primitives, same answers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from batchjob._errors import StoreError
+from batchjob.sandbox import Sandbox, World
+from batchjob.store import IDS_SCHEMA, PLAN_SCHEMA, ROWS_SCHEMA, RunEnd, RunStart, open_store
+from batchjob.store._chunks import ChunkStore
+from batchjob.store._columns import IDS, PLAN, ROWS, encode
+from batchjob.store._schema import MIGRATIONS, postgres_statement
+from tests.support import read_report, run, ticket_rows, write_csv
+
+API = "http://127.0.0.1:9/v3"
+HEADER = ("Event ID", "Order Ticket Key")
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+
+
+@pytest.fixture(params=BACKENDS)
+def state(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "state.sqlite3")
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def store(state: str) -> Iterator[ChunkStore]:
+    opened = open_store(state)
+    assert isinstance(opened, ChunkStore)
+    yield opened
+    opened.close()
+
+
+def plan(keys: list[str], event: str = "e") -> pa.Table:
+    n = len(keys)
+    return pa.table(
+        {"position": list(range(n)), "event_id": [event] * n, "order_ticket_key": keys,
+         "file": [0] * n, "source_row": [i + 2 for i in range(n)]},
+        schema=PLAN_SCHEMA,
+    )  # fmt: skip
+
+
+def rows(positions: list[int], outcome: str, status: int = 204, error: int = 0) -> pa.Table:
+    n = len(positions)
+    return pa.table(
+        {"position": positions, "outcome": [outcome] * n, "http_status": [status] * n,
+         "error": [error] * n, "attempts": [1] * n, "finished_at": [1.8e9] * n},
+        schema=ROWS_SCHEMA,
+    )  # fmt: skip
+
+
+def ids(keys: list[str], positions: list[int], outcome: str, pending: str = "") -> pa.Table:
+    n = len(keys)
+    return pa.table(
+        {"identity": [f"e\x1f{k}" for k in keys], "position": positions, "outcome": [outcome] * n,
+         "pending": [pending] * n, "sent": [True] * n, "finished_at": [1.8e9] * n},
+        schema=IDS_SCHEMA,
+    )  # fmt: skip
+
+
+def start(run_id: str, action: str = "undo") -> RunStart:
+    return RunStart(run_id, API, action, "2026-11-28T02:00:00Z", f"/r/{run_id}.csv", ["in.csv"])
+
+
+def test_a_run_recorded_block_by_block_reads_back_whole(store: ChunkStore) -> None:
+    keys = [f"k{i}" for i in range(6)]
+    store.begin_run(start("20261128-020000-aaaa"))
+    store.add_plan("20261128-020000-aaaa", plan(keys), None)
+    store.record(
+        "20261128-020000-aaaa", rows([0, 1, 2], "undone"), ids(keys[:3], [0, 1, 2], "undone"), []
+    )
+    store.record(
+        "20261128-020000-aaaa",
+        rows([3, 4], "failed", status=503, error=1),
+        ids(keys[3:5], [3, 4], "failed", pending="undo"),
+        [(1, "server_error", 'try, later, "quoted"')],
+    )
+    store.end_run("20261128-020000-aaaa", RunEnd("2026-11-28T02:01:00Z", 1, "", 3, {"a": 1}))
+
+    (info,) = store.runs(5)
+    assert info.state == "finished" and info.record == {"a": 1} and info.exit_code == 1
+    assert store.run("20261128-0200") == info
+    got = store.rows(info.run_id)
+    assert list(got.outcome) == ["undone"] * 3 + ["failed"] * 2 + [""]  # k5: never decided
+    assert got.error_message[3] == 'try, later, "quoted"' and got.source_file[0] == "in.csv"
+    done = store.done(API, "undone", ["e\x1fk1", "e\x1fk4", "e\x1fnope"])
+    assert list(done.index) == [0] and done.run_id == [info.run_id]
+    assert list(store.pending(API, "undo").order_ticket_key) == ["k3", "k4"]
+    assert list(store.revertible(info.run_id).order_ticket_key) == ["k0", "k1", "k2"]
+    counts = dict(((e, o), n) for e, o, n in store.outcome_counts(info.run_id))
+    assert counts == {("e", "undone"): 3, ("e", "failed"): 2}
+
+
+def test_a_later_run_decides_and_an_ambiguous_prefix_is_refused(store: ChunkStore) -> None:
+    for run_id, outcome in (("20261128-020000-aaaa", "failed"), ("20261128-030000-bbbb", "undone")):
+        store.begin_run(start(run_id))
+        store.add_plan(run_id, plan(["k"]), None)
+        store.record(
+            run_id,
+            rows([0], outcome),
+            ids(["k"], [0], outcome, "undo"[: 4 * (outcome == "failed")]),
+            [],
+        )
+        store.end_run(run_id, RunEnd("t", 0, "", 1, {"x": 1}))
+    done = store.done(API, "undone", ["e\x1fk"])
+    assert done.run_id == ["20261128-030000-bbbb"]
+    assert len(store.pending(API, "undo")) == 0
+    assert store.sent_after("20261128-020000-aaaa", API) == {("e", "k")}
+    with pytest.raises(StoreError, match="more than one run"):
+        store.run("20261128")
+
+
+def test_a_lease_and_a_daily_budget_hold_across_two_openers(store: ChunkStore, state: str) -> None:
+    other = open_store(state)
+    assert other is not None
+    try:
+        assert store.lease("key", "a", 30) == (True, "a")
+        assert other.lease("key", "b", 30) == (False, "a")
+        store.release("key", "a")
+        assert other.lease("key", "b", 30) == (True, "b")
+        assert store.spend("key", "2026-11-28", 6, 10) == 6
+        assert other.spend("key", "2026-11-28", 6, 10) == 4
+        assert store.spend("key", "2026-11-28", 1, 10) == 0
+        other.unspend("key", "2026-11-28", 3)
+        assert store.spend("key", "2026-11-28", 5, 10) == 3
+        assert store.spend("key", "2026-11-29", 5, 10) == 5  # a new day
+    finally:
+        other.close()
+
+
+def test_many_openers_at_once_migrate_one_store_once(state: str) -> None:
+    errors: list[BaseException] = []
+
+    def open_and_close() -> None:
+        try:
+            opened = open_store(state)
+            assert opened is not None
+            opened.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_and_close) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def _execute(state: str, statements: list[str]) -> None:
+    if state.startswith("postgresql://"):
+        import psycopg
+
+        with psycopg.connect(state, autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(postgres_statement(statement).encode())
+    else:
+        import sqlite3
+
+        db = sqlite3.connect(state)
+        with db:
+            for statement in statements:
+                db.execute(statement)
+        db.close()
+
+
+def test_a_store_of_the_previous_schema_opens_and_keeps_its_history(state: str) -> None:
+    chunk = {
+        PLAN: encode(plan(["k"])),
+        ROWS: encode(rows([0], "undone")),
+        IDS: encode(ids(["k"], [0], "undone")),
+    }
+    hexed = {kind: data.hex() for kind, data in chunk.items()}
+
+    def blob(data: str) -> str:
+        return f"'\\x{data}'::bytea" if state.startswith("postgresql") else f"X'{data}'"
+
+    _execute(
+        state,
+        [
+            *MIGRATIONS[0],
+            "INSERT INTO meta VALUES ('schema_version', '1')",
+            f"INSERT INTO apis VALUES (1, '{API}')",  # noqa: S608 (constants)
+            "INSERT INTO runs (seq, run_id, api, action, started_at, ended_at, exit_code, report, "
+            "requests) VALUES (1, '20261101-020000-abcd', 1, 'undo', '2026-11-01T02:00:00Z', "
+            "'2026-11-01T02:01:00Z', 0, '/r.csv', 1)",
+            "INSERT INTO run_files VALUES (1, 0, 'in.csv')",
+            *(
+                f"INSERT INTO chunks (run, number, kind, data) VALUES (1, {n}, '{kind}', "  # noqa: S608
+                f"{blob(hexed[kind])})"
+                for n, kind in enumerate((PLAN, ROWS, IDS))
+            ),
+        ],
+    )
+    opened = open_store(state)
+    assert opened is not None
+    try:
+        (old,) = opened.runs(5)
+        assert old.run_id == "20261101-020000-abcd" and old.host == "" and old.pid == 0
+        assert opened.done(API, "undone", ["e\x1fk"]).run_id == [old.run_id]
+        assert opened.spend("key", "d", 1, 5) == 1  # the budgets table schema 2 added
+    finally:
+        opened.close()
+
+
+def test_a_store_of_a_newer_schema_is_refused(store: ChunkStore, state: str) -> None:
+    store.close()
+    _execute(state, ["UPDATE meta SET value = '99' WHERE name = 'schema_version'"])
+    with pytest.raises(StoreError, match="schema version 99, newer than this batchjob"):
+        open_store(state)
+
+
+@pytest.mark.postgresql
+def test_postgres_reconnects_after_the_server_drops_the_connection(postgres_url: str) -> None:
+    import psycopg
+
+    store = open_store(postgres_url)
+    assert store is not None
+    try:
+        store.begin_run(start("20261128-020000-aaaa"))
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'batchjob' AND pid <> pg_backend_pid()"
+            )
+        assert [r.run_id for r in store.runs(5)] == ["20261128-020000-aaaa"]  # reconnected
+    finally:
+        store.close()
+
+
+@pytest.mark.postgresql
+def test_postgres_unreachable_fails_in_bounded_time_and_hides_the_password(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql://me:s3cret-pw@127.0.0.1:{port}/db?connect_timeout=2"
+    with pytest.raises(StoreError) as refused:
+        open_store(url)
+    assert "s3cret-pw" not in str(refused.value)
+    assert "postgresql://me:(not shown)@127.0.0.1" in str(refused.value)
+
+
+# --- the run stage on each backend ------------------------------------------------------------
+
+
+async def test_runs_on_each_backend_skip_carry_over_and_revert(
+    sandbox: Sandbox, world: World, tmp_path: Path, state: str
+) -> None:
+    rows_ = ticket_rows(world)
+    inputs = write_csv(tmp_path / "in.csv", rows_, HEADER)
+    first = await run(
+        sandbox, [inputs], tmp_path, report="1.csv", state=state, batch_size=20, max_requests=6
+    )
+    assert first.exit_code == 3
+    second = await run(sandbox, [inputs], tmp_path, report="2.csv", state=state, pending=True)
+    report = read_report(second.report)
+    assert second.exit_code == 0 and second.already_done == first.counts["undone"]
+    assert set(report.outcome) == {"undone", "skipped"}
+    assert not any(world.checked_in(e, k) for e, k in rows_)
+    back = await run(
+        sandbox, [], tmp_path, report="3.csv", state=state, revert=second.run_id,
+        action="check-in",
+    )  # fmt: skip
+    assert back.exit_code == 0
+    assert len(read_report(back.report)) == second.counts["undone"]
