@@ -273,3 +273,100 @@ async def test_runs_on_each_backend_skip_carry_over_and_revert(
     )  # fmt: skip
     assert back.exit_code == 0
     assert len(read_report(back.report)) == second.counts["undone"]
+
+
+async def test_a_store_that_fails_for_a_while_loses_nothing_and_the_run_goes_on(
+    sandbox: Sandbox, world: World, tmp_path: Path, state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks wait in memory while the store fails; the writer tries again with backoff."""
+    real = ChunkStore.record
+    failures = iter(range(3))
+
+    def flaky(self: ChunkStore, *args: object, **kwargs: object) -> None:
+        if next(failures, None) is not None:
+            raise StoreError("state: lost the connection to the run store: server closed")
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChunkStore, "record", flaky)
+    inputs = write_csv(tmp_path / "in.csv", ticket_rows(world), HEADER)
+    result = await run(sandbox, [inputs], tmp_path, report="r.csv", state=state, batch_size=20)
+    assert result.exit_code == 0, result.summary()
+    monkeypatch.setattr(ChunkStore, "record", real)
+    stored = open_store(state)
+    assert stored is not None
+    try:
+        recorded = stored.rows(result.run_id)
+    finally:
+        stored.close()
+    assert set(recorded.outcome) == {"undone"} and len(recorded) == len(ticket_rows(world))
+
+
+async def test_a_store_down_past_the_bound_stops_the_run_and_resume_finishes_it(
+    sandbox: Sandbox, world: World, tmp_path: Path, state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchjob.run._remember import StoreJournal
+
+    monkeypatch.setattr(StoreJournal, "outage_limit", 0.5)
+    real = ChunkStore.record
+    calls = iter(range(10**6))
+
+    def dies(self: ChunkStore, *args: object, **kwargs: object) -> None:
+        if next(calls) >= 2:
+            raise StoreError("state: cannot connect to the run store: connection refused")
+        real(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ChunkStore, "record", dies)
+    rows_ = ticket_rows(world)
+    inputs = write_csv(tmp_path / "in.csv", rows_, HEADER)
+    first = await run(
+        sandbox, [inputs], tmp_path, report="r.csv", state=state, batch_size=10, rate=100.0
+    )
+    assert first.exit_code == 3, first.summary()
+    assert "cannot connect to the run store" in first.stopped
+    report = read_report(first.report)  # written from memory: every key, truthfully
+    assert len(report) == len(rows_)
+    for event, key, outcome in zip(
+        report.event_id, report.order_ticket_key, report.outcome, strict=True
+    ):
+        assert outcome in ("undone", "not_attempted")
+        assert (outcome == "undone") == (not world.checked_in(event, key))
+
+    monkeypatch.setattr(ChunkStore, "record", real)  # the store is back
+    resumed = await run(sandbox, [inputs], tmp_path, report="r.csv", state=state, resume=True)
+    assert resumed.exit_code == 0, resumed.summary()
+    assert not any(world.checked_in(e, k) for e, k in rows_)
+
+
+@pytest.mark.postgresql
+async def test_a_run_survives_its_postgres_connection_being_cut_mid_run(
+    sandbox: Sandbox, world: World, tmp_path: Path, postgres_url: str
+) -> None:
+    import asyncio
+
+    import psycopg
+
+    rows_ = ticket_rows(world)
+    inputs = write_csv(tmp_path / "in.csv", rows_, HEADER)
+
+    async def cut_connections() -> None:
+        for _ in range(3):
+            await asyncio.sleep(0.15)
+            with psycopg.connect(postgres_url, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = 'batchjob' AND pid <> pg_backend_pid()"
+                )
+
+    cutter = asyncio.create_task(cut_connections())
+    result = await run(
+        sandbox, [inputs], tmp_path, report="r.csv", state=postgres_url, batch_size=5, rate=80.0
+    )
+    await cutter
+    assert result.exit_code == 0, result.summary()
+    stored = open_store(postgres_url)
+    assert stored is not None
+    try:
+        recorded = stored.rows(result.run_id)
+    finally:
+        stored.close()
+    assert set(recorded.outcome) == {"undone"} and len(recorded) == len(rows_)

@@ -51,6 +51,9 @@ class _Block:
 class StoreJournal(BlockRecorder):
     """Records a run's report rows and identities in the store (see the module's note)."""
 
+    #: Seconds the store may fail, block after block, before the run stops (exit 3).
+    outage_limit = 60.0
+
     def __init__(
         self,
         store: Store,
@@ -61,7 +64,6 @@ class StoreJournal(BlockRecorder):
         action: str,
         carried_over: Positions,
         *,
-        outage_limit: float = 60.0,
         log: Any = None,
     ) -> None:
         super().__init__()
@@ -71,7 +73,6 @@ class StoreJournal(BlockRecorder):
         self._ledger = ledger
         self._ids = identities
         self._action = action
-        self._outage_limit = outage_limit
         self._log = log
         del carried_over  # recorded like any other row (see _snapshot)
         self._errors_sent = 0
@@ -176,7 +177,7 @@ class StoreJournal(BlockRecorder):
         self._plan_recorded = True
 
     def _retrying(self, write: Any) -> None:
-        """``write()``, again with backoff while the store fails, for ``outage_limit`` s."""
+        """``write()``, again with backoff while the store fails, for ``outage_limit`` seconds."""
         started = time.monotonic()
 
         def note(details: Any) -> None:
@@ -190,7 +191,7 @@ class StoreJournal(BlockRecorder):
         backoff.on_exception(
             backoff.expo,
             StoreError,
-            max_time=self._outage_limit,
+            max_time=self.outage_limit,
             max_value=5.0,
             on_backoff=note,
             logger=None,
