@@ -370,3 +370,28 @@ async def test_a_run_survives_its_postgres_connection_being_cut_mid_run(
     finally:
         stored.close()
     assert set(recorded.outcome) == {"undone"} and len(recorded) == len(rows_)
+
+
+@pytest.mark.postgresql
+async def test_a_database_password_never_reaches_a_file_a_log_or_the_store(
+    sandbox: Sandbox, world: World, tmp_path: Path, postgres_url: str
+) -> None:
+    import io
+
+    import psycopg
+
+    secret = "hunter2-db-secret"
+    url = postgres_url.replace("batchjob@", f"batchjob:{secret}@") + f"?password={secret}"
+    inputs = write_csv(tmp_path / "in.csv", ticket_rows(world)[:30], HEADER)
+    log = io.StringIO()
+    result = await run(
+        sandbox, [inputs], tmp_path, report="r.csv", state=url, log=log,
+        summary_json=tmp_path / "summary.json",
+    )  # fmt: skip
+    assert result.exit_code == 0
+    written = [log.getvalue(), result.summary(), (tmp_path / "summary.json").read_text()]
+    written += [(tmp_path / name).read_text() for name in ("r.csv", "r.failed.csv")]
+    with psycopg.connect(postgres_url) as db:
+        written += [str(row) for row in db.execute("SELECT * FROM runs").fetchall()]
+    assert all(secret not in text for text in written)
+    assert "(not shown)" in (tmp_path / "summary.json").read_text()

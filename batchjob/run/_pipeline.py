@@ -18,7 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -106,7 +106,10 @@ async def run_job(
     run_id = new_run_id(started_at)
     redactor = redactor if redactor is not None else Redactor()
     if "://" in config.state:  # a database URL's password: never in a log line or a file
-        redactor.add(urlsplit(config.state).password or "")
+        parts = urlsplit(config.state)
+        redactor.add(parts.password or "")
+        for password in parse_qs(parts.query).get("password", []):
+            redactor.add(password)
     log = log or null_logger()
     progress = progress or NoProgress()
     stop = stop or StopRequest()

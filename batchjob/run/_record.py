@@ -20,6 +20,7 @@ from batchjob._config import JobConfig, display_url
 from batchjob._logging import Redactor
 from batchjob.record import write_bytes_atomically
 from batchjob.run._result import RunResult
+from batchjob.store import display_state
 
 #: Bumped when a field changes meaning or goes away; new fields keep the version.
 SCHEMA_VERSION = 1
@@ -87,7 +88,7 @@ def _settings(config: JobConfig) -> dict[str, Any]:
         settings[name] = str(value) if isinstance(value, Path) else value
     if isinstance(settings["token_url"], str):
         settings["token_url"] = display_url(settings["token_url"])
-    settings["state"] = display_url(config.state)  # a database URL may hold a password
+    settings["state"] = display_state(config.state)  # a database URL may hold a password
     settings["identity"] = list(config.identity)
     settings["columns"] = {
         "event_id": list(config.columns.event_id),
