@@ -176,3 +176,33 @@ async def test_the_daily_budget_is_counted_across_runs_and_stops_before_crossing
     assert set(read_report(three.report).order_ticket_key) == set(
         report.order_ticket_key[report.outcome == "not_attempted"]
     )
+
+
+async def test_a_holder_whose_renewal_hangs_stops_sending_when_its_lease_runs_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A network split between a run and its store: the renewal neither succeeds nor fails,
+    while other runs take the lease over. The gate refuses by the clock (review, round 2)."""
+    from batchjob._logging import null_logger
+    from batchjob.run._share import KeyLease
+    from batchjob.run._stop import StopRequest
+
+    store = open_store(str(tmp_path / "s.sqlite3"))
+    assert store is not None
+    lease = KeyLease(store, "key", "run-a", 0.8, null_logger())
+    try:
+        assert await lease.acquire(StopRequest()) == ""
+        assert lease.take() == ""
+        real = store.lease
+
+        def hangs(*args: object) -> tuple[bool, str]:
+            time.sleep(3)
+            return real(*args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "lease", hangs)
+        await asyncio.sleep(1.0)  # past the lease, the renewal still hanging
+        assert "lease on the API key" in lease.take()
+        assert real("key", "run-b", 0.8) == (True, "run-b")  # another run took it over
+    finally:
+        await lease.release()
+        store.close()

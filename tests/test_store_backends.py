@@ -395,3 +395,54 @@ async def test_a_database_password_never_reaches_a_file_a_log_or_the_store(
         written += [str(row) for row in db.execute("SELECT * FROM runs").fetchall()]
     assert all(secret not in text for text in written)
     assert "(not shown)" in (tmp_path / "summary.json").read_text()
+
+
+def test_a_chunk_crafted_to_inflate_or_of_other_columns_is_refused_before_it_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from batchjob.store import _columns
+
+    other = pa.table({"x": pa.array(["a" * 1000] * 1000)})
+    with pytest.raises(StoreError, match="other columns"):
+        _columns.decode(encode(other), IDS_SCHEMA)
+    monkeypatch.setattr(_columns, "MAX_CHUNK_BYTES", 1 << 20)
+    big = ids(["k" * 1000] * 5000, list(range(5000)), "undone")  # 5 MB, compresses to little
+    with pytest.raises(StoreError, match="larger than any batchjob writes"):
+        _columns.decode(encode(big), IDS_SCHEMA)
+    with pytest.raises(StoreError, match="cannot be read"):
+        _columns.decode(b"\xff" * 100, IDS_SCHEMA)
+
+
+def test_a_corrupt_chunk_in_the_store_is_a_store_error_not_a_crash(
+    store: ChunkStore, state: str
+) -> None:
+    store.begin_run(start("20261128-020000-aaaa"))
+    store.add_plan("20261128-020000-aaaa", plan(["k"]), None)
+    store.close()
+    garbage = "'\\x7a7a'::bytea" if state.startswith("postgresql") else "X'7a7a'"
+    _execute(
+        state,
+        [f"INSERT INTO chunks (run, number, kind, data) VALUES (1, 9, 'ids', {garbage})"],  # noqa: S608
+    )
+    reopened = open_store(state)
+    assert reopened is not None
+    try:
+        with pytest.raises(StoreError, match="cannot be read"):
+            reopened.done(API, "undone", ["e\x1fk"])
+    finally:
+        reopened.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://me:pa#ss@127.0.0.1/db",
+        "postgresql://me@127.0.0.1/db?password=pa%23ss",
+        "postgresql://me@127.0.0.1/db?sslpassword=pa%23ss",
+    ],
+)
+def test_every_password_a_state_url_holds_is_hidden(url: str) -> None:
+    from batchjob.store import display_state, state_secrets
+
+    assert "pa#ss" in state_secrets(url)
+    assert "pa#ss" not in display_state(url) and "pa%23ss" not in display_state(url)

@@ -18,7 +18,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 import pandas as pd
@@ -68,7 +67,7 @@ from batchjob.run._record import (
 )
 from batchjob.run._remember import StoreJournal
 from batchjob.run._result import RunResult
-from batchjob.run._share import DailyBudget, KeyLease, key_name
+from batchjob.run._share import Allowances, DailyBudget, KeyLease, key_name
 from batchjob.run._stop import StopRequest
 from batchjob.send import (
     AdaptivePacer,
@@ -79,7 +78,7 @@ from batchjob.send import (
     Transport,
     make_session,
 )
-from batchjob.store import ROW_COLUMNS, RunEnd, RunInfo, RunStart, Store, open_store
+from batchjob.store import ROW_COLUMNS, RunEnd, RunInfo, RunStart, Store, open_store, state_secrets
 
 
 async def run_job(
@@ -105,11 +104,8 @@ async def run_job(
     started_at = datetime.now(UTC)
     run_id = new_run_id(started_at)
     redactor = redactor if redactor is not None else Redactor()
-    if "://" in config.state:  # a database URL's password: never in a log line or a file
-        parts = urlsplit(config.state)
-        redactor.add(parts.password or "")
-        for password in parse_qs(parts.query).get("password", []):
-            redactor.add(password)
+    for secret in state_secrets(config.state):  # a database's password: never in a log line
+        redactor.add(secret)
     log = log or null_logger()
     progress = progress or NoProgress()
     stop = stop or StopRequest()
@@ -205,6 +201,7 @@ async def _run_with_store(
 
     lock = ReportLock(paths.lock)
     lock.acquire()
+    lease: KeyLease | None = None
     try:
         if earlier is None and store is not None and not config.resume:
             earlier = await asyncio.to_thread(store.last_run_for_report, _report_key(paths.report))
@@ -238,14 +235,19 @@ async def _run_with_store(
         pending_events = {e: p for e, p in pending_events.items() if len(p)}
         total = sum(len(p) for p in pending_events.values())
 
-        budget = lease = None
-        if store is not None and not config.dry_run:
+        budget = None
+        if store is not None and not config.dry_run and total:
             name = key_name(config)
             # Reserved a few at a time: a killed run loses at most these for the day.
             budget = DailyBudget(store, name, config.daily_budget, chunk=int(config.rate * 2))
-        gate = RequestGate(config.max_requests, budget)
-        if store is not None and not config.dry_run:
-            lease = KeyLease(store, key_name(config), run_id, config.lease_timeout, log, gate)
+            lease = KeyLease(store, name, run_id, config.lease_timeout, log)
+        gate = RequestGate(config.max_requests, Allowances(lease, budget))
+        if lease is not None:
+            # Before the run is recorded: runs on one key are recorded in the order they send,
+            # which is the order "later runs win" in the store.
+            refused = await lease.acquire(stop)
+            if refused and not stop.event.is_set():  # a stop says so itself
+                gate.close(refused)
         pacer = AdaptivePacer(
             config.rate,
             on_change=lambda old, new, why: log.info(
@@ -299,7 +301,6 @@ async def _run_with_store(
                     progress,
                     total,
                     redactor,
-                    lease,
                 )
             except BaseException as exc:
                 if recorded and store is not None:
@@ -323,6 +324,8 @@ async def _run_with_store(
         if not config.dry_run and not recorded:
             Journal.remove(paths.journal)
     finally:
+        if lease is not None:
+            await lease.release()
         lock.release()
 
     counts = {o.value: ledger.count(o) for o in Outcome}
@@ -556,7 +559,6 @@ async def send_all(
     progress: Progress,
     total: int,
     redactor: Redactor,
-    lease: KeyLease | None = None,
 ) -> Dispatcher:
     session = None
     if transport is None:
@@ -587,14 +589,10 @@ async def send_all(
     run.events = [EventWork(event_id, positions) for event_id, positions in pending.items()]
     progress.start(total)
     try:
-        if lease is not None and total:
-            await lease.acquire(stop)  # a stop while waiting: dispatch() stops at once
         await run.dispatch()
         run.close_out()
     finally:
         progress.close()
-        if lease is not None:
-            await lease.release()
         if session is not None:
             await session.close()
     return run

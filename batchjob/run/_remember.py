@@ -95,7 +95,12 @@ class StoreJournal(BlockRecorder):
 
     def _closed(self) -> None:
         self._put(None)
-        self._writer.join()
+        # Bounded: a store that hangs (not fails) must not hold the run's end forever.
+        self._writer.join(timeout=self.outage_limit + 30)
+        if self._writer.is_alive() and self.failed is None:
+            self.failed = StoreError(
+                f"{self.path}: the run store did not take the last outcomes in time"
+            )
 
     def _put(self, block: _Block | None) -> None:
         with self._ready:

@@ -22,7 +22,6 @@ from batchjob._config import JobConfig
 from batchjob._errors import StoreError
 from batchjob.run._incremental import api_of
 from batchjob.run._stop import StopRequest
-from batchjob.send import RequestGate
 from batchjob.store import Store
 
 
@@ -34,45 +33,76 @@ def key_name(config: JobConfig) -> str:
 
 
 class KeyLease:
-    """One run at a time sends with the key (see the module's note)."""
+    """One run at a time sends with the key (see the module's note).
 
-    def __init__(
-        self, store: Store, name: str, holder: str, timeout: float, log: Any, gate: RequestGate
-    ) -> None:
+    The gate asks :meth:`take` before every request: the lease is good until
+    ``lease_timeout`` after the start of the last renewal that succeeded, whatever the
+    heartbeat is doing (a renewal that hangs on a network split must not let a run send past
+    its lease while another run takes it over).
+    """
+
+    #: Seconds kept back from the lease's end: a request granted just before it is on its way.
+    margin = 1.0
+
+    def __init__(self, store: Store, name: str, holder: str, timeout: float, log: Any) -> None:
         self._store = store
         self._name = name
         self._holder = holder
         self._timeout = timeout
         self._log = log
-        self._gate = gate
-        self._renewed = 0.0
+        self._valid_until = 0.0
+        self._lost = ""
         self._beat: asyncio.Task[None] | None = None
 
-    async def acquire(self, stop: StopRequest) -> bool:
-        """Wait for the lease; False if the run is asked to stop first."""
+    def take(self) -> str:
+        if self._lost:
+            return self._lost
+        if time.monotonic() >= self._valid_until:
+            return (
+                f"this run's lease on the API key ({self._name}) ran out before the run store "
+                "renewed it; stopped so that two runs never send at once"
+            )
+        return ""
+
+    async def _renew(self, dead: str = "") -> tuple[bool, str]:
+        began = time.monotonic()
+        mine, holder = await asyncio.to_thread(
+            self._store.lease, self._name, self._holder, self._timeout, dead
+        )
+        if mine:
+            margin = min(self.margin, self._timeout / 4)
+            self._valid_until = max(self._valid_until, began + self._timeout - margin)
+        return mine, holder
+
+    async def acquire(self, stop: StopRequest, give_up_after: float = 60.0) -> str:
+        """Wait for the lease: "" once it is this run's, else why not (the run was asked to
+        stop, or the store failed for ``give_up_after`` seconds on end)."""
         told = dead = ""
+        failing_since: float | None = None
         while not stop.event.is_set():
             try:
-                mine, holder = await asyncio.to_thread(
-                    self._store.lease, self._name, self._holder, self._timeout, dead
-                )
+                mine, holder = await self._renew(dead)
+                failing_since = None
                 if not mine and not dead and await asyncio.to_thread(self._died, holder):
                     dead = holder  # killed on this machine: no need to wait out its lease
                     continue
             except StoreError as exc:
-                mine, holder = False, f"(the store: {exc})"
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > give_up_after:
+                    return f"the run store cannot give this run the API key's lease: {exc}"
+                mine, holder = False, "(the run store is failing)"
             if mine:
-                self._renewed = time.monotonic()
                 if told:
                     self._log.info("key.lease_taken", key=self._name)
                 self._beat = asyncio.create_task(self._heartbeat())
-                return True
+                return ""
             if holder != told:
                 told = holder
                 self._log.info("key.waiting", key=self._name, holder=holder)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.event.wait(), min(1.0, self._timeout / 4))
-        return False
+        return stop.reason or "stopped while waiting for the API key"
 
     def _died(self, holder: str) -> bool:
         info = self._store.run(holder)
@@ -80,36 +110,41 @@ class KeyLease:
 
     async def _heartbeat(self) -> None:
         every = self._timeout / 3
-        while True:
+        while not self._lost:
             await asyncio.sleep(every)
             try:
-                mine, holder = await asyncio.to_thread(
-                    self._store.lease, self._name, self._holder, self._timeout
-                )
+                mine, holder = await self._renew()
             except StoreError as exc:
                 self._log.warning("key.lease_renewal_failed", error=str(exc))
-                mine, holder = False, ""
-                if time.monotonic() - self._renewed < self._timeout - every:
-                    continue  # still ours for a while: try again
-            if mine:
-                self._renewed = time.monotonic()
-                continue
-            why = (
-                f"run {holder} took over the API key ({self._name})"
-                if holder
-                else f"the run store could not renew this run's lease on the API key in "
-                f"{self._timeout:g} s"
-            )
-            self._gate.close(f"{why}; stopped so that two runs never send at once")
-            return
+                continue  # take() stops the sending once the lease runs out
+            if not mine:
+                self._lost = (
+                    f"run {holder} took over the API key ({self._name}); stopped so that two "
+                    "runs never send at once"
+                )
 
     async def release(self) -> None:
         if self._beat is not None:
             self._beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._beat
+        self._lost = self._lost or "the run released the API key"
         with contextlib.suppress(StoreError):
             await asyncio.to_thread(self._store.release, self._name, self._holder)
+
+
+class Allowances:
+    """Several allowances as one: the first that refuses says why."""
+
+    def __init__(self, *parts: Any) -> None:
+        self._parts = [p for p in parts if p is not None]
+
+    def take(self) -> str:
+        for part in self._parts:
+            refused: str = part.take()
+            if refused:
+                return refused
+        return ""
 
 
 class DailyBudget:
@@ -130,8 +165,14 @@ class DailyBudget:
         if self._left == 0:
             try:
                 self._left = self._store.spend(self._name, day, self._chunk, self._limit)
-            except StoreError as exc:
-                return f"the daily request budget cannot be counted: {exc}"
+            except StoreError:
+                # Once more after a moment (a dropped connection is opened again), then stop:
+                # a budget that cannot be counted cannot be kept.
+                time.sleep(0.2)
+                try:
+                    self._left = self._store.spend(self._name, day, self._chunk, self._limit)
+                except StoreError as exc:
+                    return f"the daily request budget cannot be counted: {exc}"
             if self._left == 0:
                 return (
                     f"the API key's daily budget is spent: {self._limit} requests on {day} "

@@ -32,6 +32,7 @@ from batchjob.store._location import (
     display_state,
     is_postgres,
     open_store,
+    state_secrets,
     store_path,
 )
 from batchjob.store._schema import SCHEMA_VERSION
@@ -56,5 +57,6 @@ __all__ = [
     "display_state",
     "is_postgres",
     "open_store",
+    "state_secrets",
     "store_path",
 ]

@@ -267,7 +267,7 @@ class ChunkStore:
             return None
         try:
             return decode(base, FOLD_SCHEMA)
-        except ValueError as exc:
+        except StoreError as exc:
             raise StoreError(f"{self.location}: {exc}") from None
 
     def _plan_rows(self, seq: int, positions: Any) -> pd.DataFrame:
@@ -277,7 +277,7 @@ class ChunkStore:
                 [decode(c.data, PLAN_SCHEMA) for c in self._backend.run_chunks(seq, [PLAN])],
                 PLAN_SCHEMA,
             )
-        except ValueError as exc:
+        except StoreError as exc:
             raise StoreError(f"{self.location}: {exc}") from None
         if positions is not None:
             plan = plan.filter(pc.is_in(plan["position"], pa.array(positions, pa.int64())))

@@ -15,6 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from batchjob._errors import StoreError
 from batchjob.store._base import Chunk
 
 PLAN = "plan"  # position, event_id, order_ticket_key, file, source_row
@@ -69,15 +70,27 @@ def encode(table: pa.Table) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
+#: The most a chunk may hold once read (a block of a million rows is under 100 MiB): a chunk
+#: crafted to inflate without bound is refused, not read.
+MAX_CHUNK_BYTES = 1 << 30
+
+
 def decode(data: bytes, schema: pa.Schema) -> pa.Table:
-    """A chunk as a table of ``schema``; a chunk that is not one is a ValueError."""
+    """A chunk as a table of ``schema``; a chunk that is not one is a StoreError, found
+    before it is inflated (its columns) or while (its size)."""
     try:
-        table = pa.ipc.open_stream(pa.py_buffer(data)).read_all()
+        reader = pa.ipc.open_stream(pa.py_buffer(data))
+        if not reader.schema.equals(schema):
+            raise StoreError("a stored chunk has other columns than this batchjob writes")
+        batches, size = [], 0
+        for batch in reader:
+            size += batch.nbytes
+            if size > MAX_CHUNK_BYTES:
+                raise StoreError("a stored chunk is larger than any batchjob writes")
+            batches.append(batch)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ValueError(f"a stored chunk cannot be read: {exc}") from None
-    if not table.schema.equals(schema):
-        raise ValueError("a stored chunk has other columns than this batchjob writes")
-    return table
+        raise StoreError(f"a stored chunk cannot be read: {exc}") from None
+    return pa.Table.from_batches(batches, schema=schema)
 
 
 def concat(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:

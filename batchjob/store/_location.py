@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 from batchjob._errors import StoreError
 from batchjob.store._base import Store
@@ -49,7 +50,30 @@ def display_state(state: str) -> str:
         user, colon, _ = rest[:at].partition(":")
         rest = f"{user}:{_HIDDEN}@{rest[at + 1 :]}" if colon else rest
     rest = _QUERY_PASSWORD.sub(lambda found: found.group(1) + _HIDDEN, rest)
-    return f"{scheme}://{rest}"
+    shown = f"{scheme}://{rest}"
+    for secret in state_secrets(state):  # what libpq would read, however the URL spells it
+        for form in {secret, quote(secret, safe=""), quote_plus(secret), quote(secret)}:
+            shown = shown.replace(form, _HIDDEN)
+    return shown
+
+
+def state_secrets(state: str) -> list[str]:
+    """The passwords a state URL holds, as libpq reads them (for the log's redactor too)."""
+    if _scheme(state) is None:
+        return []
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        from urllib.parse import parse_qs, urlsplit
+
+        parts = urlsplit(state)
+        found = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+        return [s for s in found if s]
+    try:
+        params = conninfo_to_dict(state.strip())
+    except Exception:
+        return []
+    return [str(params[k]) for k in ("password", "sslpassword") if params.get(k)]
 
 
 def _scheme(state: str) -> str | None:

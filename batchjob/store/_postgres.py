@@ -57,6 +57,10 @@ _CONNECTION_DEFAULTS: Final = {
     "keepalives_idle": "30",
     "keepalives_interval": "10",
     "keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # ms: data unacknowledged this long means the link is gone
+    # No call waits without bound: a lock held elsewhere, a frozen client, a huge statement.
+    "options": "-c statement_timeout=60000 -c lock_timeout=30000 "
+    "-c idle_in_transaction_session_timeout=120000",
 }
 _RUN_COLUMNS: Final = (
     "runs.seq, runs.run_id, apis.base_url, runs.action, runs.started_at, runs.ended_at, "
