@@ -67,7 +67,7 @@ class SqliteBackend:
             # Before anything is written (WAL mode is written into the file): another app's
             # database, or a store with objects of someone else's, is left as it is.
             _version(self._db)
-            mode = self._db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            mode = _wal(self._db)
             if str(mode).lower() != "wal":
                 raise StoreError(f"{path}: the run store cannot use WAL mode (got {mode})")
             self._db.execute("PRAGMA synchronous = NORMAL")
@@ -372,6 +372,20 @@ class SqliteBackend:
                 "UPDATE budgets SET spent = max(0, spent - ?) WHERE name = ? AND day = ?",
                 (count, name, day),
             )
+
+
+def _wal(db: sqlite3.Connection) -> str:
+    """Switch to WAL mode. The switch needs the file to itself, and SQLite does not wait for
+    it as it waits for a write: two processes opening a new store at once would see "database
+    is locked". So it is tried again, as long as the busy timeout."""
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            return str(db.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _raw_run(row: tuple[Any, ...]) -> RawRun:
