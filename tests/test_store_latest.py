@@ -82,7 +82,7 @@ def as_dict(table: pa.Table) -> dict[str, tuple[str, int]]:
     }
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(entries, st.lists(st.integers(0, 40), max_size=4), st.integers(0, 40))
 def test_chunks_and_folds_agree_with_replaying_every_entry(
     recorded: list[Entry], cuts: list[int], fold_at: int
