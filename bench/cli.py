@@ -13,12 +13,14 @@ from importlib import metadata
 from pathlib import Path
 
 from batchjob.store import default_path
+from bench.pg import stop_shared
+from bench.pg_rows import ROWS as PG_ROWS
 from bench.rows import ROWS as BASE_ROWS
 from bench.rows import Context, Row, default_store_stamp, isolate_state, say
 from bench.store_rows import ROWS as STORE_ROWS
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
-ROWS = {**BASE_ROWS, **STORE_ROWS}
+ROWS = {**BASE_ROWS, **STORE_ROWS, **PG_ROWS}
 
 
 def cpu_model() -> str:
@@ -51,6 +53,8 @@ def machine() -> list[str]:
 
 def table(rows: Sequence[Row]) -> list[str]:
     def result(row: Row) -> str:
+        if row.skip:
+            return "SKIP"
         return "info" if row.passed is None else "PASS" if row.passed else "FAIL"
 
     lines = [
@@ -86,23 +90,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     broke = False
     header = machine()
-    for number in args.only or sorted(ROWS):
-        try:
-            rows.extend(ROWS[number](ctx))
-        except Exception as exc:  # one broken row must not hide the others
-            broke = True
-            traceback.print_exc()
-            rows.append(
-                Row(
-                    number,
-                    ROWS[number].__name__,
-                    "",
-                    "",
-                    "",
-                    False,
-                    f"ERROR: {type(exc).__name__}: {exc}",
+    try:
+        for number in args.only or sorted(ROWS):
+            try:
+                rows.extend(ROWS[number](ctx))
+            except Exception as exc:  # one broken row must not hide the others
+                broke = True
+                traceback.print_exc()
+                rows.append(
+                    Row(
+                        number,
+                        ROWS[number].__name__,
+                        "",
+                        "",
+                        "",
+                        False,
+                        f"ERROR: {type(exc).__name__}: {exc}",
+                    )
                 )
-            )
+    finally:
+        stop_shared()  # the PostgreSQL server rows P1 and P2 started, if any
     elapsed = time.monotonic() - started
     say(f"done in {elapsed:.0f}s")
     if default_store_stamp(users_store) != home_store:

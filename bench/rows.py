@@ -33,6 +33,7 @@ class Row:
     target: str
     passed: bool | None  # None: reported, no target
     notes: str = ""
+    skip: bool = False  # could not be measured here (the notes say why): SKIP, not ERROR
 
 
 @dataclass(frozen=True)
