@@ -438,7 +438,7 @@ def row_shared_key(ctx: Context) -> list[Row]:
             + ("logged key.waiting, " if together.waited else "did NOT log key.waiting, ")
             + f"then sent {_turn(together.turns[second])}; the handover (first's last request "
             f"to second's first) took {together.gap:.2f}s where the pacer's slot is "
-            f"{1 / rate:.2f}s (the waiting run polls the lease every 1 s): without it "
+            f"{1 / rate:.2f}s (the waiting run polls the lease every 0.2 s): without it "
             f"{(len(accepted) - 1) / (span - together.gap + 1 / rate) / rate:.3f} of R"
             + ("; REQUESTS OF BOTH RUNS INTERLEAVED" if together.overlap else "")
             + ("" if together.complete else "; NOT every key undone / exit 0")
@@ -454,7 +454,7 @@ def row_shared_key(ctx: Context) -> list[Row]:
             f"A sent {takeover.a_sent} requests in ~{send_for}s, then SIGKILL (and was reaped "
             f"at once); B had waited {takeover.b_waited:.2f}s for the lease, polling it every "
             f"1 s, so the kill came ~{takeover.b_waited % 1:.2f}s after one of its polls (the "
-            f"takeover is 0-1 s plus the store's round trips by that phase); {taken}the dead "
+            f"takeover is 0-0.2 s plus the store's round trips by that phase); {taken}the dead "
             "pid is seen at once on the same machine; a run on another machine would wait for "
             f"the lease to expire instead: up to lease_timeout ({LEASE_TIMEOUT:g}s) after A's "
             f"last renewal (every {LEASE_TIMEOUT / 3:g}s), i.e. {2 * LEASE_TIMEOUT / 3:g}-"
