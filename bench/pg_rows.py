@@ -453,7 +453,7 @@ def row_shared_key(ctx: Context) -> list[Row]:
             takeover_ok,
             f"A sent {takeover.a_sent} requests in ~{send_for}s, then SIGKILL (and was reaped "
             f"at once); B had waited {takeover.b_waited:.2f}s for the lease, polling it every "
-            f"1 s, so the kill came ~{takeover.b_waited % 1:.2f}s after one of its polls (the "
+            f"0.2 s, so the kill came ~{takeover.b_waited % 0.2:.2f}s after one of its polls (the "
             f"takeover is 0-0.2 s plus the store's round trips by that phase); {taken}the dead "
             "pid is seen at once on the same machine; a run on another machine would wait for "
             f"the lease to expire instead: up to lease_timeout ({LEASE_TIMEOUT:g}s) after A's "
