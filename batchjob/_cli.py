@@ -247,8 +247,20 @@ def add_runs_parser(commands: Any) -> None:
         parser.add_argument("run_id", metavar="RUN", help="a run id, or the start of one")
     report.add_argument("--out", type=Path, required=True, help="the CSV file to write")
     report.add_argument("--force", action="store_true", help="replace --out if it exists")
+    prune = sub.add_parser(
+        "prune",
+        help="drop old runs' report rows and plans (skips and carry-over are kept)",
+        description="Drop the report rows and plans of finished runs that started more than "
+        "DAYS days ago, to keep the store small. What earlier runs did stays (rows are still "
+        "skipped, pending keys still carried over); the pruned runs stay listed, but their "
+        "reports cannot be written again, and they cannot be resumed or reverted.",
+    )
+    prune.add_argument(
+        "--older-than", type=float, required=True, metavar="DAYS", help="age in days, 0 or more"
+    )
     _add_history_options(show, argparse.SUPPRESS, argparse.SUPPRESS)
     _add_history_options(report, argparse.SUPPRESS, None)
+    _add_history_options(prune, argparse.SUPPRESS, None)
 
 
 def _add_history_options(parser: argparse.ArgumentParser, default: Any, json: Any) -> None:

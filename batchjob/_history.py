@@ -24,7 +24,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -528,6 +528,15 @@ def run_history_command(args: argparse.Namespace, *, stdout: TextIO) -> int:
             detail = run_detail(info, store.outcome_counts)
             text = to_json(run_document(location, detail)) if args.json else run_text(detail)
             stdout.write(text + "\n")
+        elif command == "prune":
+            if not (args.older_than >= 0 and math.isfinite(args.older_than)):
+                raise UsageError(f"--older-than must be 0 or more days, not {args.older_than}")
+            if store is None:
+                stdout.write(f"no runs recorded in {printable(location)}\n")
+            else:
+                cutoff = datetime.now(UTC) - timedelta(days=args.older_than)
+                pruned = store.prune(cutoff.strftime("%Y-%m-%dT%H:%M:%SZ"))
+                stdout.write(f"pruned {len(pruned)} runs' report rows and plans\n")
         elif command == "report":
             if store is None:
                 find_run(store, location, args.run_id)  # raises: no run in no store

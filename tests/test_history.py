@@ -467,3 +467,30 @@ async def test_control_characters_from_the_store_never_reach_the_terminal(
         assert not any(c in out for c in "\x1b\x07\u202e"), out
     code, out, _ = cli(capsys, "runs", "show", "2")
     assert "in\\x1b]0;pwned\\x07\\u202e.csv" in out and "r\\x1b[2J.csv" in out
+
+
+async def test_prune_drops_old_runs_rows_and_keeps_what_they_did(
+    sandbox: Sandbox, world: World, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = ticket_rows(world)[:40]
+    inputs = write_csv(tmp_path / "in.csv", rows, HEADER)
+    first = await run(sandbox, [inputs], tmp_path, report="1.csv")
+    size = sum(p.stat().st_size for p in default_path().parent.iterdir())
+
+    code, out, err = cli(capsys, "runs", "prune", "--older-than", "0")
+
+    assert code == 0, err
+    assert "pruned 1 runs" in out
+    assert sum(p.stat().st_size for p in default_path().parent.iterdir()) <= size
+    code, _, err = cli(capsys, "runs", "report", first.run_id, "--out", str(tmp_path / "x.csv"))
+    assert code == 2 and "no report rows" in err
+    assert runs_json(capsys)["runs"][0]["counts"]["undone"] == 40  # still listed, with counts
+    # What it did still counts: the same export is skipped, not sent again.
+    since = len(sandbox.requests)
+    second = await run(sandbox, [inputs], tmp_path, report="2.csv")
+    assert second.already_done == 40 and len(sandbox.requests) == since
+
+
+def test_prune_refuses_a_negative_age(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = cli(capsys, "runs", "prune", "--older-than", "-1")
+    assert code == 2 and "--older-than" in err

@@ -475,3 +475,23 @@ def test_processes_creating_one_new_sqlite_store_at_the_same_instant_all_succeed
         for child in children:
             child.join(60)
         assert [child.exitcode for child in children] == [0] * 6
+
+
+def test_prune_keeps_what_pruned_runs_did(store: ChunkStore) -> None:
+    for run_id, key, outcome, pending in (
+        ("20261101-020000-aaaa", "k", "undone", ""),
+        ("20261102-020000-bbbb", "j", "failed", "undo"),
+    ):
+        store.begin_run(start(run_id))
+        store.add_plan(run_id, plan([key]), None)
+        store.record(run_id, rows([0], outcome, 204 if pending == "" else 503),
+                     ids([key], [0], outcome, pending), [])  # fmt: skip
+        store.end_run(run_id, RunEnd("t", 0, "", 1, {"a": 1}))
+
+    assert store.prune("2026-12-01T00:00:00Z") == ["20261101-020000-aaaa"]
+
+    assert len(store.rows("20261101-020000-aaaa")) == 0
+    assert store.done(API, "undone", ["e\x1fk"]).run_id == ["20261101-020000-aaaa"]
+    # The run that still owns a pending key keeps its plan: --pending knows where j came from.
+    assert list(store.pending(API, "undo").source_file) == ["in.csv"]
+    assert store.prune("2026-12-01T00:00:00Z") == []

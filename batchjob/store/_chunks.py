@@ -220,6 +220,28 @@ class ChunkStore:
             for (e, o), n in zip(counts.index.tolist(), counts.tolist(), strict=True)
         ]
 
+    def prune(self, before: str) -> list[str]:
+        """Drop the report rows and plans of the finished runs that started before ``before``
+        (ISO 8601 UTC), after folding their identities in: skips stay as they were, and a run
+        that still owns pending keys is kept whole; pruned runs stay listed, but cannot be
+        reported again, resumed or reverted. Returns the runs pruned."""
+        pruned: list[str] = []
+        carrying: dict[str, set[int]] = {}  # by API: runs that still own pending keys
+        for info in self.runs(1_000_000_000):
+            if info.started_at > before or info.state != "finished":
+                continue
+            if info.base_url not in carrying:
+                self.fold(info.base_url)
+                table = self._latest(info.base_url)
+                owners = table.filter(pc.not_equal(table["pending"], ""))["run"]
+                carrying[info.base_url] = set(owners.to_pylist())
+            seq = self._seq(info.run_id)
+            if seq in carrying[info.base_url]:
+                continue  # --pending needs its plan (where each pending key came from)
+            if self._backend.drop_chunks(seq):
+                pruned.append(info.run_id)
+        return pruned
+
     # --- runs on one API key ------------------------------------------------------------------
 
     def lease(self, name: str, holder: str, seconds: float, dead: str = "") -> tuple[bool, str]:

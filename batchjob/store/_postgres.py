@@ -393,6 +393,17 @@ class PostgresBackend:
 
         return self._call("fold", work)
 
+    def drop_chunks(self, seq: int) -> int:
+        """Delete a run's plan and rows chunks, and its identity chunks once folded."""
+
+        def work(cur: _Cursor) -> int:
+            cur.execute(
+                "DELETE FROM chunks WHERE run = %s AND (kind <> 'ids' OR folded = 1)", (seq,)
+            )
+            return int(cur.rowcount)
+
+        return self._call("prune", work)
+
     # --- runs on one API key ---------------------------------------------------------------
 
     def lease(self, name: str, holder: str, seconds: float, dead: str = "") -> tuple[bool, str]:

@@ -331,6 +331,16 @@ class SqliteBackend:
             )
         return True
 
+    def drop_chunks(self, seq: int) -> int:
+        """Delete a run's plan and rows chunks, and its identity chunks once folded."""
+        with self._write() as db:
+            dropped = db.execute(
+                "DELETE FROM chunks WHERE run = ? AND (kind <> 'ids' OR folded = 1)", (seq,)
+            ).rowcount
+        with contextlib.suppress(sqlite3.Error), self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # give the space back
+        return int(dropped)
+
     # --- runs on one API key --------------------------------------------------------------
 
     def lease(self, name: str, holder: str, seconds: float, dead: str = "") -> tuple[bool, str]:
