@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import io
+import struct
+import zipfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,49 @@ async def run(
 
 def token_for(sandbox: Sandbox) -> StaticToken:
     return StaticToken(Secret(sandbox.access_token))
+
+
+def compound_file(stream: bytes) -> bytes:
+    """An .xls file: one "Workbook" stream in a compound file (sector 0 the FAT, 1 the
+    directory, then the stream), as nothing installed here writes one."""
+    sectors = -(-len(stream) // 512)
+    assert sectors + 2 <= 128, "one FAT sector only"
+    fat = [0xFFFFFFFD, 0xFFFFFFFE] + [3 + i for i in range(sectors - 1)] + [0xFFFFFFFE]
+    fat += [0xFFFFFFFF] * (128 - len(fat))
+    header = bytearray(512)
+    header[:8] = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
+    struct.pack_into("<HHHH", header, 0x18, 0x3E, 3, 0xFFFE, 9)
+    struct.pack_into("<H", header, 0x20, 6)
+    struct.pack_into("<IIIIIIII", header, 0x2C, 1, 1, 0, 4096, 0xFFFFFFFE, 0, 0xFFFFFFFE, 0)
+    struct.pack_into("<109I", header, 0x4C, 0, *([0xFFFFFFFF] * 108))
+
+    def entry(name: str, kind: int, start: int, size: int) -> bytes:
+        raw = bytearray(128)
+        encoded = (name + "\0").encode("utf-16-le")
+        raw[: len(encoded)] = encoded
+        struct.pack_into("<HBB", raw, 0x40, len(encoded), kind, 1)
+        struct.pack_into("<III", raw, 0x44, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF if kind != 5 else 1)
+        struct.pack_into("<IQ", raw, 0x74, start, size)
+        return bytes(raw)
+
+    directory = entry("Root Entry", 5, 0xFFFFFFFE, 0) + entry("Workbook", 2, 2, len(stream))
+    directory += bytes(512 - len(directory))
+    body = struct.pack("<128I", *fat) + directory + stream + bytes(sectors * 512 - len(stream))
+    return bytes(header) + body
+
+
+def write_ods_content(path: Path, content: str) -> Path:
+    """An .ods file holding ``content`` (its content.xml), with the parts a reader expects."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
+        archive.writestr(
+            "META-INF/manifest.xml",
+            '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest='
+            '"urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
+            '<manifest:file-entry manifest:full-path="/" manifest:media-type='
+            '"application/vnd.oasis.opendocument.spreadsheet"/><manifest:file-entry '
+            'manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
+            "</manifest:manifest>",
+        )
+        archive.writestr("content.xml", content, zipfile.ZIP_DEFLATED)
+    return path

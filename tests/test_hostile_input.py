@@ -39,7 +39,7 @@ from tests.chaos_support import (
     keys_sent,
     no_traceback,
 )
-from tests.support import read_report, token_for, write_csv
+from tests.support import compound_file, read_report, token_for, write_csv
 
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
 SECRET = "tok-VERY-secret-0123456789"
@@ -475,30 +475,7 @@ def _xls(
         sheet += record(0x0203, struct.pack("<HHHd", row, column, 0, 1.0))
     stream = globals_ + sheet + eof
     stream += record(0x003C, bytes(4096))  # past the 4096-byte mini stream cutoff
-    sectors = -(-len(stream) // 512)
-    # Sector 0: the FAT; 1: the directory; 2..: the stream.
-    fat = [0xFFFFFFFD, 0xFFFFFFFE] + [3 + i for i in range(sectors - 1)] + [0xFFFFFFFE]
-    fat += [0xFFFFFFFF] * (128 - len(fat))
-    header = bytearray(512)
-    header[:8] = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
-    struct.pack_into("<HHHH", header, 0x18, 0x3E, 3, 0xFFFE, 9)
-    struct.pack_into("<H", header, 0x20, 6)
-    struct.pack_into("<IIIIIIII", header, 0x2C, 1, 1, 0, 4096, 0xFFFFFFFE, 0, 0xFFFFFFFE, 0)
-    struct.pack_into("<109I", header, 0x4C, 0, *([0xFFFFFFFF] * 108))
-
-    def entry(name: str, kind: int, start: int, size: int) -> bytes:
-        raw = bytearray(128)
-        encoded = (name + "\0").encode("utf-16-le")
-        raw[: len(encoded)] = encoded
-        struct.pack_into("<HBB", raw, 0x40, len(encoded), kind, 1)
-        struct.pack_into("<III", raw, 0x44, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF if kind != 5 else 1)
-        struct.pack_into("<IQ", raw, 0x74, start, size)
-        return bytes(raw)
-
-    directory = entry("Root Entry", 5, 0xFFFFFFFE, 0) + entry("Workbook", 2, 2, len(stream))
-    directory += bytes(512 - len(directory))
-    body = struct.pack("<128I", *fat) + directory + stream + bytes(sectors * 512 - len(stream))
-    return bytes(header) + body
+    return compound_file(stream)
 
 
 async def test_an_old_format_workbook_with_a_far_away_cell_exits_2(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import struct
-import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -20,6 +19,7 @@ import pytest
 
 from batchjob._errors import InputError
 from batchjob.read import FRAME_COLUMNS, HIDDEN_PROBLEM, IDENTITY_COLUMN, Inputs, read_inputs
+from tests.support import compound_file, write_ods_content
 
 EVENT = "07216444-4e3b-41ea-a3b8-5a418fce41f4"
 SEP = "\x1f"
@@ -123,7 +123,7 @@ def write_xls(
         at += len(sheet)
     stream = bof + xfs + sheet_entries + sst + eof + streams
     stream += _record(0x003C, bytes(4096))  # past the 4096-byte mini stream cutoff
-    path.write_bytes(_compound_file(stream))
+    path.write_bytes(compound_file(stream))
     return path
 
 
@@ -141,34 +141,6 @@ def _biff_cell(row: int, col: int, value: Value, strings: list[str]) -> bytes:
         serial = (moment - dt.datetime(1899, 12, 30)).total_seconds() / 86400
         return _record(0x0203, struct.pack("<HHHd", row, col, xf, serial))
     return _record(0x0203, struct.pack("<HHHd", row, col, _XF_GENERAL, float(value)))
-
-
-def _compound_file(stream: bytes) -> bytes:
-    """One "Workbook" stream in a compound file: sector 0 the FAT, 1 the directory, then it."""
-    sectors = -(-len(stream) // 512)
-    assert sectors + 2 <= 128, "one FAT sector only"
-    fat = [0xFFFFFFFD, 0xFFFFFFFE] + [3 + i for i in range(sectors - 1)] + [0xFFFFFFFE]
-    fat += [0xFFFFFFFF] * (128 - len(fat))
-    header = bytearray(512)
-    header[:8] = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
-    struct.pack_into("<HHHH", header, 0x18, 0x3E, 3, 0xFFFE, 9)
-    struct.pack_into("<H", header, 0x20, 6)
-    struct.pack_into("<IIIIIIII", header, 0x2C, 1, 1, 0, 4096, 0xFFFFFFFE, 0, 0xFFFFFFFE, 0)
-    struct.pack_into("<109I", header, 0x4C, 0, *([0xFFFFFFFF] * 108))
-
-    def entry(name: str, kind: int, start: int, size: int) -> bytes:
-        raw = bytearray(128)
-        encoded = (name + "\0").encode("utf-16-le")
-        raw[: len(encoded)] = encoded
-        struct.pack_into("<HBB", raw, 0x40, len(encoded), kind, 1)
-        struct.pack_into("<III", raw, 0x44, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF if kind != 5 else 1)
-        struct.pack_into("<IQ", raw, 0x74, start, size)
-        return bytes(raw)
-
-    directory = entry("Root Entry", 5, 0xFFFFFFFE, 0) + entry("Workbook", 2, 2, len(stream))
-    directory += bytes(512 - len(directory))
-    body = struct.pack("<128I", *fat) + directory + stream + bytes(sectors * 512 - len(stream))
-    return bytes(header) + body
 
 
 def write_ods(
@@ -204,19 +176,7 @@ def write_ods(
         f"<office:body><office:spreadsheet>{tables}</office:spreadsheet></office:body>"
         "</office:document-content>"
     )
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
-        archive.writestr(
-            "META-INF/manifest.xml",
-            '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest='
-            '"urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
-            '<manifest:file-entry manifest:full-path="/" manifest:media-type='
-            '"application/vnd.oasis.opendocument.spreadsheet"/><manifest:file-entry '
-            'manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
-            "</manifest:manifest>",
-        )
-        archive.writestr("content.xml", content, zipfile.ZIP_DEFLATED)
-    return path
+    return write_ods_content(path, content)
 
 
 def _ods_cell(value: Value, spans: str) -> str:

@@ -28,6 +28,7 @@ from batchjob._model import REPORT_COLUMNS, ColumnAliases
 from batchjob.read import Inputs, read_inputs
 from batchjob.read._normalise import _ERROR as CSV_ERROR
 from batchjob.read._normalise import _SCIENTIFIC as CSV_SCIENTIFIC
+from tests.support import write_ods_content
 
 EVENT = "e3a7c9b2-1111-4222-8333-444455556666"
 OTHER_EVENT = "0f0e0d0c-0b0a-4909-8807-060504030201"
@@ -1104,19 +1105,7 @@ def _ods(path: Path, rows: int, columns: int) -> Path:
         '<table:table-cell table:number-columns-repeated="1024"/></table:table-row>'
         "</table:table></office:spreadsheet></office:body></office:document-content>"
     )
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
-        archive.writestr(
-            "META-INF/manifest.xml",
-            '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest='
-            '"urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
-            '<manifest:file-entry manifest:full-path="/" manifest:media-type='
-            '"application/vnd.oasis.opendocument.spreadsheet"/><manifest:file-entry '
-            'manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
-            "</manifest:manifest>",
-        )
-        archive.writestr("content.xml", content, zipfile.ZIP_DEFLATED)
-    return path
+    return write_ods_content(path, content)
 
 
 def test_an_ods_whose_repeats_span_too_many_cells_is_refused_naming_the_sheet(
