@@ -47,7 +47,6 @@ from batchjob.record import (
 from batchjob.run._dispatch import Dispatcher, EventWork, NoProgress, Progress
 from batchjob.run._incremental import (
     SEP,
-    Identities,
     add_identity_column,
     api_of,
     carried_count,
@@ -216,9 +215,7 @@ async def _run_with_store(
         mark_invalid(plan, ledger)
         resumed: Positions = np.empty(0, np.int64)
         if config.resume:
-            from_store = (
-                _resume_source(config, store, earlier, ids) if earlier is not None else None
-            )
+            from_store = _resume_source(config, store, earlier) if earlier is not None else None
             resumed = await asyncio.to_thread(
                 resume_previous, config, paths, plan, ledger, log, from_store
             )
@@ -278,7 +275,7 @@ async def _run_with_store(
                 )
                 recorded = True
                 journal = StoreJournal(
-                    store, run_id, plan, ledger, ids, config.action.value, resumed, log=log
+                    store, run_id, plan, ledger, ids, config.action.value, log=log
                 )
                 decided = np.flatnonzero(ledger.outcome != 0).astype(np.int64)
             else:
@@ -443,7 +440,7 @@ def _stored_rows(
     if config.inputs and len(inputs.frame):
         frame = inputs.frame
         given = frame["event_id"].astype(str) + SEP + frame["order_ticket_key"].astype(str)
-        keep &= ~pairs.isin(set(given)).to_numpy()
+        keep &= ~pairs.isin(given).to_numpy()  # pandas' hash table: no Python set of rows
     return stored[keep].reset_index(drop=True)
 
 
@@ -486,7 +483,7 @@ def _check_resumable(config: JobConfig, earlier: RunInfo, log: Any) -> None:
 
 
 def _resume_source(
-    config: JobConfig, store: Store | None, earlier: RunInfo, ids: Identities | None
+    config: JobConfig, store: Store | None, earlier: RunInfo
 ) -> tuple[pd.DataFrame, Callable[[Any], str]]:
     """The rows of the run to continue that it finished, from the store. A row is carried
     over only while the store still says it is done (a revert or a later check-in since may

@@ -62,7 +62,6 @@ class StoreJournal(BlockRecorder):
         ledger: Ledger,
         identities: Identities,
         action: str,
-        carried_over: Positions,
         *,
         log: Any = None,
     ) -> None:
@@ -74,7 +73,6 @@ class StoreJournal(BlockRecorder):
         self._ids = identities
         self._action = action
         self._log = log
-        del carried_over  # recorded like any other row (see _snapshot)
         self._errors_sent = 0
         self.path = store.location
         self._queue: collections.deque[_Block | None] = collections.deque()

@@ -18,10 +18,12 @@ import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 
-from batchjob._model import REPORT_COLUMNS
+from batchjob._model import REPORT_COLUMNS, Action
 
-#: Outcomes after which an identity is done: never sent again unless --again.
-SUCCESS_OUTCOMES: frozenset[str] = frozenset({"undone", "checked_in"})
+#: Each action's success, by the action's name: after it an identity is done for that action
+#: (never sent again unless --again).
+SUCCESS_OF: dict[str, str] = {action.value: action.success.value for action in Action}
+SUCCESS_OUTCOMES: frozenset[str] = frozenset(SUCCESS_OF.values())
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from batchjob._errors import StoreError
 from batchjob.store._base import (
     ROW_COLUMNS,
+    SUCCESS_OUTCOMES,
     Backend,
     Done,
     RawRun,
@@ -190,7 +191,7 @@ class ChunkStore:
                 [decode(c.data, ROWS_SCHEMA) for c in self._backend.run_chunks(seq, [ROWS])],
                 ROWS_SCHEMA,
             ).to_pandas()
-            touched = rows[(rows["attempts"] > 0) | rows["outcome"].isin(["undone", "checked_in"])]
+            touched = rows[(rows["attempts"] > 0) | rows["outcome"].isin(list(SUCCESS_OUTCOMES))]
             if len(touched):
                 plan = self._plan_rows(seq, touched["position"].unique())
                 pairs |= set(zip(plan["event_id"], plan["order_ticket_key"], strict=True))

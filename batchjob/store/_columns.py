@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from batchjob._errors import StoreError
-from batchjob.store._base import Chunk
+from batchjob.store._base import SUCCESS_OF, Chunk
 
 PLAN = "plan"  # position, event_id, order_ticket_key, file, source_row
 PLAN_IDS = "plan_ids"  # identity, position: only when identities are not just event and key
@@ -128,10 +128,6 @@ def latest(base: pa.Table | None, chunks: Sequence[Chunk]) -> pa.Table:
         return entries  # every identity once: nothing to drop, no copy
     keep = np.sort(last["entry_max"].to_numpy())
     return entries.take(pa.array(keep))
-
-
-#: What each action's success is called; an unsent entry is pending for its action.
-SUCCESS_OF = {"undo": "undone", "check-in": "checked_in"}
 
 
 def _latest_with_unsent(frame: pd.DataFrame) -> pa.Table:
